@@ -1,0 +1,31 @@
+"""The exceptions dpsgd raises for problems a user can fix. The CLI catches only these."""
+
+
+class DpsgdError(Exception):
+    """Base class: a one-line message meant for the user. `exit_code` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class ConfigError(DpsgdError):
+    """A config key, value or command-line option is missing, unknown, mistyped or out of range."""
+
+
+class DataError(DpsgdError):
+    """A dataset file is missing, unreadable or malformed."""
+
+
+class RunDirError(DpsgdError):
+    """A run directory is in a state that forbids the requested action (exists, unfinished, corrupt)."""
+
+
+class TrainingError(DpsgdError):
+    """Training diverged (NaN/inf loss) or otherwise cannot continue."""
+
+    exit_code = 1
+
+
+class OutputError(DpsgdError):
+    """Writing results failed (I/O)."""
+
+    exit_code = 1
