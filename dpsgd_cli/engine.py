@@ -7,8 +7,8 @@ so it is traced once per run. Shapes: `x` [capacity, 28, 28, 1] float32, `y` [ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 import tensorflow as tf
@@ -136,3 +136,35 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
 
     return (tf.function(step, jit_compile=s.jit_compile, reduce_retracing=False),
             tf.function(chunk_sum, jit_compile=s.jit_compile))
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> keras.optimizers.Optimizer:
+    """'sgd', 'momentum' (SGD with `momentum`) or 'adam'. DP is kept: the optimizer only post-processes."""
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate)
+    if name == "momentum":
+        return keras.optimizers.SGD(learning_rate, momentum=momentum)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def resolve_jit_compile(setting) -> bool:
+    """`auto` → XLA on a GPU, plain TensorFlow graph on CPU (where XLA measured slower for this CNN)."""
+    if setting == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return bool(setting)
+
+
+def choose_gradient_sum_fn(model: keras.Model, gradient_path: str, private: bool):
+    """The per-example clipped-sum function for `gradient_path` and the name of the path chosen."""
+    if not private:
+        return None, "none (non-private)"
+    try:
+        from dpsgd_cli import fastgrad
+    except ImportError:
+        fastgrad = None
+    if gradient_path == "vectorized_map" or fastgrad is None:
+        return vmap_clipped_gradient_sum, "vectorized_map"
+    fn = fastgrad.choose_gradient_sum_fn(model, gradient_path)
+    return fn, ("vectorized_map" if fn is vmap_clipped_gradient_sum else "fast")

@@ -1,0 +1,314 @@
+"""Experiment configuration: frozen dataclasses mirroring the YAML, loaded and validated in one place.
+
+Vocabulary follows TensorFlow Privacy: `noise_multiplier` (σ), `l2_norm_clip` (C), `num_microbatches`.
+Every error names the dotted key and what is allowed; unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpsgd_cli.errors import ConfigError
+
+DATASETS = ("fashion_mnist", "mnist")
+ARCHITECTURES = ("tfp_cnn",)
+ACTIVATIONS = ("relu", "tanh")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SAMPLINGS = ("poisson", "shuffle")
+JIT_CHOICES = ("auto", True, False)
+GRADIENT_PATHS = ("auto", "fast", "vectorized_map")
+DATASET_SIZES = {"fashion_mnist": 60000, "mnist": 60000}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Which data and how each step samples it. `batch_size` is the (expected) examples per step."""
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    batch_size: int = 256
+    sampling: str = "poisson"
+    train_size: int | None = None
+    test_size: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    architecture: str = "tfp_cnn"
+    activation: str = "relu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    epochs: int = 10
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    momentum: float = 0.9
+    jit_compile: Any = "auto"
+    gradient_path: str = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """DP-SGD settings. σ is `noise_multiplier` (noise std = σ·C on the clipped sum), C is `l2_norm_clip`.
+
+    `num_microbatches`: null = per-example clipping; M < batch_size clips the mean gradient of each of M
+    microbatches (TensorFlow Privacy semantics), which doubles the sensitivity (accounted as σ/2).
+    `target_epsilon`: instead of `noise_multiplier`, calibrate σ so the run ends at this ε (at `delta`).
+    """
+
+    enabled: bool = True
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    l2_norm_clip: float = 1.0
+    num_microbatches: int | None = None
+    delta: float = 1e-5
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    name: str = "run"
+    output_dir: str = "results"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "privacy": PrivacyConfig}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read YAML at `path` (or start from defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict (as from YAML) into an ExperimentConfig."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the top level must be a mapping of keys (name, seed, data, model, ...)")
+    top_fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    _reject_unknown(raw, top_fields, "")
+    sections = {}
+    for key, cls in _SECTIONS.items():
+        value = raw.get(key, {})
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping of keys, got {_describe(value)}")
+        _reject_unknown(value, {f.name for f in dataclasses.fields(cls)}, key + ".")
+        sections[key] = cls(**{k: _coerce(cls, k, v, key) for k, v in value.items()})
+    top = {k: _coerce(ExperimentConfig, k, v, "") for k, v in raw.items() if k not in _SECTIONS}
+    cfg = ExperimentConfig(**top, **sections)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {_describe(raw)}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. privacy.noise_multiplier=1.3")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be dotted names, e.g. data.batch_size")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _reject_unknown(raw: dict, allowed: set[str], prefix: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed here: {', '.join(sorted(allowed))}")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _coerce(cls, key: str, value: Any, section: str) -> Any:
+    """Check the YAML value's type against the dataclass annotation; accept '1e-5'-style float strings."""
+    dotted = f"{section}.{key}" if section else key
+    annotation = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    if key == "jit_compile":
+        if value in ("auto", True, False):
+            return value
+        raise ConfigError(f"{dotted}: must be true, false or auto, got {_describe(value)}")
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{dotted}: must not be empty")
+    base = annotation.replace("| None", "").strip()
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{dotted}: must be true or false, got {_describe(value)}")
+    if base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{dotted}: must be an integer, got {_describe(value)}")
+    if base == "float":
+        return _as_float(dotted, value)
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{dotted}: must be a string, got {_describe(value)}")
+    return value
+
+
+def _as_float(dotted: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{dotted}: must be a number, got {_describe(value)}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{dotted}: must be a number, got {_describe(value)}") from None
+    else:
+        raise ConfigError(f"{dotted}: must be a number, got {_describe(value)}")
+    if math.isnan(number):
+        raise ConfigError(f"{dotted}: must be a number, got NaN")
+    return number
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(dotted: str, value: Any, allowed: tuple) -> None:
+    shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+    _check(value in allowed, f"{dotted}: {value!r} is not allowed; choose one of: {shown}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range and consistency checks that do not need the data. Raises ConfigError."""
+    _check(bool(_NAME_RE.match(cfg.name)), f"name: {cfg.name!r} must be a plain file name "
+           "(letters, digits, . _ - = +), it names the run directory")
+    _check(cfg.seed >= 0, f"seed: must be ≥ 0, got {cfg.seed}")
+    d, m, t, p = cfg.data, cfg.model, cfg.training, cfg.privacy
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.sampling", d.sampling, SAMPLINGS)
+    _check(d.batch_size >= 1, f"data.batch_size: must be ≥ 1, got {d.batch_size}")
+    for key in ("train_size", "test_size"):
+        size = getattr(d, key)
+        _check(size is None or size >= 1, f"data.{key}: must be ≥ 1 or null (all), got {size}")
+    if d.train_size is not None:
+        _check(d.batch_size <= d.train_size,
+               f"data.batch_size: {d.batch_size} is larger than data.train_size {d.train_size}")
+    _choice("model.architecture", m.architecture, ARCHITECTURES)
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _check(t.epochs >= 1, f"training.epochs: must be ≥ 1, got {t.epochs}")
+    _choice("training.optimizer", t.optimizer, OPTIMIZERS)
+    _choice("training.gradient_path", t.gradient_path, GRADIENT_PATHS)
+    _check(0 < t.learning_rate < math.inf, f"training.learning_rate: must be > 0, got {t.learning_rate}")
+    _check(0 <= t.momentum < 1, f"training.momentum: must be in [0, 1), got {t.momentum}")
+    _validate_privacy(p, d)
+
+
+def _validate_privacy(p: PrivacyConfig, d: DataConfig) -> None:
+    _check(0 < p.delta < 1, f"privacy.delta: must be in (0, 1), got {p.delta}")
+    _check(0 < p.l2_norm_clip, f"privacy.l2_norm_clip: must be > 0, got {p.l2_norm_clip}")
+    if p.noise_multiplier is not None:
+        _check(0 <= p.noise_multiplier < math.inf,
+               f"privacy.noise_multiplier: must be ≥ 0, got {p.noise_multiplier}")
+    if p.target_epsilon is not None:
+        _check(0 < p.target_epsilon < math.inf,
+               f"privacy.target_epsilon: must be > 0, got {p.target_epsilon}")
+    if p.enabled:
+        _check((p.noise_multiplier is None) != (p.target_epsilon is None),
+               "privacy: give exactly one of noise_multiplier or target_epsilon when privacy.enabled is true")
+    if p.num_microbatches is not None:
+        m = p.num_microbatches
+        _check(m >= 1, f"privacy.num_microbatches: must be ≥ 1 or null (per-example), got {m}")
+        _check(d.batch_size % m == 0,
+               f"privacy.num_microbatches: {m} does not divide data.batch_size {d.batch_size}")
+        _check(d.sampling == "shuffle" or m == d.batch_size,
+               "privacy.num_microbatches: microbatches need fixed-size batches; with data.sampling: poisson "
+               "use null (per-example clipping), or set data.sampling: shuffle")
+
+
+def microbatch_size(cfg: ExperimentConfig) -> int:
+    """Examples per clipped unit: 1 for per-example clipping, batch_size / num_microbatches otherwise."""
+    m = cfg.privacy.num_microbatches
+    return 1 if m is None else cfg.data.batch_size // m
+
+
+def resolved_data_dir(cfg: ExperimentConfig) -> str | None:
+    """The data directory: `data.data_dir` if set, else $DPSGD_DATA_DIR, else None (Keras download)."""
+    return cfg.data.data_dir or os.environ.get("DPSGD_DATA_DIR") or None
+
+
+def dataset_size(cfg: ExperimentConfig) -> int:
+    """Training examples the run uses (n), without loading the data."""
+    full = DATASET_SIZES[cfg.data.dataset]
+    return min(full, cfg.data.train_size) if cfg.data.train_size else full
+
+
+def replace(cfg: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """Return a copy with dotted-key changes, e.g. replace(cfg, **{"privacy.noise_multiplier": 1.3})."""
+    raw = cfg.to_dict()
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config_from_dict(raw)

@@ -1,0 +1,140 @@
+"""Load Fashion-MNIST / MNIST from canonical IDX `.gz` files (or the Keras download) as float32 arrays.
+
+Images come back as [N, 28, 28, 1] float32 in [0, 1] (pixel / 255), labels as [N] int32 in 0..9.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dpsgd_cli.errors import DataError
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+IMAGE_MAGIC = 0x00000803
+LABEL_MAGIC = 0x00000801
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "mnist": tuple(str(i) for i in range(10)),
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test splits; see the module docstring for shapes and ranges."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,
+                 test_size: int | None = None) -> Dataset:
+    """Read `name` from `data_dir` (IDX `.gz` files in `<data_dir>/<name>/` or `<data_dir>/`), or
+    download it with Keras when `data_dir` is None. `train_size`/`test_size` keep the first examples."""
+    if name not in CLASS_NAMES:
+        raise DataError(f"data.dataset: unknown dataset {name!r}; choose one of: {', '.join(CLASS_NAMES)}")
+    if data_dir is None:
+        arrays = _keras_download(name)
+    else:
+        folder = _dataset_folder(Path(data_dir), name)
+        arrays = tuple(_read_idx(folder / FILES[key], key) for key in FILES)
+    x_train, y_train, x_test, y_test = arrays
+    _check_pair(x_train, y_train, "train")
+    _check_pair(x_test, y_test, "test")
+    return Dataset(
+        name=name,
+        x_train=_normalise(x_train[:train_size]),
+        y_train=y_train[:train_size].astype(np.int32),
+        x_test=_normalise(x_test[:test_size]),
+        y_test=y_test[:test_size].astype(np.int32),
+    )
+
+
+def _dataset_folder(data_dir: Path, name: str) -> Path:
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found (set data.data_dir or DPSGD_DATA_DIR "
+                        f"to a folder holding {name}/{FILES['train_images']} and the other IDX files)")
+    sub = data_dir / name
+    return sub if sub.is_dir() else data_dir
+
+
+def _read_idx(path: Path, key: str) -> np.ndarray:
+    """Parse one IDX file; images must be [N, 28, 28] uint8, labels [N] uint8 in 0..9."""
+    hint = "download it from the dataset's official page, or unset data_dir to use the Keras download"
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{path}: dataset file not found ({hint})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc.__class__.__name__}); {hint}") from None
+    is_images = key.endswith("images")
+    header = 16 if is_images else 8
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header; {hint}")
+    magic, count = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
+    expected_magic = IMAGE_MAGIC if is_images else LABEL_MAGIC
+    if magic != expected_magic:
+        raise DataError(f"{path}: IDX magic {magic:#010x}, expected {expected_magic:#010x} "
+                        f"({'images' if is_images else 'labels'})")
+    shape = (count, 28, 28) if is_images else (count,)
+    if is_images and raw[8:16] != (28).to_bytes(4, "big") * 2:
+        raise DataError(f"{path}: images are not 28×28")
+    body = np.frombuffer(raw, dtype=np.uint8, offset=header)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path}: holds {body.size} bytes of data, expected {int(np.prod(shape))} "
+                        f"for {count} {'images' if is_images else 'labels'}; the file is truncated "
+                        "or corrupt")
+    array = body.reshape(shape)
+    if not is_images and array.size and array.max() > 9:
+        raise DataError(f"{path}: labels must be 0..9, found {int(array.max())}")
+    return array
+
+
+def _check_pair(images: np.ndarray, labels: np.ndarray, split: str) -> None:
+    if len(images) != len(labels):
+        raise DataError(f"{split} split: {len(images)} images but {len(labels)} labels")
+
+
+def _normalise(images: np.ndarray) -> np.ndarray:
+    return (images.astype(np.float32) / 255.0)[..., None]
+
+
+def _keras_download(name: str) -> tuple[np.ndarray, ...]:
+    """The path a user with internet takes when no data directory is given."""
+    import keras
+
+    loader = {"fashion_mnist": keras.datasets.fashion_mnist, "mnist": keras.datasets.mnist}[name]
+    try:
+        (x_train, y_train), (x_test, y_test) = loader.load_data()
+    except Exception as exc:  # network errors come in many types
+        raise DataError(f"cannot download {name} with Keras ({exc.__class__.__name__}); set "
+                        "DPSGD_DATA_DIR or data.data_dir to a folder with the IDX .gz files") from None
+    return x_train, y_train, x_test, y_test
+
+
+def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, split: str) -> None:
+    """Write uint8 images [N, 28, 28] and labels [N] as IDX `.gz` files (`split` = 'train' or 'test').
+
+    Used by tests and demos to create small datasets in the canonical format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = "train" if split == "train" else "t10k"
+    n = len(images)
+    head = IMAGE_MAGIC.to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(head + images.astype(np.uint8).tobytes()))
+    head = LABEL_MAGIC.to_bytes(4, "big") + n.to_bytes(4, "big")
+    (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(head + labels.astype(np.uint8).tobytes()))

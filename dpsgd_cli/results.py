@@ -1,0 +1,75 @@
+"""Run outputs: per-epoch records → a pandas DataFrame with a fixed column order, written atomically.
+
+Atomic = written to a temporary file in the same directory, flushed, then renamed over the target, so a
+crash never leaves a half-written metrics.csv or run.yaml: readers see the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from dpsgd_cli.errors import OutputError
+
+NUM_CLASSES = 10
+METRIC_COLUMNS = (
+    "epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+    "epsilon_rdp", "epsilon_pld", "delta", "noise_multiplier", "l2_norm_clip", "batch_size",
+    "learning_rate", "elapsed_s",
+    *(f"test_accuracy_class_{k}" for k in range(NUM_CLASSES)),
+)
+
+
+def metrics_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Records (one per epoch) as a DataFrame whose columns are exactly METRIC_COLUMNS."""
+    frame = pd.DataFrame(list(records))
+    missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
+    if frame.empty:
+        return pd.DataFrame(columns=list(METRIC_COLUMNS))
+    if missing:
+        raise ValueError(f"metrics records lack columns: {missing}")
+    return frame.loc[:, list(METRIC_COLUMNS)]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically (see the module docstring). Raises OutputError on I/O failure."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def write_metrics(records: Iterable[dict[str, Any]], path: Path) -> None:
+    """Write the per-epoch metrics CSV atomically (floats printed with full round-trip precision)."""
+    atomic_write_text(path, metrics_frame(records).to_csv(index=False))
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+def write_yaml(data: dict[str, Any], path: Path) -> None:
+    """Write a YAML document atomically, keys in the given order."""
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle) or {}
