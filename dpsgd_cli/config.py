@@ -64,6 +64,8 @@ class PrivacyConfig:
     `num_microbatches`: null = per-example clipping; M < batch_size clips the mean gradient of each of M
     microbatches (TensorFlow Privacy semantics), which doubles the sensitivity (accounted as σ/2).
     `target_epsilon`: instead of `noise_multiplier`, calibrate σ so the run ends at this ε (at `delta`).
+    `canaries`: m canary examples for a one-run privacy audit (`dpsgd audit`), each in the training set
+    with probability 1/2; 0 = none.
     """
 
     enabled: bool = True
@@ -72,6 +74,7 @@ class PrivacyConfig:
     l2_norm_clip: float = 1.0
     num_microbatches: int | None = None
     delta: float = 1e-5
+    canaries: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,6 +269,7 @@ def validate(cfg: ExperimentConfig) -> None:
 def _validate_privacy(p: PrivacyConfig, d: DataConfig) -> None:
     _check(0 < p.delta < 1, f"privacy.delta: must be in (0, 1), got {p.delta}")
     _check(0 < p.l2_norm_clip, f"privacy.l2_norm_clip: must be > 0, got {p.l2_norm_clip}")
+    _check(p.canaries >= 0, f"privacy.canaries: must be ≥ 0, got {p.canaries}")
     if p.noise_multiplier is not None:
         _check(0 <= p.noise_multiplier < math.inf,
                f"privacy.noise_multiplier: must be ≥ 0, got {p.noise_multiplier}")

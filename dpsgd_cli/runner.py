@@ -90,9 +90,16 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         on_epoch: EpochCallback | None = None, overwrite: bool = False) -> RunResult:
     """Train `cfg` and write metrics.csv and run.yaml under `cfg.run_dir`; return the records."""
     dataset = load_dataset(cfg.data.dataset, resolved_data_dir(cfg), cfg.data.train_size, cfg.data.test_size)
+    canary_set = None
+    if cfg.privacy.canaries:
+        from dpsgd_cli import canaries
+
+        dataset, canary_set = canaries.add_canaries(dataset, cfg.privacy.canaries, cfg.seed)
     plan = plan_privacy(cfg, len(dataset.y_train))
     run_dir = cfg.run_dir
     prepare_run_dir(run_dir, overwrite)
+    if canary_set is not None:
+        canaries.save_canaries(canary_set, run_dir)
     trainer = _Trainer(cfg, dataset, plan)
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     write_yaml(_run_document(cfg, plan, trainer, "running", None), run_dir / "run.yaml")

@@ -1,6 +1,6 @@
-"""The `dpsgd` command line. Each command lives in its own module; this one assembles the Typer app."""
+"""The `dpsgd` command line. Each command group lives in its own module; importing it registers it."""
 
-from dpsgd_cli.cli import train as _train  # noqa: F401  (registers `dpsgd train`)
+from dpsgd_cli.cli import train as _train  # noqa: F401  (dpsgd train)
 from dpsgd_cli.cli.app import app
 
 __all__ = ["app"]
