@@ -1,0 +1,42 @@
+"""Shared fixtures: a data directory (the real IDX files if DPSGD_DATA_DIR is set, else a small synthetic
+one in the canonical format) and helpers to build small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpsgd_cli.data import write_idx
+
+
+def _synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Learnable 28×28 uint8 images: class k lights up a horizontal band at rows 2k+4..2k+6, plus noise."""
+    images = rng.integers(0, 60, size=(len(labels), 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 2 * k + 4:2 * k + 7, 4:24] = 230
+    return images
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A folder holding fashion_mnist/ and mnist/ IDX files usable as data.data_dir."""
+    real = os.environ.get("DPSGD_DATA_DIR")
+    if real:
+        return real
+    root = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for name in ("fashion_mnist", "mnist"):
+        for split, n in (("train", 3000), ("test", 1000)):
+            labels = rng.integers(0, 10, size=n).astype(np.uint8)
+            write_idx(Path(root) / name, _synthetic_images(labels, rng), labels, split)
+    return str(root)
+
+
+@pytest.fixture
+def tiny_overrides(data_dir, tmp_path) -> list[str]:
+    """--set overrides for a run of a few seconds on a small slice, writing under tmp_path."""
+    return [f"data.data_dir={data_dir}", "data.train_size=512", "data.test_size=200", "data.batch_size=64",
+            "training.epochs=2", "privacy.noise_multiplier=1.1", f"output_dir={tmp_path / 'results'}"]
