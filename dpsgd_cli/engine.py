@@ -106,6 +106,7 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     variables = model.trainable_variables
     grad_sum_fn = grad_sum_fn or vmap_clipped_gradient_sum
     s = settings
+    optimizer.build(variables)  # create its slots now, so the compiled step is traced exactly once
 
     def private_sum(x, y, mask):
         return grad_sum_fn(model, x, y, mask, s.l2_norm_clip, s.microbatch_size)

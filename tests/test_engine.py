@@ -1,0 +1,134 @@
+"""The DP step against independent references: a per-example loop, dp-free SGD, and noise statistics."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dpsgd_cli import engine
+from dpsgd_cli.model import build_model
+
+
+def _batch(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, size=n).astype(np.int32)
+    return tf.constant(x), tf.constant(y)
+
+
+def _loop_gradients(model, x, y, microbatch_size=1):
+    """Reference: one GradientTape per unit (mean loss over the unit's examples), flattened to [units, P]."""
+    rows = []
+    for start in range(0, len(y), microbatch_size):
+        with tf.GradientTape() as tape:
+            logits = model(x[start:start + microbatch_size], training=True)
+            loss = tf.reduce_mean(engine.per_example_loss(logits, y[start:start + microbatch_size]))
+        grads = tape.gradient(loss, model.trainable_variables)
+        rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
+    return np.stack(rows)
+
+
+def _flat(per_unit):
+    return np.concatenate([g.numpy().reshape(g.shape[0], -1) for g in per_unit], axis=1)
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 4])
+def test_vectorized_gradients_equal_loop(microbatch_size):
+    model = build_model(activation="tanh", seed=3)
+    x, y = _batch(16)
+    grads, losses, _ = engine.per_unit_gradients(model, x, y, microbatch_size)
+    reference = _loop_gradients(model, x, y, microbatch_size)
+    np.testing.assert_allclose(_flat(grads), reference, rtol=1e-4, atol=1e-6)
+    assert losses.shape == (16,)
+
+
+def test_clipped_norms_are_at_most_c():
+    model = build_model(seed=1)
+    x, y = _batch(32)
+    grads, _, _ = engine.per_unit_gradients(model, x, y)
+    norms = engine.global_norms(grads).numpy()
+    clip = float(np.median(norms))  # half the examples get clipped
+    factors = engine.clip_factors(tf.constant(norms), clip).numpy()
+    clipped = np.linalg.norm(_flat(grads) * factors[:, None], axis=1)
+    assert (clipped <= clip * (1 + 1e-5)).all()
+    small = norms <= clip
+    np.testing.assert_allclose(clipped[small], norms[small], rtol=1e-5)  # unclipped ones untouched
+    np.testing.assert_allclose(clipped[~small], clip, rtol=1e-5)
+
+
+def _settings(**kw):
+    base = dict(private=True, noise_multiplier=0.0, l2_norm_clip=1e9, microbatch_size=1, denominator=16.0,
+                noise_seed=7, jit_compile=False)
+    base.update(kw)
+    return engine.StepSettings(**base)
+
+
+def _one_step(settings, x, y, mask, seed=5, step=0, lr=0.1, grad_sum_fn=None):
+    model = build_model(seed=seed)
+    step_fn, _ = engine.make_train_step(model, keras.optimizers.SGD(lr), settings, grad_sum_fn)
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+    step_fn(x, y, mask, zeros, tf.constant(step, tf.int64))
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_no_noise_huge_clip_equals_nonprivate_mean_gradient(jit):
+    x, y = _batch(16, seed=2)
+    mask = tf.ones([16])
+    private = _one_step(_settings(jit_compile=jit), x, y, mask)
+    plain = _one_step(_settings(private=False, jit_compile=jit), x, y, mask)
+    np.testing.assert_allclose(private, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_std_is_sigma_c_over_b():
+    """All slots masked: the update is −lr·noise/B, whose std over 26k parameters must be lr·σC/B."""
+    sigma, clip, denom, lr = 1.3, 0.7, 16.0, 1.0
+    x, y = _batch(16)
+    start = _one_step(_settings(private=False, denominator=denom), x, y, tf.zeros([16]), lr=lr)
+    after = _one_step(_settings(noise_multiplier=sigma, l2_norm_clip=clip, denominator=denom), x, y,
+                      tf.zeros([16]), lr=lr)
+    delta = (after - start) / lr
+    expected = sigma * clip / denom
+    se = expected / np.sqrt(2 * delta.size)  # standard error of a sample std
+    assert abs(delta.std() - expected) < 5 * se, (delta.std(), expected)
+    assert abs(delta.mean()) < 5 * expected / np.sqrt(delta.size)
+
+
+def test_noise_is_keyed_by_seed_and_step():
+    variables = build_model().trainable_variables
+    a = engine.gaussian_noise(variables, 1.0, 3, tf.constant(10, tf.int64))
+    b = engine.gaussian_noise(variables, 1.0, 3, tf.constant(10, tf.int64))
+    c = engine.gaussian_noise(variables, 1.0, 3, tf.constant(11, tf.int64))
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+    assert not np.allclose(a[0].numpy(), c[0].numpy())
+
+
+def test_masked_slots_do_not_change_the_update():
+    """A batch of 8 real examples padded with 8 masked ones updates exactly like the 8 alone."""
+    x, y = _batch(16, seed=4)
+    kw = dict(noise_multiplier=1.0, l2_norm_clip=0.5, denominator=8.0)
+    padded = _one_step(_settings(**kw), x, y, tf.constant([1.0] * 8 + [0.0] * 8), step=3)
+    alone = _one_step(_settings(**kw), x[:8], y[:8], tf.ones([8]), step=3)
+    np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-7)
+
+
+def test_step_is_traced_once_over_many_steps():
+    model = build_model()
+    step_fn, _ = engine.make_train_step(model, keras.optimizers.Adam(1e-3),
+                                        _settings(noise_multiplier=1.1, l2_norm_clip=1.0))
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        x, y = _batch(16, seed=i)
+        mask = (rng.random(16) < 0.7).astype(np.float32)  # a different Poisson batch size every step
+        step_fn(x, y, mask, zeros, tf.constant(i, tf.int64))
+    assert step_fn.experimental_get_tracing_count() == 1
+
+
+def test_optimizers_and_jit_resolution():
+    assert isinstance(engine.make_optimizer("momentum", 0.1, 0.9), keras.optimizers.SGD)
+    assert isinstance(engine.make_optimizer("adam", 0.1), keras.optimizers.Adam)
+    assert engine.resolve_jit_compile(True) is True and engine.resolve_jit_compile(False) is False
+    assert engine.resolve_jit_compile("auto") == bool(tf.config.list_physical_devices("GPU"))
