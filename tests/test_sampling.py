@@ -74,5 +74,7 @@ def test_epoch_step_counts_add_up(n, b):
     total = sum(steps_in_epoch(e, b, n, "poisson") for e in range(1, 11))
     assert total == steps_after_epochs(10, b, n, "poisson") == math.ceil(10 * n / b)
     assert steps_after_epochs(3, b, n, "shuffle") == 3 * (n // b)
-    steps = [batch.step for batch in Sampler(sampling="poisson", batch_size=b, dataset_size=n, seed=0).epoch(2)]
-    assert steps == list(range(steps_after_epochs(1, b, n, "poisson"), steps_after_epochs(2, b, n, "poisson")))
+    sampler = Sampler(sampling="poisson", batch_size=b, dataset_size=n, seed=0)
+    steps = [batch.step for batch in sampler.epoch(2)]
+    first, last = steps_after_epochs(1, b, n, "poisson"), steps_after_epochs(2, b, n, "poisson")
+    assert steps == list(range(first, last))
