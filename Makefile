@@ -23,3 +23,46 @@ lint:  ## ruff
 
 quickstart:  ## a one-minute DP-SGD run on Fashion-MNIST
 	$(DPSGD) train --config configs/quickstart.yaml --overwrite
+
+# --- Sweeps and the seed experiment. Every run is its own make target (one directory each), so
+# `make -j2 reproduce` trains two runs side by side; finished runs are skipped when a target is re-made.
+# A sweep's summary.csv is rebuilt (under a lock) by each run, so it ends up listing them all.
+RESULTS ?= results
+SWEEP_EPOCHS ?= 20
+SWEEP_EPSILON ?= 1.0
+SWEEP_BATCH_SIZES ?= 64 128 256 512 1024
+SWEEP_SIGMAS ?= 0.8 1.0 1.1 1.2 1.5
+SWEEP_ARGS ?=
+REPRODUCE_EPOCHS ?=
+SWEEP_BASE := configs/fashion_mnist_sigma1.1.yaml
+SWEEP := $(DPSGD) sweep --quiet --set output_dir=$(RESULTS) $(SWEEP_ARGS)
+BATCH_RUNS := $(SWEEP_BATCH_SIZES:%=sweep-batch-%)
+SIGMA_RUNS := $(SWEEP_SIGMAS:%=sweep-sigma-%)
+REPRODUCE_RUNS := reproduce-sigma1.1 reproduce-sigma1.2
+
+.PHONY: sweep-batch sweep-sigma reproduce $(BATCH_RUNS) $(SIGMA_RUNS) $(REPRODUCE_RUNS)
+
+sweep-batch: $(BATCH_RUNS)  ## batch sizes 64..1024 at one ε (SWEEP_EPSILON, σ calibrated per run), SWEEP_EPOCHS epochs
+	$(DPSGD) plot $(RESULTS)/sweep-batch
+	$(DPSGD) report $(RESULTS)/sweep-batch
+
+$(BATCH_RUNS): sweep-batch-%:
+	$(SWEEP) --config $(SWEEP_BASE) --name sweep-batch --epochs $(SWEEP_EPOCHS) \
+		--set privacy.noise_multiplier=null --set privacy.target_epsilon=$(SWEEP_EPSILON) --grid data.batch_size=$*
+
+sweep-sigma: $(SIGMA_RUNS)  ## σ = 0.8..1.5 at batch 256, SWEEP_EPOCHS epochs
+	$(DPSGD) plot $(RESULTS)/sweep-sigma
+	$(DPSGD) report $(RESULTS)/sweep-sigma
+
+$(SIGMA_RUNS): sweep-sigma-%:
+	$(SWEEP) --config $(SWEEP_BASE) --name sweep-sigma --epochs $(SWEEP_EPOCHS) --grid privacy.noise_multiplier=$*
+
+reproduce: $(REPRODUCE_RUNS)  ## the seed experiment: σ = 1.1 and 1.2, 100 epochs each (REPRODUCE_EPOCHS=20 for less)
+	$(DPSGD) plot $(RESULTS)/reproduce
+	$(DPSGD) report $(RESULTS)/reproduce
+
+$(REPRODUCE_RUNS): reproduce-%:
+	$(SWEEP) --config configs/fashion_mnist_$*.yaml --name reproduce $(if $(REPRODUCE_EPOCHS),--epochs $(REPRODUCE_EPOCHS))
+
+bench-accounting:  ## time dpsgd epsilon / dpsgd noise (issue 3 speed cases) and the per-epoch PLD curve
+	$(BIN)/python benchmarks/bench_accounting.py
