@@ -49,7 +49,7 @@ def curves_figure(runs: Sequence[RunInfo], keys: Sequence[str]) -> Figure:
                xlabel="epoch", ylabel="ε")
     for ax in (acc_ax, eps_ax):
         ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     if runs:
         acc_ax.legend(loc="best")
     if any(r.private for r in runs):

@@ -51,10 +51,7 @@ def sweep(
     results/<sweep>/summary.csv gets one row per finished run in the sweep directory."""
     items = list(overrides or []) + ([f"training.epochs={epochs}"] if epochs is not None else [])
     plan = plan_sweep(config, items, grid or [], name)
-    todo = plan.to_train(overwrite)
-    finished = sum(r.state == FINISHED for r in plan.runs)
-    console.print(f"[bold]sweep {plan.name}[/]: {len(plan.runs)} runs in {plan.sweep_dir}/, {finished} "
-                  f"already finished, {len(todo)} to train", highlight=False)
+    console.print(f"[bold]sweep {plan.name}[/]: {_plan_counts(plan, overwrite)}", highlight=False)
     if dry_run:
         console.print(_plan_table(plan, overwrite))
         return
@@ -67,6 +64,19 @@ def sweep(
         for planned, message in outcome.failed:
             err_console.print(f"[bold red]failed:[/] {planned.name}: {message}", highlight=False)
         raise typer.Exit(1)
+
+
+def _plan_counts(plan: SweepPlan, overwrite: bool) -> str:
+    """'4 runs in results/x/: 3 already finished, 1 to train' (plus runs whose config changed)."""
+    n = len(plan.runs)
+    finished = sum(r.state == FINISHED for r in plan.runs)
+    changed = sum(r.state == "changed" for r in plan.runs)
+    todo = n - finished - changed if not overwrite else n
+    runs = f"{n} run" + ("s" if n != 1 else "")
+    text = f"{runs} in {plan.sweep_dir}/: {finished} already finished, {todo} to train"
+    if changed and not overwrite:
+        text += f", {changed} finished with another config"
+    return text
 
 
 def _callbacks(quiet: bool) -> dict[str, Any]:
