@@ -1,0 +1,136 @@
+"""Canaries for the one-run privacy audit (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1)
+Training Run"): `privacy.canaries: m` in the config.
+
+What a canary is here: a *mislabelled duplicate* of one of the run's own training images — the image
+``x_train[j]`` (``j`` drawn without replacement) paired with a label drawn uniformly from the nine wrong
+classes. Why this kind: a model that has not seen the canary predicts (close to) the image's true class,
+so the canary's wrong-label loss is high; a model that trained on it can only lower that loss by
+memorising this one example, which is exactly the per-example influence that DP bounds. The canary's
+input is in distribution (so the network's features respond to it), yet its label contradicts everything
+else the model sees, which gives the loss-based guess its power. (The true-label original stays in the
+training set in every case: the real data are never changed.)
+
+How they enter training: canary i is included with probability 1/2, independently of all else, from a
+seeded draw (``numpy.random.default_rng([seed, CANARY_STREAM])``; the sampler uses ``[seed, epoch]``
+streams with small epoch numbers, so the streams never coincide). The included canaries are appended to
+``x_train``/``y_train`` *before* the privacy plan is made, so the sampling rate q = B/n counts them.
+
+Guarantees in words:
+* For the accounting, an included canary is an ordinary training example: the run is DP with respect to
+  adding or removing any one example of its final training set, canaries included, and the accountant's
+  (ε, δ) covers every one of them exactly as it covers a real example. Nothing else about the real data
+  changes: they are all still there, once each (n grows by the included canaries only). As everywhere in
+  DP-SGD accounting (TF Privacy, Opacus), n and so q are treated as public: adding one canary changes
+  q = B/n by the factor n/(n + 1), which the accountant does not model (the usual convention; the audit
+  inherits it).
+* The audit (``dpsgd audit``) guesses each canary's inclusion bit from its loss under the final model and
+  turns the number of correct guesses into ε_lb with Theorem 3 of the paper. If the training algorithm is
+  (ε, δ)-DP, then with probability at least ``confidence`` (over the inclusion coins and the training
+  randomness) ε_lb ≤ ε. So ε_lb is a valid lower bound on the ε of the mechanism at that confidence; a
+  bound above the accountant's ε would reveal a bug in the implementation or the accounting.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from dpsgd_cli.data import Dataset
+from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
+
+CANARY_STREAM = 0x5CA7A27  # second entry of the rng key; never a (small) epoch number
+CANARY_FILE = "canaries.npz"
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class CanarySet:
+    """m canaries: images [m, 28, 28, 1] float32, (wrong) labels [m] int32, inclusion bits [m] bool, and
+    the index in the run's real ``x_train`` each image was copied from ([m] int64)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    included: np.ndarray
+    source_index: np.ndarray
+
+    @property
+    def m(self) -> int:
+        return len(self.y)
+
+
+def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int) -> CanarySet:
+    """Draw m canaries from the real training set (see the module docstring); deterministic in `seed`."""
+    n = len(y_train)
+    if not 1 <= m <= n:
+        raise ConfigError(f"privacy.canaries: {m} canaries need at least as many training examples "
+                          f"(the run has {n}); use 0 ≤ privacy.canaries ≤ {n}")
+    rng = np.random.default_rng([seed, CANARY_STREAM])
+    source = np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
+    shift = rng.integers(1, NUM_CLASSES, size=m)  # 1..9: never the true label
+    labels = ((y_train[source].astype(np.int64) + shift) % NUM_CLASSES).astype(np.int32)
+    included = rng.random(m) < 0.5
+    return CanarySet(x=np.array(x_train[source], dtype=np.float32), y=labels, included=included,
+                     source_index=source)
+
+
+def add_canaries(dataset: Dataset, m: int, seed: int) -> tuple[Dataset, CanarySet]:
+    """Return the dataset with the included canaries appended to x_train/y_train, and all m canaries."""
+    canary_set = make_canaries(dataset.x_train, dataset.y_train, m, seed)
+    keep = canary_set.included
+    grown = replace(dataset,
+                    x_train=np.concatenate([dataset.x_train, canary_set.x[keep]]),
+                    y_train=np.concatenate([dataset.y_train, canary_set.y[keep]]).astype(np.int32))
+    return grown, canary_set
+
+
+def save_canaries(canary_set: CanarySet, run_dir: Path) -> Path:
+    """Write all m canaries (images, labels, inclusion bits, source indices) to run_dir/canaries.npz,
+    atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=canary_set.x, y=canary_set.y, included=canary_set.included,
+                        source_index=canary_set.source_index)
+    path = Path(run_dir) / CANARY_FILE
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Like results.atomic_write_text, for bytes: temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def load_canaries(run_dir: Path) -> CanarySet | None:
+    """The run's canaries, or None if it had none. Raises RunDirError if the file is unreadable."""
+    path = Path(run_dir) / CANARY_FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as archive:
+            canary_set = CanarySet(x=archive["x"].astype(np.float32), y=archive["y"].astype(np.int32),
+                                   included=archive["included"].astype(bool),
+                                   source_index=archive["source_index"].astype(np.int64))
+    except (OSError, KeyError, ValueError) as exc:
+        raise RunDirError(f"{path}: cannot read the canaries ({exc.__class__.__name__})") from None
+    m = canary_set.m
+    if not (canary_set.x.shape[0] == m == len(canary_set.included) == len(canary_set.source_index)):
+        raise RunDirError(f"{path}: the canary arrays have inconsistent lengths")
+    return canary_set

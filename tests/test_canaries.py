@@ -1,0 +1,96 @@
+"""Tests for dpsgd_cli.canaries: the seeded inclusion draw, what gets appended, and the saved file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpsgd_cli import canaries
+from dpsgd_cli.data import Dataset
+from dpsgd_cli.errors import ConfigError, RunDirError
+
+
+def _dataset(n: int = 1000, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    return Dataset(name="fashion_mnist",
+                   x_train=rng.random((n, 28, 28, 1), dtype=np.float32),
+                   y_train=rng.integers(0, 10, n).astype(np.int32),
+                   x_test=rng.random((50, 28, 28, 1), dtype=np.float32),
+                   y_test=rng.integers(0, 10, 50).astype(np.int32))
+
+
+def test_same_seed_same_canaries_other_seed_other_draw():
+    data = _dataset()
+    a = canaries.make_canaries(data.x_train, data.y_train, 200, seed=3)
+    b = canaries.make_canaries(data.x_train, data.y_train, 200, seed=3)
+    c = canaries.make_canaries(data.x_train, data.y_train, 200, seed=4)
+    for field in ("x", "y", "included", "source_index"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert not np.array_equal(a.included, c.included)
+    assert not np.array_equal(a.source_index, c.source_index)
+
+
+def test_inclusion_rate_is_one_half():
+    data = _dataset(n=5000)
+    included = np.concatenate([canaries.make_canaries(data.x_train, data.y_train, 5000, seed=s).included
+                               for s in range(4)])
+    # 20000 fair coins: a two-sided binomial test would reject a correct draw with probability 1e-4.
+    assert stats.binomtest(int(included.sum()), included.size, 0.5).pvalue > 1e-4
+    assert abs(included.mean() - 0.5) < 0.02
+
+
+def test_inclusion_stream_differs_from_the_samplers():
+    # the sampler draws epoch e from default_rng([seed, e]); the canary stream must not be one of those
+    assert canaries.CANARY_STREAM > 10**6
+
+
+def test_canaries_are_mislabelled_copies_of_distinct_training_images():
+    data = _dataset()
+    c = canaries.make_canaries(data.x_train, data.y_train, 300, seed=0)
+    assert c.m == 300 and len(np.unique(c.source_index)) == 300
+    np.testing.assert_array_equal(c.x, data.x_train[c.source_index])
+    assert np.all(c.y != data.y_train[c.source_index])
+    assert c.y.dtype == np.int32 and c.y.min() >= 0 and c.y.max() <= 9
+    # the wrong label is uniform over the other nine classes
+    shift = (c.y - data.y_train[c.source_index]) % 10
+    assert set(np.unique(shift)) <= set(range(1, 10))
+
+
+def test_add_canaries_appends_exactly_the_included_ones_and_keeps_the_real_data():
+    data = _dataset()
+    grown, c = canaries.add_canaries(data, 100, seed=1)
+    k = int(c.included.sum())
+    assert 0 < k < 100
+    assert len(grown.y_train) == len(data.y_train) + k
+    np.testing.assert_array_equal(grown.x_train[:1000], data.x_train)
+    np.testing.assert_array_equal(grown.y_train[:1000], data.y_train)
+    np.testing.assert_array_equal(grown.x_train[1000:], c.x[c.included])
+    np.testing.assert_array_equal(grown.y_train[1000:], c.y[c.included])
+    assert grown.y_train.dtype == np.int32 and grown.x_train.dtype == np.float32
+    assert grown.x_test is data.x_test
+
+
+def test_too_many_canaries_is_a_config_error():
+    data = _dataset(n=50)
+    with pytest.raises(ConfigError, match="privacy.canaries"):
+        canaries.add_canaries(data, 51, seed=0)
+
+
+def test_saved_file_round_trips(tmp_path):
+    data = _dataset()
+    _, c = canaries.add_canaries(data, 64, seed=2)
+    path = canaries.save_canaries(c, tmp_path)
+    assert path == tmp_path / canaries.CANARY_FILE
+    assert [p.name for p in tmp_path.iterdir()] == [canaries.CANARY_FILE]  # no temporary file left
+    back = canaries.load_canaries(tmp_path)
+    for field in ("x", "y", "included", "source_index"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(c, field))
+    assert back.included.dtype == bool
+
+
+def test_load_without_canaries_or_with_a_corrupt_file(tmp_path):
+    assert canaries.load_canaries(tmp_path) is None
+    (tmp_path / canaries.CANARY_FILE).write_bytes(b"not an npz file")
+    with pytest.raises(RunDirError, match="cannot read the canaries"):
+        canaries.load_canaries(tmp_path)
