@@ -100,12 +100,14 @@ def save_canaries(canary_set: CanarySet, run_dir: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Like results.atomic_write_text, for bytes: temp file in the same directory, fsync, rename."""
+    """Like results.atomic_write_text, for bytes: temp file in the same directory, fsync, rename; the file
+    gets the usual permissions (0666 less the umask)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -116,6 +118,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def load_canaries(run_dir: Path) -> CanarySet | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -83,6 +85,9 @@ def test_saved_file_round_trips(tmp_path):
     path = canaries.save_canaries(c, tmp_path)
     assert path == tmp_path / canaries.CANARY_FILE
     assert [p.name for p in tmp_path.iterdir()] == [canaries.CANARY_FILE]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     back = canaries.load_canaries(tmp_path)
     for field in ("x", "y", "included", "source_index"):
         np.testing.assert_array_equal(getattr(back, field), getattr(c, field))
