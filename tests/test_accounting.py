@@ -1,0 +1,230 @@
+"""dpsgd_cli.accounting: its ε are dp-accounting's (RdpAccountant, PLDAccountant on the same event), ε
+moves the right way with steps and σ, the microbatch rule, calibration, the ledger and the statement."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import pld, rdp
+from dp_accounting.pld import common, pld_pmf
+
+from dpsgd_cli import accounting
+from dpsgd_cli.accounting import (
+    PrivacyFacts,
+    PrivacyLedger,
+    accounting_noise_multiplier,
+    calibrate_noise_multiplier,
+    epsilon,
+    epsilon_curve,
+    privacy_statement,
+)
+from dpsgd_cli.config import load_config
+from dpsgd_cli.runner import plan_privacy
+
+REL = 1e-6  # what the issue asks; the agreement is in fact ~1e-9 or better
+
+
+def library_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    """dp-accounting called directly on the same event, with its default settings."""
+    step = dp_accounting.GaussianDpEvent(sigma)
+    if q < 1:
+        step = dp_accounting.PoissonSampledDpEvent(q, step)
+    acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
+    return float(acc.compose(dp_accounting.SelfComposedDpEvent(step, steps)).get_epsilon(delta))
+
+
+RDP_CASES = [
+    (1.1, 256 / 60000, 14063, 1e-5),  # TF Privacy's MNIST tutorial
+    (1.1, 256 / 60000, 23438, 1e-5),  # 100 epochs of it
+    (0.5, 0.01, 1000, 1e-6),
+    (3.0, 0.1, 50, 1e-3),
+    (0.8, 0.001, 1, 1e-5),
+    (2.0, 1.0, 10, 1e-5),  # full batch: no sampling
+    (0.3, 0.05, 200, 1e-5),  # small σ: some fractional orders do not converge and are dropped
+    (10.0, 0.5, 100000, 1e-9),
+]
+
+
+@pytest.mark.parametrize("sigma,q,steps,delta", RDP_CASES)
+def test_rdp_epsilon_equals_dp_accounting(sigma, q, steps, delta):
+    assert epsilon(sigma, q, steps, delta, "rdp") == pytest.approx(
+        library_epsilon(sigma, q, steps, delta, "rdp"), rel=REL)
+
+
+@pytest.mark.parametrize("sigma,q,steps,delta", [
+    (1.1, 0.01, 500, 1e-5),
+    (3.0, 0.1, 50, 1e-3),
+    (0.8, 0.001, 1, 1e-5),
+    (2.0, 1.0, 10, 1e-5),
+])
+def test_pld_epsilon_equals_dp_accounting(sigma, q, steps, delta):
+    assert epsilon(sigma, q, steps, delta, "pld") == pytest.approx(
+        library_epsilon(sigma, q, steps, delta, "pld"), rel=REL)
+
+
+def test_pld_curve_equals_dp_accounting_at_every_point():
+    sigma, q, delta = 1.0, 0.02, 1e-5
+    steps = [50, 100, 150, 200, 250]
+    curve = epsilon_curve(sigma, q, steps, delta, "pld")
+    for k, eps in zip(steps, curve):
+        assert eps == pytest.approx(library_epsilon(sigma, q, k, delta, "pld"), rel=REL)
+    # the same points asked out of order (the transform is recomputed, not multiplied up)
+    assert epsilon_curve(sigma, q, steps[::-1], delta, "pld") == pytest.approx(curve[::-1], rel=1e-9)
+
+
+def test_rdp_curve_is_pointwise_epsilon():
+    steps = [1, 10, 100, 1000]
+    assert epsilon_curve(1.1, 0.01, steps, 1e-5, "rdp") == [epsilon(1.1, 0.01, k, 1e-5) for k in steps]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_epsilon_grows_with_steps_and_falls_with_sigma(accountant):
+    q, delta = 0.02, 1e-5
+    by_steps = epsilon_curve(1.0, q, [10, 50, 100, 200], delta, accountant)
+    assert all(a < b for a, b in zip(by_steps, by_steps[1:])), by_steps
+    by_sigma = [epsilon(s, q, 100, delta, accountant) for s in (0.7, 1.0, 1.5, 3.0)]
+    assert all(a > b for a, b in zip(by_sigma, by_sigma[1:])), by_sigma
+    assert epsilon(1.0, q, 100, 1e-3, accountant) < epsilon(1.0, q, 100, 1e-7, accountant)
+
+
+def test_pld_is_tighter_than_rdp_on_the_tutorial_setting():
+    rdp_eps = epsilon(1.1, 256 / 60000, 14063, 1e-5, "rdp")
+    pld_eps = epsilon(1.1, 256 / 60000, 14063, 1e-5, "pld")
+    assert 2.0 < pld_eps < rdp_eps < 3.0
+
+
+def test_edge_cases_and_bad_arguments():
+    assert epsilon(1.0, 0.1, 0, 1e-5, "rdp") == 0.0 and epsilon(1.0, 0.1, 0, 1e-5, "pld") == 0.0
+    assert math.isinf(epsilon(0.0, 0.1, 5, 1e-5, "rdp")) and math.isinf(epsilon(0.0, 0.1, 5, 1e-5, "pld"))
+    for args in [(-1.0, 0.1, 5, 1e-5), (1.0, 0.0, 5, 1e-5), (1.0, 1.5, 5, 1e-5), (1.0, 0.1, 5, 0.0),
+                 (1.0, 0.1, 5, 1.0), (1.0, 0.1, -1, 1e-5)]:
+        with pytest.raises(ValueError):
+            epsilon(*args)
+    with pytest.raises(ValueError, match="accountant"):
+        epsilon(1.0, 0.1, 5, 1e-5, "moments")
+
+
+def test_too_little_noise_for_pld_is_refused_before_building_it():
+    with pytest.raises(accounting.PldTooLargeError, match="RDP"):
+        epsilon(0.05, 0.01, 100, 1e-5, "pld")
+    with pytest.raises(ValueError):
+        calibrate_noise_multiplier(500.0, 1e-5, 0.01, 100, "pld")
+    ledger = PrivacyLedger(0.05, 0.01, 1e-5)
+    ledger.advance(100)
+    assert math.isinf(ledger.epsilon("pld")) and math.isfinite(ledger.epsilon("rdp"))
+
+
+def test_microbatch_rule():
+    assert accounting_noise_multiplier(1.1, 1) == 1.1
+    assert accounting_noise_multiplier(1.1, 4) == pytest.approx(0.55)
+    per_example = calibrate_noise_multiplier(2.0, 1e-5, 0.01, 1000, "rdp", microbatch_size=1)
+    micro = calibrate_noise_multiplier(2.0, 1e-5, 0.01, 1000, "rdp", microbatch_size=8)
+    assert micro == pytest.approx(2 * per_example, rel=1e-12)
+
+
+@pytest.mark.parametrize("accountant,target,q,steps", [
+    ("rdp", 3.0, 256 / 60000, 23438),
+    ("rdp", 0.5, 0.1, 10),
+    ("rdp", 8.0, 1.0, 100),
+    ("pld", 2.0, 50 / 2000, 120),  # the config of the plan_privacy test below
+])
+def test_calibrated_sigma_reaches_target_and_a_slightly_smaller_one_does_not(accountant, target, q, steps):
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant)
+    assert epsilon(sigma, q, steps, 1e-5, accountant) <= target
+    assert epsilon(sigma * (1 - 1e-4), q, steps, 1e-5, accountant) > target
+    # and so for dp-accounting's own accountant too, up to its last digits
+    assert library_epsilon(sigma, q, steps, 1e-5, accountant) <= target * (1 + 1e-9)
+    if accountant == "pld":  # the tighter accountant needs less noise
+        assert sigma < calibrate_noise_multiplier(target, 1e-5, q, steps, "rdp")
+
+
+def test_calibration_rejects_bad_targets():
+    for target in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError):
+            calibrate_noise_multiplier(target, 1e-5, 0.01, 100)
+    with pytest.raises(ValueError):
+        calibrate_noise_multiplier(1.0, 1e-5, 0.01, 0)
+
+
+def test_target_epsilon_in_a_train_config_is_calibrated_by_plan_privacy():
+    """privacy.target_epsilon: runner.plan_privacy calibrates σ with PLD; the run then ends at ε ≤ target."""
+    cfg = load_config(None, ["data.train_size=2000", "data.batch_size=50", "training.epochs=3",
+                             "privacy.target_epsilon=2.0"])
+    plan = plan_privacy(cfg, 2000)
+    assert plan.total_steps == 120 and plan.sampling_rate == 50 / 2000
+    eps = epsilon(plan.accounting_noise_multiplier, plan.sampling_rate, plan.total_steps, 1e-5, "pld")
+    assert eps <= 2.0
+    smaller = plan.accounting_noise_multiplier * (1 - 1e-4)
+    assert epsilon(smaller, plan.sampling_rate, plan.total_steps, 1e-5, "pld") > 2.0
+
+
+def test_ledger_matches_epsilon_epoch_by_epoch():
+    sigma, q, delta = 1.1, 0.02, 1e-5
+    ledger = PrivacyLedger(sigma, q, delta)
+    assert ledger.steps == 0 and ledger.epsilon("rdp") == 0.0 and ledger.epsilon("pld") == 0.0
+    total = 0
+    for block in (50, 49, 120):
+        ledger.advance(block)
+        total += block
+        assert ledger.steps == total
+        for accountant in ("rdp", "pld"):
+            assert ledger.epsilon(accountant) == pytest.approx(
+                library_epsilon(sigma, q, total, delta, accountant), rel=REL)
+    ledger.advance(0)
+    assert ledger.steps == total
+    silent = PrivacyLedger(0.0, q, delta)
+    silent.advance(3)
+    assert math.isinf(silent.epsilon("rdp")) and math.isinf(silent.epsilon("pld"))
+
+
+def test_pld_bounds_and_epsilon_rule_match_dp_accounting():
+    step = pld.privacy_loss_distribution.from_gaussian_mechanism(1.0, sampling_prob=0.05)
+    for pmf in (step._pmf_remove, step._pmf_add):
+        powers = accounting._PmfPowers(pmf)
+        for k in (1, 7, 100, 1000):
+            assert powers.bounds(k) == common.compute_self_convolve_bounds(pmf._probs, k, 1e-15)
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(1, 400))
+        probs = rng.random(n) ** 8
+        probs *= (1 - 1e-6 * (trial % 3)) / probs.sum()
+        lower = int(rng.integers(-300, 50))
+        infinity = [0.0, 1e-7, 1e-3][trial % 3]
+        for delta in (1e-6, 1e-4, 1e-2, 0.3):
+            expected = pld_pmf.DensePLDPmf(0.01, lower, probs, infinity, True).get_epsilon_for_delta(delta)
+            got = accounting.pmf_epsilon_for_delta(lower, probs, infinity, 0.01, delta, chunk=37)
+            assert got == pytest.approx(expected, rel=1e-9, abs=1e-12), (trial, delta)
+
+
+def _facts(**changes) -> PrivacyFacts:
+    base = dict(noise_multiplier=1.1, accounting_noise_multiplier=1.1, l2_norm_clip=1.0, sampling_rate=0.004,
+                steps=1000, delta=1e-5, sampling="poisson", microbatch_size=1, epsilon_rdp=2.6,
+                epsilon_pld=2.4)
+    return PrivacyFacts(**{**base, **changes})
+
+
+def test_statement_names_every_assumption():
+    text = privacy_statement(_facts())
+    for words in ("(2.4, 1e-05)-DP", "PLD accountant", "RDP accountant: ε = 2.6", "add/remove-one",
+                  "Poisson sampling at rate q = 0.004", "σ = 1.1", "C = 1", "1000 steps", "exactly so"):
+        assert words in text, words
+    assert "Chua" not in text
+
+
+@pytest.mark.parametrize("source", ["run", "config", "options"])
+def test_statement_flags_shuffling_as_optimistic(source):
+    text = privacy_statement(_facts(sampling="shuffle", source=source))
+    assert "shuffled fixed-size batches" in text and "optimistic" in text and "Chua et al., 2024" in text
+
+
+def test_statement_for_one_accountant_microbatches_and_options():
+    text = privacy_statement(_facts(epsilon_pld=None, l2_norm_clip=None, microbatch_size=4,
+                                    accounting_noise_multiplier=0.55, source="options"))
+    assert text.startswith("(2.6, 1e-05)-DP by the RDP accountant") and "PLD" not in text
+    assert "clipped" not in text and "σ/2 = 0.55" in text
+    assert "optimistic" in text  # warns that shuffling would break the Poisson assumption
+    full = privacy_statement(_facts(sampling_rate=1.0, epsilon_rdp=None))
+    assert "q = 1" in full and "Poisson" not in full
