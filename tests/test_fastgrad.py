@@ -1,0 +1,202 @@
+"""The fast Dense/Conv2D clipping path agrees with the vectorized reference and a plain per-example loop."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dpsgd_cli import engine, fastgrad
+from dpsgd_cli.errors import ConfigError
+from dpsgd_cli.model import build_model
+
+BATCH = 16
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _batch(seed: int = 0, n: int = BATCH):
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.random((n, 28, 28, 1), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, n), dtype=tf.int32)
+    mask = tf.constant([1.0] * (n - 3) + [0.0] * 3)  # the last three slots are padding
+    return x, y, mask
+
+
+def _loop_unit_grads(model, x, y, k):
+    """Each unit's gradient of its mean loss, one GradientTape per unit (no vectorization), as float64."""
+    grads = []
+    for start in range(0, x.shape[0], k):
+        with tf.GradientTape() as tape:
+            logits = model(x[start:start + k], training=True)
+            loss = tf.reduce_mean(engine.per_example_loss(logits, y[start:start + k]))
+        grads.append([g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)])
+    return grads
+
+
+def _clip_between_norms(model, x, y, mask, k):
+    """C = the median unit norm, so some units are clipped and some not; loop norms and Σ mask_u·clip(g_u)."""
+    unit_grads = _loop_unit_grads(model, x, y, k)
+    norms = np.array([np.sqrt(sum(np.sum(g ** 2) for g in grads)) for grads in unit_grads])
+    l2_norm_clip = float(np.median(norms))
+    assert norms.min() < l2_norm_clip < norms.max()
+    scales = np.asarray(mask)[::k] * np.minimum(1.0, l2_norm_clip / norms)
+    sums = [sum(s * grads[i] for s, grads in zip(scales, unit_grads)) for i in range(len(unit_grads[0]))]
+    return l2_norm_clip, norms, sums
+
+
+def _compiled(fn, jit: bool):
+    return tf.function(fn, jit_compile=jit, reduce_retracing=False)
+
+
+@pytest.fixture(scope="module", params=["relu", "tanh"])
+def model(request):
+    return build_model(activation=request.param, seed=3)
+
+
+def _assert_sums_close(sums, expected, variables, what):
+    assert len(sums) == len(variables)
+    for s, e, var in zip(sums, expected, variables):
+        assert s.shape == var.shape
+        np.testing.assert_allclose(s, e, rtol=RTOL, atol=ATOL, err_msg=f"{what}: {var.path}")
+
+
+@pytest.mark.parametrize("k", [1, 4], ids=["per_example", "microbatch4"])
+def test_fast_path_matches_vmap_and_loop(model, k):
+    x, y, mask = _batch()
+    l2_norm_clip, ref_norms, ref_sums = _clip_between_norms(model, x, y, mask, k)
+
+    def all_paths(x, y, mask):
+        out = {s: fastgrad._clipped_sum(model, x, y, mask, l2_norm_clip, k, strategy=s)
+               for s in ("auto", "ghost", "materialize")}
+        norms = {s: fastgrad.per_unit_norms(model, x, y, k, strategy=s) for s in ("ghost", "materialize")}
+        return out, norms, engine.vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, k)
+
+    out, norms, (vmap_sums, vmap_losses, vmap_logits) = _compiled(all_paths, jit=False)(x, y, mask)
+    for strategy, (sums, losses, logits) in out.items():
+        _assert_sums_close(sums, vmap_sums, model.trainable_variables, f"{strategy} vs vmap")
+        _assert_sums_close(sums, ref_sums, model.trainable_variables, f"{strategy} vs loop")
+        np.testing.assert_allclose(losses, vmap_losses, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(logits, vmap_logits, rtol=RTOL, atol=ATOL)
+    for strategy, n in norms.items():
+        np.testing.assert_allclose(n, ref_norms, rtol=RTOL, atol=ATOL, err_msg=strategy)
+
+
+@pytest.mark.parametrize(("activation", "k"), [("relu", 1), ("tanh", 2)])
+def test_fast_path_under_xla_matches_loop(activation, k):
+    model = build_model(activation=activation, seed=3)
+    x, y, mask = _batch(seed=5)
+    l2_norm_clip, _, ref_sums = _clip_between_norms(model, x, y, mask, k)
+    fast = _compiled(lambda *a: fastgrad.fast_clipped_gradient_sum(model, *a, l2_norm_clip, k), jit=True)
+    sums, losses, _ = fast(x, y, mask)
+    _assert_sums_close(sums, ref_sums, model.trainable_variables, "xla fast vs loop")
+    vmap_losses = engine.vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, k)[1]
+    np.testing.assert_allclose(losses, vmap_losses, rtol=RTOL, atol=ATOL)
+
+
+def test_ties_like_blank_image_borders_match_loop(model):
+    """Constant regions make equal activations, so max-pool windows tie; routing must match TensorFlow's."""
+    x, y, mask = _batch(seed=6)
+    x = x * tf.cast(tf.random.stateless_uniform(x.shape, [1, 2]) > 0.7, tf.float32)  # mostly exact zeros
+    x = tf.concat([tf.zeros_like(x[:4]), x[4:]], axis=0)  # four blank images
+    l2_norm_clip, _, ref_sums = _clip_between_norms(model, x, y, mask, 1)
+    fast = _compiled(lambda *a: fastgrad.fast_clipped_gradient_sum(model, *a, l2_norm_clip), jit=False)
+    _assert_sums_close(fast(x, y, mask)[0], ref_sums, model.trainable_variables, "fast vs loop with ties")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_stride1_max_pool_matches_tensorflow_with_ties(jit):
+    rng = np.random.default_rng(7)
+    h = tf.constant(np.maximum(np.round(rng.normal(size=(3, 7, 6, 2)) * 2) / 2, 0), dtype=tf.float32)
+    upstream = tf.constant(rng.normal(size=(3, 5, 4, 2)), dtype=tf.float32)
+
+    def value_and_grad(pool):
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            out = pool(h)
+        return out, tape.gradient(out, h, output_gradients=upstream)
+
+    mine = _compiled(lambda: value_and_grad(lambda t: fastgrad._max_pool_stride1(t, (3, 3))), jit)()
+    ref = _compiled(lambda: value_and_grad(lambda t: tf.nn.max_pool2d(t, (3, 3), 1, "VALID")), jit)()
+    for a, b in zip(mine, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_masked_examples_contribute_nothing(model):
+    x, y, mask = _batch(seed=1)
+    fn = _compiled(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(model, x, y, m, 0.5)[0], jit=False)
+    noisy_x = tf.concat([x[:-3], 100.0 * tf.ones_like(x[-3:])], axis=0)  # padded slots hold garbage
+    for a, b in zip(fn(x, y, mask), fn(noisy_x, y, mask)):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    zeros = fn(x, y, tf.zeros_like(mask))
+    assert all(float(tf.reduce_max(tf.abs(z))) == 0.0 for z in zeros)
+
+
+def _model_with(layer: keras.layers.Layer) -> keras.Model:
+    return keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(4), layer, keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("layer", [keras.layers.LayerNormalization(name="norm"),
+                                   keras.layers.BatchNormalization(name="bn")], ids=["layer", "batch"])
+def test_unsupported_layer_falls_back(layer):
+    model = _model_with(layer)
+    assert not fastgrad.supports_fast_path(model)
+    assert fastgrad.choose_gradient_sum_fn(model, "auto") is engine.vmap_clipped_gradient_sum
+    assert fastgrad.choose_gradient_sum_fn(model, "vectorized_map") is engine.vmap_clipped_gradient_sum
+    with pytest.raises(ConfigError, match=r"training\.gradient_path.*" + layer.name) as info:
+        fastgrad.choose_gradient_sum_fn(model, "fast")
+    assert "\n" not in str(info.value)
+
+
+def test_embedding_model_and_bad_path_name():
+    model = keras.Sequential([keras.Input(shape=(5,), dtype="int32"), keras.layers.Embedding(20, 4),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    assert not fastgrad.supports_fast_path(model)
+    with pytest.raises(ConfigError, match="training.gradient_path"):
+        fastgrad.choose_gradient_sum_fn(build_model(), "fastest")
+
+
+def test_supported_models_choose_fast_path():
+    model = build_model()
+    assert fastgrad.supports_fast_path(model)
+    for path in ("auto", "fast"):
+        assert fastgrad.choose_gradient_sum_fn(model, path) is fastgrad.fast_clipped_gradient_sum
+    dropout = _model_with(keras.layers.Dropout(0.1))
+    assert fastgrad.supports_fast_path(dropout)
+
+
+def test_dense_on_sequences_and_no_bias_matches_vmap():
+    model = keras.Sequential([keras.Input(shape=(5, 6)), keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, use_bias=False)])
+    assert fastgrad.supports_fast_path(model)
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(8, 5, 6)).astype(np.float32))
+    y = tf.constant(rng.integers(0, 3, 8), dtype=tf.int32)
+    mask = tf.ones([8])
+    fast = fastgrad.fast_clipped_gradient_sum(model, x, y, mask, 0.3)[0]
+    ref = engine.vmap_clipped_gradient_sum(model, x, y, mask, 0.3)[0]
+    for a, b in zip(fast, ref):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_train_step_without_noise_or_clipping_is_plain_sgd(jit):
+    x, y, _ = _batch(seed=4)
+    mask = tf.ones([BATCH])
+    model, reference = build_model(seed=5), build_model(seed=5)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(engine.per_example_loss(reference(x, training=True), y))
+    mean_grads = tape.gradient(loss, reference.trainable_variables)
+    expected = [v.numpy() - 0.1 * g.numpy() for v, g in zip(reference.trainable_variables, mean_grads)]
+
+    optimizer = keras.optimizers.SGD(0.1)
+    settings = engine.StepSettings(private=True, noise_multiplier=0.0, l2_norm_clip=1e9, microbatch_size=1,
+                                   denominator=float(BATCH), noise_seed=0, jit_compile=jit)
+    grad_sum_fn = fastgrad.choose_gradient_sum_fn(model, "fast")
+    step, _ = engine.make_train_step(model, optimizer, settings, grad_sum_fn)
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+    loss_sum, _, count = step(x, y, mask, zeros, tf.constant(0, tf.int64))
+    assert float(count) == BATCH
+    np.testing.assert_allclose(float(loss_sum) / BATCH, float(loss), rtol=RTOL)
+    for v, e in zip(model.trainable_variables, expected):
+        np.testing.assert_allclose(v.numpy(), e, rtol=RTOL, atol=ATOL, err_msg=v.path)
