@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except Exception as exc:  # besides YAMLError: RecursionError (deep nesting), IndexError… ('!!float ')
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
@@ -158,7 +159,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set {item!r}: the key must be dotted names, e.g. data.batch_size")
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except Exception:  # YAMLError, RecursionError, and PyYAML's tag constructors' IndexError, KeyError…
         value = text
     node = raw
     for part in parts[:-1]:
@@ -174,11 +175,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 def _reject_unknown(raw: dict, allowed: set[str], prefix: str) -> None:
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"{prefix}{key}: unknown key; allowed here: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"{prefix}{key if str(key).isidentifier() else repr(key)}: unknown key; "
+                              f"allowed here: {', '.join(sorted(allowed))}")
 
 
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:80]
+    return f"{type(value).__name__} {reprlib.repr(value)}"[:80]  # bounded: YAML aliases can nest hugely
 
 
 def _coerce(cls, key: str, value: Any, section: str) -> Any:
@@ -245,7 +247,7 @@ def validate(cfg: ExperimentConfig) -> None:
     """Range and consistency checks that do not need the data. Raises ConfigError."""
     _check(bool(_NAME_RE.match(cfg.name)), f"name: {cfg.name!r} must be a plain file name "
            "(letters, digits, . _ - = +), it names the run directory")
-    _check(cfg.seed >= 0, f"seed: must be ≥ 0, got {cfg.seed}")
+    _check(0 <= cfg.seed < 2**32, f"seed: must be in [0, 2**32 - 1], got {cfg.seed}")
     d, m, t, p = cfg.data, cfg.model, cfg.training, cfg.privacy
     _choice("data.dataset", d.dataset, DATASETS)
     _choice("data.sampling", d.sampling, SAMPLINGS)
