@@ -2,10 +2,17 @@
 
 The privacy event accounted is derived here from the very numbers the step uses (σ, C, microbatch size,
 sampling rate, steps actually taken), never re-typed. This module never prints; progress goes to callbacks.
+
+Nothing finished is lost: after every epoch the run writes `checkpoint.ckpt` (see `checkpoint`), then
+metrics.csv, so metrics.csv never holds an epoch the checkpoint lacks. `run(cfg, resume=True)` continues
+from that checkpoint: sampling is keyed by (seed, epoch) and noise by (seed, step), so with the weights,
+the optimizer state and the privacy ledger restored (replayed epoch by epoch, as the first attempt
+advanced it) the resumed run repeats the uninterrupted one exactly, ε included.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import platform
 import shutil
@@ -17,16 +24,23 @@ from typing import Any
 
 import numpy as np
 
-from dpsgd_cli import __version__, accounting
-from dpsgd_cli.config import ExperimentConfig, microbatch_size, resolved_data_dir
+from dpsgd_cli import __version__, accounting, checkpoint
+from dpsgd_cli.config import ExperimentConfig, config_from_dict, microbatch_size, replace, resolved_data_dir
 from dpsgd_cli.data import Dataset, load_dataset
-from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
-from dpsgd_cli.results import write_metrics, write_yaml
+from dpsgd_cli.errors import ConfigError, DpsgdError, OutputError, RunDirError, TrainingError
+from dpsgd_cli.results import read_yaml, write_metrics, write_yaml
 from dpsgd_cli.sampling import Sampler, steps_after_epochs, steps_in_epoch
 
 StepCallback = Callable[[dict[str, Any]], None]
 EpochCallback = Callable[[dict[str, Any]], None]
 EVAL_BATCH = 1000
+RUN_FILE = "run.yaml"
+METRICS_FILE = "metrics.csv"
+WEIGHTS_FILE = "model.weights.h5"
+FINISHED = "finished"
+# Keys of the config that may differ between a checkpoint and run.yaml: where the run lives and where the
+# data are read from (the data themselves are compared by fingerprint).
+_RELOCATABLE = ("name", "output_dir", "data.data_dir")
 
 
 @dataclass
@@ -35,6 +49,14 @@ class RunResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     statement: str = ""
     noise_multiplier: float | None = None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM via the CLI) stopped a run; the epochs finished before it are saved."""
+
+    def __init__(self, run_dir: Path, epochs_done: int, epochs: int):
+        super().__init__(f"{run_dir}: interrupted after {epochs_done} of {epochs} epochs")
+        self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs
 
 
 @dataclass(frozen=True)
@@ -48,29 +70,148 @@ class PrivacyPlan:
     microbatch_size: int
 
 
-def plan_privacy(cfg: ExperimentConfig, dataset_size: int) -> PrivacyPlan:
-    """Resolve σ (calibrating it from `target_epsilon` if asked) and the accounting parameters."""
+def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
+                 noise_multiplier: float | None = None) -> PrivacyPlan:
+    """Resolve σ (calibrating it from `target_epsilon` if asked, unless `noise_multiplier` gives the σ a
+    resumed run already trained with) and the accounting parameters."""
     b, n = cfg.data.batch_size, dataset_size
     if b > n:
         raise ConfigError(f"data.batch_size: {b} is larger than the {n} training examples")
     total = steps_after_epochs(cfg.training.epochs, b, n, cfg.data.sampling)
     k = microbatch_size(cfg)
-    sigma = cfg.privacy.noise_multiplier
+    sigma = cfg.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
     if cfg.privacy.enabled and sigma is None:
-        sigma = accounting.calibrate_noise_multiplier(cfg.privacy.target_epsilon, cfg.privacy.delta, b / n,
-                                                      total, accountant="pld", microbatch_size=k)
+        target = cfg.privacy.target_epsilon
+        try:
+            sigma = accounting.calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total,
+                                                          accountant="pld", microbatch_size=k)
+        except (ArithmeticError, MemoryError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"privacy.target_epsilon: cannot calibrate σ for ε = {target:g} over {total} "
+                              f"steps ({exc.__class__.__name__}); give privacy.noise_multiplier instead") \
+                from None
     sigma = 0.0 if sigma is None else sigma
     return PrivacyPlan(sigma, accounting.accounting_noise_multiplier(sigma, k), b / n, total, k)
 
 
+# ------------------------------------------------------------------------------------------------
+# The run directory: what it holds, whether it may be started, replaced or resumed
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunDirState:
+    """What a run directory holds: `status` from run.yaml (running, interrupted, failed, finished;
+    'unreadable' if run.yaml cannot be read), epochs done per the checkpoint (None: no usable checkpoint)
+    and planned. `problem` says why the checkpoint or run.yaml is unusable, if it is."""
+
+    status: str
+    epochs_done: int | None
+    epochs: int | None
+    problem: str | None = None
+
+    @property
+    def progress(self) -> str:
+        done = 0 if self.epochs_done is None else self.epochs_done
+        return f"epoch {done} of {self.epochs if self.epochs is not None else '?'}"
+
+
+def inspect_run_dir(run_dir: Path) -> RunDirState | None:
+    """The state of the run in `run_dir`, or None if it holds no dpsgd run (no run.yaml, no checkpoint)."""
+    run_dir = Path(run_dir)
+    has_doc, has_ckpt = (run_dir / RUN_FILE).is_file(), checkpoint.exists(run_dir)
+    if not (has_doc or has_ckpt):
+        return None
+    status, epochs, problem = "unreadable", None, None
+    if has_doc:
+        try:
+            doc = read_yaml(run_dir / RUN_FILE)
+            status = str(doc.get("status", "unknown"))
+            epochs = int(doc["config"]["training"]["epochs"])
+        except Exception as exc:  # yaml, I/O and shape errors come in many types
+            status, problem = "unreadable", f"{RUN_FILE} is unreadable ({exc.__class__.__name__})"
+    epochs_done = None
+    try:
+        ckpt = checkpoint.load(run_dir)
+        epochs_done = ckpt.epochs_done if ckpt else 0
+        epochs = epochs if epochs is not None or ckpt is None else ckpt.state.get("epochs")
+    except RunDirError as exc:
+        problem = problem or str(exc)
+    return RunDirState(status, epochs_done, epochs, problem)
+
+
+def check_run_dir(run_dir: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse, with a message that says what to pass instead, to start a run over an existing one
+    (unless `overwrite`), to resume what is not an unfinished run, or to delete what is not a run.
+    Reads only; changes nothing."""
+    run_dir = Path(run_dir)
+    if overwrite and resume:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run, "
+                          "--overwrite deletes it and starts again")
+    if resume:
+        _check_resumable_dir(run_dir)
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: exists and is not a directory; choose another --name or output_dir")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    state = inspect_run_dir(run_dir)
+    if state is None:
+        raise RunDirError(f"{run_dir}: holds files that are not a dpsgd run (no {RUN_FILE}); "
+                          "refusing to touch them: choose another --name or output_dir")
+    if overwrite:
+        return
+    if state.status == FINISHED:
+        raise RunDirError(f"{run_dir}: holds a finished run ({state.epochs} epochs); pass --overwrite to "
+                          "replace it, or choose another --name")
+    if state.epochs_done is None:
+        raise RunDirError(f"{run_dir}: holds an unfinished run that cannot be resumed ({state.problem}); "
+                          "pass --overwrite to start it again, or choose another --name")
+    if state.status == "failed":
+        raise RunDirError(f"{run_dir}: holds a failed run ({state.progress} finished; its {RUN_FILE} says "
+                          f"why): pass --resume {run_dir} to retry from there, or --overwrite to start over")
+    raise RunDirError(f"{run_dir}: holds an unfinished run ({state.progress}): pass --resume {run_dir} to "
+                      "continue it, or --overwrite to start over")
+
+
+def _check_resumable_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory to resume")
+    state = inspect_run_dir(run_dir)
+    if state is None or not (run_dir / RUN_FILE).is_file():
+        raise RunDirError(f"{run_dir}: not a dpsgd run directory (no {RUN_FILE}); nothing to resume")
+    if state.status == FINISHED:
+        raise RunDirError(f"{run_dir}: the run is finished ({state.epochs} epochs); nothing to resume "
+                          "(to train it again pass --overwrite instead of --resume)")
+    if state.problem:
+        raise RunDirError(state.problem if state.problem.startswith(str(run_dir))
+                          else f"{run_dir}: {state.problem}; cannot resume")
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless `overwrite`; then create the directory."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"{run_dir}: already holds a run; pass --overwrite to replace it "
-                              "(or choose another name)")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Refuse to clobber an existing run unless `overwrite` (see `check_run_dir`); then create the
+    directory, empty."""
+    check_run_dir(run_dir, overwrite=overwrite)
+    try:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{run_dir}: cannot create the run directory "
+                          f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
+
+
+def resume_config(run_dir: Path) -> ExperimentConfig:
+    """The config a run in `run_dir` was started with (from its run.yaml), placed at `run_dir` (so a
+    moved or renamed run directory resumes where it now is)."""
+    run_dir = Path(run_dir)
+    _check_resumable_dir(run_dir)
+    path = run_dir / RUN_FILE
+    try:
+        raw = read_yaml(path).get("config")
+        cfg = config_from_dict(raw)
+        return replace(cfg, output_dir=str(run_dir.parent), name=run_dir.name)
+    except ConfigError as exc:
+        raise RunDirError(f"{path}: its config no longer loads ({exc})") from None
+    except Exception as exc:  # yaml and I/O errors come in many types
+        raise RunDirError(f"{path}: unreadable ({exc.__class__.__name__}); cannot resume") from None
 
 
 def library_versions() -> dict[str, str]:
@@ -86,43 +227,145 @@ def library_versions() -> dict[str, str]:
             **{name: installed(name) for name in ("tensorflow", "keras", "dp-accounting", "numpy")}}
 
 
+def data_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 over the arrays a run trains and evaluates on (a resumed run must see the same data)."""
+    digest = hashlib.sha256()
+    for array in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
 def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
-        on_epoch: EpochCallback | None = None, overwrite: bool = False) -> RunResult:
-    """Train `cfg` and write metrics.csv and run.yaml under `cfg.run_dir`; return the records."""
+        on_epoch: EpochCallback | None = None, overwrite: bool = False, resume: bool = False) -> RunResult:
+    """Train `cfg` and write metrics.csv, run.yaml and a checkpoint per epoch under `cfg.run_dir`.
+
+    `resume`: continue the unfinished run in `cfg.run_dir` from its checkpoint (`cfg` must be the one it
+    was started with: see `resume_config`). Raises RunInterrupted on Ctrl-C, TrainingError on a
+    non-finite loss (the last checkpoint and metrics.csv stay as they were)."""
+    run_dir = cfg.run_dir
+    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    ckpt = checkpoint.load(run_dir) if resume else None
     dataset = load_dataset(cfg.data.dataset, resolved_data_dir(cfg), cfg.data.train_size, cfg.data.test_size)
     canary_set = None
     if cfg.privacy.canaries:
         from dpsgd_cli import canaries
 
         dataset, canary_set = canaries.add_canaries(dataset, cfg.privacy.canaries, cfg.seed)
-    plan = plan_privacy(cfg, len(dataset.y_train))
-    run_dir = cfg.run_dir
-    prepare_run_dir(run_dir, overwrite)
-    if canary_set is not None:
+    recorded_sigma = ckpt.state.get("noise_multiplier") if ckpt and cfg.privacy.target_epsilon else None
+    plan = plan_privacy(cfg, len(dataset.y_train), noise_multiplier=recorded_sigma)
+    fingerprint = data_fingerprint(dataset)
+    if ckpt:
+        _check_continues(ckpt, cfg, plan, fingerprint)
+    if resume:
+        checkpoint.remove_temporaries(run_dir)
+    else:
+        prepare_run_dir(run_dir, overwrite)
+        write_yaml(_run_document(cfg, plan, None, "running", None), run_dir / RUN_FILE)
+    if canary_set is not None:  # deterministic in the seed: a resumed run writes the same file again
         canaries.save_canaries(canary_set, run_dir)
-    trainer = _Trainer(cfg, dataset, plan)
+    trainer = _Trainer(cfg, dataset, plan, fingerprint)
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
-    write_yaml(_run_document(cfg, plan, trainer, "running", None), run_dir / "run.yaml")
-    start = time.perf_counter()
-    for epoch in range(1, cfg.training.epochs + 1):
-        train_stats = trainer.train_epoch(epoch, on_step)
-        record = trainer.epoch_record(epoch, train_stats, time.perf_counter() - start)
-        result.records.append(record)
-        write_metrics(result.records, run_dir / "metrics.csv")
-        if on_epoch:
-            on_epoch(record)
-    trainer.save_weights(run_dir / "model.weights.h5")
+    if ckpt:
+        trainer.restore(ckpt)
+        result.records = list(ckpt.records)
+        write_metrics(result.records, run_dir / METRICS_FILE)  # as the checkpoint has it
+    write_yaml(_run_document(cfg, plan, trainer, "running", result), run_dir / RUN_FILE)
+    _train_epochs(cfg, trainer, plan, result, on_step, on_epoch, ckpt.elapsed_s if ckpt else 0.0)
+    trainer.save_weights(run_dir / WEIGHTS_FILE)
     facts = trainer.facts()
     result.statement = accounting.privacy_statement(facts) if cfg.privacy.enabled else NONPRIVATE_STATEMENT
-    write_yaml(_run_document(cfg, plan, trainer, "finished", result), run_dir / "run.yaml")
+    write_yaml(_run_document(cfg, plan, trainer, FINISHED, result), run_dir / RUN_FILE)
     return result
+
+
+def _train_epochs(cfg, trainer: _Trainer, plan: PrivacyPlan, result: RunResult, on_step, on_epoch,
+                  elapsed_before: float) -> None:
+    """Epochs after those in `result.records`: train, evaluate, checkpoint, then metrics.csv."""
+    run_dir, epochs = result.run_dir, cfg.training.epochs
+    start = time.perf_counter() - elapsed_before
+    try:
+        for epoch in range(len(result.records) + 1, epochs + 1):
+            train_stats = trainer.train_epoch(epoch, on_step)
+            elapsed = time.perf_counter() - start
+            record = trainer.epoch_record(epoch, train_stats, elapsed)
+            checkpoint.save(run_dir, trainer.snapshot(epoch, [*result.records, record], elapsed))
+            result.records.append(record)
+            write_metrics(result.records, run_dir / METRICS_FILE)
+            if on_epoch:
+                on_epoch(record)
+    except KeyboardInterrupt:
+        # Ctrl-C may land between the checkpoint and metrics.csv: what is saved is what the checkpoint holds
+        try:
+            saved = checkpoint.load(run_dir)
+        except RunDirError:
+            saved = None
+        result.records = list(saved.records) if saved else []
+        _record_stop(cfg, plan, trainer, result, "interrupted", None)
+        raise RunInterrupted(run_dir, len(result.records), epochs) from None
+    except DpsgdError as exc:
+        done = len(result.records)
+        kept = (f"; epochs 1–{done} are kept in {run_dir} (checkpoint and metrics.csv)" if done
+                else "; no epoch had finished")
+        _record_stop(cfg, plan, trainer, result, "failed", f"{exc}{kept}")
+        raise type(exc)(f"{exc}{kept}") from None
+
+
+def _record_stop(cfg, plan, trainer, result, status: str, error: str | None) -> None:
+    """Best effort: mark run.yaml interrupted or failed and make metrics.csv hold the finished epochs
+    (the checkpoint already holds them)."""
+    doc = _run_document(cfg, plan, trainer, status, result)
+    if error:
+        doc["error"] = error
+    try:
+        if result.records:
+            write_metrics(result.records, result.run_dir / METRICS_FILE)
+        write_yaml(doc, result.run_dir / RUN_FILE)
+    except (DpsgdError, KeyboardInterrupt):
+        pass
+
+
+def _check_continues(ckpt: checkpoint.Checkpoint, cfg: ExperimentConfig, plan: PrivacyPlan,
+                     fingerprint: str) -> None:
+    """The checkpoint must belong to this config and these data, else resuming would not continue it."""
+    where = checkpoint.path_in(cfg.run_dir)
+    stored, current = _flat(ckpt.state.get("config") or {}), _flat(cfg.to_dict())
+    changed = sorted(k for k in stored.keys() | current.keys()
+                     if k not in _RELOCATABLE and stored.get(k) != current.get(k))
+    if changed:
+        raise RunDirError(f"{where}: was written with a different config than {RUN_FILE} now holds "
+                          f"({', '.join(changed)}); resuming would not continue the same run")
+    if ckpt.state.get("noise_multiplier") != plan.noise_multiplier:
+        raise RunDirError(f"{where}: trained with σ = {ckpt.state.get('noise_multiplier')}, but the config "
+                          f"now resolves to σ = {plan.noise_multiplier}; cannot resume")
+    if ckpt.state.get("data_fingerprint") != fingerprint:
+        raise RunDirError(f"{where}: the dataset differs from the one the run started with; resume it "
+                          "with the same data (data.data_dir / DPSGD_DATA_DIR)")
+    b, n, sampling = cfg.data.batch_size, int(ckpt.state.get("dataset_size", -1)), cfg.data.sampling
+    if ckpt.epochs_done > cfg.training.epochs or n < b or \
+            ckpt.steps_done != steps_after_epochs(ckpt.epochs_done, b, n, sampling):
+        raise RunDirError(f"{where}: its epochs/steps counters are inconsistent with the config; "
+                          "cannot resume")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 NONPRIVATE_STATEMENT = ("No differential privacy: privacy.enabled is false (non-private baseline: "
                         "no clipping, no noise).")
 
 
-def _run_document(cfg, plan: PrivacyPlan, trainer: _Trainer, status: str, result: RunResult | None):
+def _run_document(cfg, plan: PrivacyPlan, trainer: _Trainer | None, status: str, result: RunResult | None):
     doc: dict[str, Any] = {
         "status": status,
         "config": cfg.to_dict(),
@@ -130,16 +373,19 @@ def _run_document(cfg, plan: PrivacyPlan, trainer: _Trainer, status: str, result
             "noise_multiplier": plan.noise_multiplier,
             "accounting_noise_multiplier": plan.accounting_noise_multiplier,
             "sampling_rate": plan.sampling_rate,
-            "dataset_size": trainer.n,
             "microbatch_size": plan.microbatch_size,
-            "capacity": trainer.sampler.capacity,
             "total_steps": plan.total_steps,
-            "jit_compile": trainer.jit_compile,
-            "gradient_path": trainer.gradient_path,
         },
         "versions": library_versions(),
     }
-    if result is not None and result.records:
+    if trainer is not None:
+        doc["resolved"].update({"dataset_size": trainer.n, "capacity": trainer.sampler.capacity,
+                                "jit_compile": trainer.jit_compile, "gradient_path": trainer.gradient_path})
+        if trainer.resumed_at:
+            doc["resumed_at_epochs"] = list(trainer.resumed_at)
+    if result is not None and status != FINISHED:
+        doc["epochs_done"] = len(result.records)
+    if status == FINISHED and result is not None and result.records:
         last = result.records[-1]
         doc["final"] = {k: last[k] for k in ("epoch", "step", "test_accuracy", "epsilon_rdp", "epsilon_pld")}
         doc["privacy_statement"] = result.statement
@@ -149,7 +395,7 @@ def _run_document(cfg, plan: PrivacyPlan, trainer: _Trainer, status: str, result
 class _Trainer:
     """Holds the model, the compiled step, the sampler and the privacy ledger of one run."""
 
-    def __init__(self, cfg: ExperimentConfig, dataset: Dataset, plan: PrivacyPlan):
+    def __init__(self, cfg: ExperimentConfig, dataset: Dataset, plan: PrivacyPlan, fingerprint: str = ""):
         import keras
         import tensorflow as tf
 
@@ -180,6 +426,9 @@ class _Trainer:
         self.ledger = accounting.PrivacyLedger(plan.accounting_noise_multiplier or 0.0, plan.sampling_rate,
                                                cfg.privacy.delta)
         self.steps_done = 0
+        self.fingerprint = fingerprint
+        self.versions = library_versions()
+        self.resumed_at: list[int] = []
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
         tf = self.tf
@@ -197,7 +446,7 @@ class _Trainer:
             if overflow:  # the overflow chunks' examples are trained on but not in the running stats
                 step_count = float(mask.sum())
             if not math.isfinite(step_loss):
-                raise TrainingError(f"loss is {step_loss} at epoch {epoch}, step {batch.step}: training "
+                raise TrainingError(f"loss is {step_loss} at epoch {epoch}, step {batch.step + 1}: training "
                                     f"diverged; lower training.learning_rate "
                                     f"(now {self.cfg.training.learning_rate:g})")
             loss_sum, correct, count = loss_sum + step_loss, correct + step_correct, count + step_count
@@ -232,8 +481,7 @@ class _Trainer:
         private = self.cfg.privacy.enabled
         return {
             "epoch": epoch, "step": self.steps_done, **train_stats, **self.evaluate(),
-            "epsilon_rdp": self.ledger.epsilon("rdp") if private else math.inf,
-            "epsilon_pld": self.ledger.epsilon("pld") if private else math.inf,
+            **self._epsilons(),
             "delta": self.cfg.privacy.delta,
             "noise_multiplier": self.plan.noise_multiplier if private else 0.0,
             "l2_norm_clip": self.cfg.privacy.l2_norm_clip if private else math.inf,
@@ -241,6 +489,11 @@ class _Trainer:
             "learning_rate": self.cfg.training.learning_rate,
             "elapsed_s": round(elapsed, 3),
         }
+
+    def _epsilons(self) -> dict[str, float]:
+        """ε so far by each accountant (inf for a non-private run)."""
+        private = self.cfg.privacy.enabled
+        return {f"epsilon_{a}": self.ledger.epsilon(a) if private else math.inf for a in ("rdp", "pld")}
 
     def facts(self) -> accounting.PrivacyFacts:
         return accounting.PrivacyFacts(
@@ -251,7 +504,66 @@ class _Trainer:
             microbatch_size=self.plan.microbatch_size,
             epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"))
 
+    def snapshot(self, epoch: int, records: list[dict[str, Any]], elapsed: float) -> checkpoint.Checkpoint:
+        """The checkpoint after `epoch`; TrainingError if the weights or the test loss are not finite (a
+        diverged model is never checkpointed over the last good one)."""
+        weights = self.model.get_weights()
+        loss = records[-1]["test_loss"]
+        finite_weights = all(np.isfinite(w).all() for w in weights)
+        if not finite_weights or not math.isfinite(loss):
+            what = "the weights became non-finite" if not finite_weights else f"the test loss is {loss}"
+            raise TrainingError(f"{what} after epoch {epoch} (step {self.steps_done}): training diverged; "
+                                f"lower training.learning_rate (now {self.cfg.training.learning_rate:g})")
+        state = {
+            "epochs_done": epoch, "epochs": self.cfg.training.epochs, "steps_done": self.steps_done,
+            "ledger_steps": self.ledger.steps, "elapsed_s": elapsed, "records": records,
+            "config": self.cfg.to_dict(), "noise_multiplier": self.plan.noise_multiplier,
+            "dataset_size": self.n, "data_fingerprint": self.fingerprint,
+            "model_variables": [v.path for v in self.model.weights],
+            "optimizer_variables": self._optimizer_names(), "resumed_at": self.resumed_at,
+            "versions": self.versions,
+        }
+        return checkpoint.Checkpoint(state, weights, [v.numpy() for v in self.optimizer.variables])
+
+    def restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        """Load the weights and optimizer state of `ckpt` and replay the privacy ledger to its step."""
+        where = checkpoint.path_in(self.cfg.run_dir)
+        self._assign(where, "model", self.model.weights, [v.path for v in self.model.weights],
+                     ckpt.model_weights, ckpt.state.get("model_variables"))
+        self._assign(where, "optimizer", self.optimizer.variables, self._optimizer_names(),
+                     ckpt.optimizer_variables, ckpt.state.get("optimizer_variables"))
+        b, sampling = self.cfg.data.batch_size, self.cfg.data.sampling
+        for epoch in range(1, ckpt.epochs_done + 1):  # the ledger calls of the first attempt, in order
+            if self.cfg.privacy.enabled:
+                self.ledger.advance(steps_in_epoch(epoch, b, self.n, sampling))
+            replayed = self._epsilons()
+        self.steps_done = ckpt.steps_done
+        if self.cfg.privacy.enabled and ckpt.records:
+            recorded = {k: ckpt.records[-1][k] for k in replayed}
+            if self.ledger.steps != ckpt.state.get("ledger_steps") or not all(
+                    math.isclose(replayed[k], recorded[k], rel_tol=1e-9) for k in replayed):
+                raise RunDirError(f"{where}: replaying the privacy ledger to step {self.ledger.steps} gives "
+                                  f"{replayed}, but the run recorded {recorded}; cannot resume")
+        self.resumed_at = [*ckpt.state.get("resumed_at", []), ckpt.epochs_done]
+
+    @staticmethod
+    def _assign(where: Path, what: str, variables, names, arrays, stored_names) -> None:
+        shapes = [tuple(v.shape) for v in variables]
+        if stored_names != names or [a.shape for a in arrays] != shapes:
+            raise RunDirError(f"{where}: its {what} variables do not match the {what} this config builds; "
+                              "cannot resume")
+        for variable, array in zip(variables, arrays):
+            variable.assign(array)
+
+    def _optimizer_names(self) -> list[str]:
+        """Optimizer variable paths without the optimizer's own (instance-numbered) name."""
+        return [v.path.split("/", 1)[-1] for v in self.optimizer.variables]
+
     def save_weights(self, path: Path) -> None:
         tmp = path.with_name(".tmp." + path.name)
-        self.model.save_weights(tmp)
-        tmp.replace(path)
+        try:
+            self.model.save_weights(tmp)
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None

@@ -1,8 +1,16 @@
-"""`dpsgd train`: run one experiment from a YAML config, with a progress bar and a summary table."""
+"""`dpsgd train`: run one experiment from a YAML config, with a progress bar and a summary table.
+
+`--resume RUN_DIR` continues an unfinished run from its last checkpoint, with the config recorded in
+RUN_DIR/run.yaml. Ctrl-C (or SIGTERM) stops a run after keeping what is finished and prints how to resume.
+"""
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,8 +18,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dpsgd_cli.cli.app import app, console, user_errors
+from dpsgd_cli.cli.app import app, console, err_console, user_errors
 from dpsgd_cli.config import ExperimentConfig, load_config
+from dpsgd_cli.errors import ConfigError
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML file.")]
 SetOption = Annotated[list[str] | None, typer.Option(
@@ -36,18 +45,26 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Shortcut for --set training.epochs=E.")] = None,
     name: Annotated[str | None, typer.Option(help="Run name (directory under output_dir).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", metavar="RUN_DIR", help="Continue the unfinished run in RUN_DIR from its last "
+        "checkpoint, with the config in RUN_DIR/run.yaml (no --config/--set).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train a CNN with DP-SGD; write results/<name>/metrics.csv (one row per epoch) and run.yaml."""
-    cfg = config_with_shortcuts(config, overrides, **{
-        "privacy.noise_multiplier": sigma, "training.epochs": epochs, "name": name})
-    from dpsgd_cli.runner import run  # TensorFlow is imported only now
+    if resume is not None:
+        given = {"--config": config, "--set": overrides, "--sigma": sigma, "--epochs": epochs, "--name": name}
+        cfg = _resume_config(resume, [flag for flag, value in given.items() if value is not None], overwrite)
+    else:
+        cfg = config_with_shortcuts(config, overrides, **{
+            "privacy.noise_multiplier": sigma, "training.epochs": epochs, "name": name})
+    from dpsgd_cli.runner import RunInterrupted, inspect_run_dir, run  # TensorFlow only once training starts
 
-    console.print(f"[bold]{cfg.name}[/]: {cfg.data.dataset}, {cfg.training.epochs} epochs, "
-                  f"batch {cfg.data.batch_size} ({cfg.data.sampling}), "
-                  + (f"σ {cfg.privacy.noise_multiplier}, C {cfg.privacy.l2_norm_clip}" if cfg.privacy.enabled
-                     else "non-private"), highlight=False)
-    with _progress(quiet) as progress:
+    console.print(_header(cfg), highlight=False)
+    if resume is not None:
+        saved = inspect_run_dir(cfg.run_dir)
+        console.print(f"resuming {cfg.run_dir} after {saved.progress if saved else 'epoch 0'} "
+                      f"(config from its run.yaml)", highlight=False, markup=False, soft_wrap=True)
+    with _progress(quiet) as progress, _sigterm_as_interrupt():
         task = progress.add_task("training", total=None, info="")
         state: dict[str, Any] = {"eps": ""}
 
@@ -61,11 +78,55 @@ def train(
                 state["eps"] = f" ε {r['epsilon_pld']:.3g}"
             progress.console.print(_epoch_line(r), highlight=False)
 
-        result = run(cfg, on_step=on_step, on_epoch=on_epoch, overwrite=overwrite)
+        try:
+            result = run(cfg, on_step=on_step, on_epoch=on_epoch, overwrite=overwrite,
+                         resume=resume is not None)
+        except RunInterrupted as stop:
+            progress.stop()
+            err_console.print(f"interrupted: {stop.epochs_done} of {stop.epochs} epochs are saved in "
+                              f"{stop.run_dir}; continue with: dpsgd train --resume {stop.run_dir}",
+                              highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     console.print(summary_table(result.records[-1], result.noise_multiplier))
-    console.print(result.statement, highlight=False)
+    console.print(result.statement, highlight=False, markup=False)
     console.print(f"wrote {result.run_dir / 'metrics.csv'} and {result.run_dir / 'run.yaml'}",
-                  highlight=False)
+                  highlight=False, markup=False)
+
+
+def _resume_config(run_dir: Path, config_flags: list[str], overwrite: bool) -> ExperimentConfig:
+    """The recorded config of `run_dir`; a resumed run cannot change it (that would change its ε)."""
+    if config_flags:
+        raise ConfigError(f"--resume continues the run exactly as recorded in {run_dir / 'run.yaml'} (a "
+                          f"different config would change what it trains and its ε); drop "
+                          f"{', '.join(config_flags)}")
+    from dpsgd_cli.runner import check_run_dir, resume_config  # no TensorFlow
+
+    check_run_dir(run_dir, overwrite=overwrite, resume=True)
+    return resume_config(run_dir)
+
+
+def _header(cfg: ExperimentConfig) -> str:
+    return (f"[bold]{cfg.name}[/]: {cfg.data.dataset}, {cfg.training.epochs} epochs, "
+            f"batch {cfg.data.batch_size} ({cfg.data.sampling}), "
+            + (f"σ {cfg.privacy.noise_multiplier}, C {cfg.privacy.l2_norm_clip}" if cfg.privacy.enabled
+               else "non-private"))
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (a batch scheduler's or `kill`'s stop) like Ctrl-C, so the run stops cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _progress(quiet: bool) -> Progress:

@@ -1,0 +1,275 @@
+"""Checkpoint and resume: a run killed (SIGKILL) or interrupted (SIGINT) mid-epoch and resumed writes the same
+metrics.csv as an uninterrupted run, ε included; a diverging run keeps its last good checkpoint; checkpoints
+are atomic and any damage to one is a clear RunDirError.
+
+metrics.csv is compared byte for byte except `elapsed_s`, which is wall time (it continues from the time
+already spent, so it grows across the resume but cannot repeat the uninterrupted run's clock)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dpsgd_cli import checkpoint, runner
+from dpsgd_cli.config import load_config
+from dpsgd_cli.data import write_idx
+from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
+
+# 1024 examples / batch 64 = 16 steps an epoch: long enough that a kill right after the first checkpoint
+# lands inside epoch 2.
+TINY = ["data.train_size=1024", "data.test_size=200", "data.batch_size=64", "training.epochs=3",
+        "privacy.noise_multiplier=1.1"]
+
+
+def _cmd(data_dir, out: Path, name: str) -> list[str]:
+    sets = [f"data.data_dir={data_dir}", *TINY, f"output_dir={out}", f"name={name}"]
+    return [sys.executable, "-m", "dpsgd_cli", "train", *[a for s in sets for a in ("--set", s)], "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _without_elapsed(path: Path) -> list[list[str]]:
+    """metrics.csv as text fields, the wall-clock column dropped."""
+    rows = list(csv.reader(io.StringIO(path.read_text())))
+    drop = rows[0].index("elapsed_s")
+    return [row[:drop] + row[drop + 1:] for row in rows]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The uninterrupted run, started in the background so that the kill tests overlap with it."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = subprocess.Popen(_cmd(data_dir, out, "ref"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+
+    def metrics() -> Path:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        return out / "ref" / "metrics.csv"
+
+    yield metrics
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _stopped_after_first_checkpoint(data_dir, out: Path, name: str, sig: int) -> tuple[Path, int, str]:
+    """Start a run, send `sig` as soon as its first checkpoint exists; (run_dir, return code, stderr)."""
+    run_dir = out / name
+    proc = subprocess.Popen(_cmd(data_dir, out, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    _wait_for(checkpoint.path_in(run_dir), proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return run_dir, proc.returncode, err
+
+
+def _resume(run_dir: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dpsgd_cli", "train", "--resume", str(run_dir), "--quiet"]
+    resumed = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return resumed
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_metrics(data_dir, tmp_path, reference):
+    run_dir, code, _ = _stopped_after_first_checkpoint(data_dir, tmp_path, "killed", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert checkpoint.load(run_dir).epochs_done == 1  # killed inside epoch 2
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["status"] == "running"
+
+    resumed = _resume(run_dir)
+    assert f"resuming {run_dir} after epoch 1 of 3" in resumed.stdout
+    assert _without_elapsed(run_dir / "metrics.csv") == _without_elapsed(reference())
+    rows = csv.DictReader(io.StringIO((run_dir / "metrics.csv").read_text()))
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed)  # the clock continued from the time already spent
+    doc = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert doc["status"] == "finished" and doc["resumed_at_epochs"] == [1] and doc["final"]["step"] == 48
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.ckpt", "metrics.csv", "model.weights.h5",
+                                                        "run.yaml"]
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_says_how_to_resume_and_resume_matches(data_dir, tmp_path, reference):
+    run_dir, code, err = _stopped_after_first_checkpoint(data_dir, tmp_path, "stopped", signal.SIGINT)
+    assert code == 130 and "Traceback" not in err, err[-2000:]
+    done = checkpoint.load(run_dir).epochs_done
+    assert f"interrupted: {done} of 3 epochs are saved in {run_dir}; continue with: dpsgd train --resume " \
+           f"{run_dir}" in err
+    doc = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert doc["status"] == "interrupted" and doc["epochs_done"] == done
+    assert len(_without_elapsed(run_dir / "metrics.csv")) - 1 == done
+
+    _resume(run_dir)
+    assert _without_elapsed(run_dir / "metrics.csv") == _without_elapsed(reference())
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process
+# ------------------------------------------------------------------------------------------------
+def _cfg(data_dir, out: Path, name: str, *extra: str):
+    return load_config(None, [f"data.data_dir={data_dir}", "data.train_size=256", "data.test_size=100",
+                              "data.batch_size=64", "training.epochs=3", "privacy.noise_multiplier=1.1",
+                              f"output_dir={out}", f"name={name}", *extra])
+
+
+def test_resume_continues_weights_optimizer_and_epsilon(data_dir, tmp_path):
+    """Adam (slots and iteration count), the ledger and the step counter all continue: same records."""
+    full = runner.run(_cfg(data_dir, tmp_path, "full"))
+
+    def stop_after_epoch_1(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    cfg = _cfg(data_dir, tmp_path, "part")
+    with pytest.raises(runner.RunInterrupted) as stop:
+        runner.run(cfg, on_epoch=stop_after_epoch_1)
+    assert (stop.value.epochs_done, stop.value.epochs) == (1, 3)
+    with pytest.raises(RunDirError, match="holds an unfinished run"):
+        runner.run(cfg)
+    resumed = runner.run(runner.resume_config(cfg.run_dir), resume=True)
+    strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in full.records]
+    assert [{k: v for k, v in r.items() if k != "elapsed_s"} for r in resumed.records] == strip
+    assert resumed.statement == full.statement
+    assert resumed.records[1]["elapsed_s"] >= resumed.records[0]["elapsed_s"]
+
+    # the data it resumes with must be the data it started with
+    other = tmp_path / "other-data" / "fashion_mnist"
+    other.mkdir(parents=True)
+    for kind in ("images-idx3", "labels-idx1"):
+        src = Path(data_dir) / "fashion_mnist" / f"t10k-{kind}-ubyte.gz"
+        (other / src.name).write_bytes(src.read_bytes())
+    rng = np.random.default_rng(1)
+    write_idx(other, rng.integers(0, 255, (300, 28, 28)), rng.integers(0, 10, 300), "train")
+    cfg2 = _cfg(data_dir, tmp_path, "moved")
+    with pytest.raises(runner.RunInterrupted):
+        runner.run(cfg2, on_epoch=stop_after_epoch_1)
+    doc = yaml.safe_load((cfg2.run_dir / "run.yaml").read_text())
+    doc["config"]["data"]["data_dir"] = str(other.parent)
+    (cfg2.run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(RunDirError, match="the dataset differs"):
+        runner.run(runner.resume_config(cfg2.run_dir), resume=True)
+    # an edited config (one that changes what is trained) is refused too
+    doc["config"]["data"]["data_dir"] = str(data_dir)
+    doc["config"]["privacy"]["noise_multiplier"] = 2.0
+    (cfg2.run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(RunDirError, match=r"different config .*privacy\.noise_multiplier"):
+        runner.run(runner.resume_config(cfg2.run_dir), resume=True)
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_metrics(data_dir, tmp_path, monkeypatch):
+    """Epoch 1 trains normally; in epoch 2 the learning rate jumps to 1e6 (SGD, non-private) → NaN."""
+    original = runner._Trainer.train_epoch
+
+    def explode_in_epoch_2(self, epoch, on_step):
+        if epoch == 2:
+            self.optimizer.learning_rate.assign(1e6)
+        return original(self, epoch, on_step)
+
+    monkeypatch.setattr(runner._Trainer, "train_epoch", explode_in_epoch_2)
+    cfg = _cfg(data_dir, tmp_path, "nan", "privacy.enabled=false", "training.optimizer=sgd",
+               "training.learning_rate=0.05")
+    ckpt_path, metrics = checkpoint.path_in(cfg.run_dir), cfg.run_dir / "metrics.csv"
+    seen: dict[str, bytes] = {}
+
+    def remember(record):
+        seen.update(ckpt=ckpt_path.read_bytes(), metrics=metrics.read_bytes())
+
+    with pytest.raises(TrainingError) as failure:
+        runner.run(cfg, on_epoch=remember)
+    message = str(failure.value)
+    assert "at epoch 2" in message or "after epoch 2" in message
+    assert "step" in message and "lower training.learning_rate" in message
+    assert "epochs 1–1 are kept" in message and "\n" not in message
+    assert ckpt_path.read_bytes() == seen["ckpt"] and metrics.read_bytes() == seen["metrics"]
+    assert checkpoint.load(cfg.run_dir).epochs_done == 1
+    doc = yaml.safe_load((cfg.run_dir / "run.yaml").read_text())
+    assert doc["status"] == "failed" and "diverged" in doc["error"] and doc["epochs_done"] == 1
+    with pytest.raises(RunDirError, match=r"holds a failed run \(epoch 1 of 3 finished"):
+        runner.check_run_dir(cfg.run_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# The checkpoint file (no TensorFlow)
+# ------------------------------------------------------------------------------------------------
+def _sample(epochs_done: int = 2) -> checkpoint.Checkpoint:
+    records = [{"epoch": e, "step": 4 * e, "epsilon_rdp": math.inf, "test_accuracy_class_3": math.nan,
+                "train_loss": 0.1 + e / 3} for e in range(1, epochs_done + 1)]
+    state = {"epochs_done": epochs_done, "steps_done": 4 * epochs_done, "elapsed_s": 12.25,
+             "records": records}
+    rng = np.random.default_rng(0)
+    return checkpoint.Checkpoint(state, [rng.normal(size=(3, 4)).astype(np.float32), np.arange(4.0)],
+                                 [np.array(7, np.int64), np.float32(0.001), rng.normal(size=(3, 4))])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    ckpt = _sample()
+    checkpoint.save(tmp_path, ckpt)
+    back = checkpoint.load(tmp_path)
+    assert back.epochs_done == 2 and back.steps_done == 8 and back.elapsed_s == 12.25
+    assert back.records[0]["epsilon_rdp"] == math.inf and math.isnan(back.records[1]["test_accuracy_class_3"])
+    assert back.records[1]["train_loss"] == ckpt.records[1]["train_loss"]  # floats exactly
+    for a, b in zip(ckpt.model_weights + ckpt.optimizer_variables,
+                    back.model_weights + back.optimizer_variables):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert checkpoint.load(tmp_path / "elsewhere") is None
+
+
+def test_every_truncation_and_flipped_byte_is_a_clear_error(tmp_path):
+    checkpoint.save(tmp_path, _sample())
+    path = checkpoint.path_in(tmp_path)
+    blob = path.read_bytes()
+    damaged = [blob[:n] for n in range(0, len(blob), max(1, len(blob) // 97))] + [blob[:-1], blob + b"\0"]
+    rng = np.random.default_rng(0)
+    for offset in [*range(0, 64), *rng.integers(0, len(blob), 200)]:
+        flipped = bytearray(blob)
+        flipped[offset] ^= 1 << int(rng.integers(0, 8))
+        damaged.append(bytes(flipped))
+    for bad in damaged:
+        path.write_bytes(bad)
+        with pytest.raises(RunDirError, match=r"checkpoint is corrupt \(.+\); this run cannot be resumed"):
+            checkpoint.load(tmp_path)
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, _sample(1))
+    before = checkpoint.path_in(tmp_path).read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OutputError, match="No space left on device.*the previous checkpoint is kept"):
+        checkpoint.save(tmp_path, _sample(2))
+    assert checkpoint.path_in(tmp_path).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.ckpt"]  # no temporary left
+
+
+def test_temporaries_of_a_killed_process_are_removed_on_resume(tmp_path):
+    for name in (".metrics.csv.abc.tmp", ".checkpoint.ckpt.x.tmp", ".tmp.model.weights.h5"):
+        (tmp_path / name).write_text("partial")
+    (tmp_path / "metrics.csv").write_text("kept")
+    checkpoint.remove_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
