@@ -271,6 +271,8 @@ def validate(cfg: ExperimentConfig) -> None:
 def _validate_privacy(p: PrivacyConfig, d: DataConfig) -> None:
     _check(0 < p.delta < 1, f"privacy.delta: must be in (0, 1), got {p.delta}")
     _check(0 < p.l2_norm_clip, f"privacy.l2_norm_clip: must be > 0, got {p.l2_norm_clip}")
+    _check(math.isfinite(p.l2_norm_clip) or not p.noise_multiplier,
+           "privacy.l2_norm_clip: must be finite when noise_multiplier > 0 (the noise std is σ·C)")
     _check(p.canaries >= 0, f"privacy.canaries: must be ≥ 0, got {p.canaries}")
     if p.noise_multiplier is not None:
         _check(0 <= p.noise_multiplier < math.inf,

@@ -137,7 +137,7 @@ def _scratch_file(world, content: str | bytes, suffix: str = ".yaml") -> Path:
 # ------------------------------------------------------------------------------------------------
 # '[' and ']' are left out of free text: rich would read them as markup in the error line (see
 # test_error_text_with_square_brackets_is_printed_verbatim); everything else is fair game.
-TEXT = st.text(st.characters(blacklist_characters="[]", blacklist_categories=("Cs",)), max_size=40)
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 YAML_TOKENS = st.sampled_from([
     "{", "}", ":", ": ", "- ", ",", "&a ", "*a", "*b", "!!binary ", "!!python/object:os.system ", "!!set ",
     "!!float ", "!!int ", "'", '"', "\t", "\n", "\n  ", "  ", "---\n", "...\n", "%YAML 1.1\n", "? ", "| ",
@@ -335,8 +335,6 @@ def test_values_that_pass_validation_but_not_the_data(world):
     assert "larger than the 120 training examples" in line
 
 
-@pytest.mark.xfail(strict=True, reason="app.fail() prints the message as rich markup: '[/x]' raises "
-                   "MarkupError and '[bold]' vanishes; fix: escape(message) (rich.markup.escape) in app.fail")
 def test_error_text_with_square_brackets_is_printed_verbatim(world):
     line = check_rejected(world, "yaml text", ["train", "--set", "name=a[/x]b", *_pinned(world)])
     assert "a[/x]b" in line
