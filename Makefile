@@ -21,6 +21,9 @@ test:  ## run the test suite (what CI runs)
 lint:  ## ruff
 	$(BIN)/ruff check .
 
+bench:  ## step-time benchmark: non-private vs DP paths, batch 64/256/1024, XLA on/off (a few minutes)
+	$(DPSGD) bench
+
 quickstart:  ## a one-minute DP-SGD run on Fashion-MNIST
 	$(DPSGD) train --config configs/quickstart.yaml --overwrite
 

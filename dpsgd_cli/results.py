@@ -80,3 +80,8 @@ def write_yaml(data: dict[str, Any], path: Path) -> None:
 def read_yaml(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
         return yaml.safe_load(handle) or {}
+
+
+def write_table(rows: Iterable[dict[str, Any]], path: Path) -> None:
+    """Write any list of flat records as CSV, atomically (columns in first-seen order)."""
+    atomic_write_text(path, pd.DataFrame(list(rows)).to_csv(index=False))

@@ -1,0 +1,145 @@
+"""Step-time benchmark: non-private vs DP-SGD steps, measured in one process, one run.
+
+For each batch size, `jit_compile` setting and gradient path it builds a fresh model and the compiled step
+from `engine.make_train_step` (the very step `dpsgd train` uses), then records:
+- `compile_s`: wall time of the first call (tracing + compilation + one step);
+- `step_s`: median wall time of `steps` further calls (after `warmup` untimed ones), each call forced to
+  finish (its outputs read back), on a fixed random batch of 28×28×1 inputs, every slot a real example;
+- `examples_per_s` = batch / step_s, and `ratio` = step_s / step_s of the non-private row with the same
+  batch size and jit setting;
+- `peak_rss_mb`: the process's peak resident memory while the row ran, minus its resident memory just
+  before (sampled every 2 ms; TensorFlow keeps no allocator statistics on CPU). An approximation: memory
+  the allocator cached from earlier rows is reused and not counted again.
+Paths: `nonprivate` (plain Keras forward/backward of the mean loss), `vectorized_map` (per-example
+gradients with tf.vectorized_map, the general path), `fast` (fastgrad: per-example gradients of Dense and
+Conv2D from layer inputs and output gradients). All DP rows clip per example (microbatches = batch).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PATHS = ("nonprivate", "vectorized_map", "fast")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchCase:
+    path: str
+    batch_size: int
+    jit_compile: bool
+    capacity: int | None = None  # slots of the compiled step; > batch_size models Poisson padding
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _PeakRss:
+    """Samples resident memory in a thread; `peak - start` is what the measured block added."""
+
+    def __enter__(self) -> _PeakRss:
+        self.start = self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _build_step(case: BenchCase, seed: int):
+    import keras
+    import tensorflow as tf
+
+    from dpsgd_cli import engine, fastgrad
+    from dpsgd_cli.model import build_model
+
+    model = build_model(seed=seed)
+    private = case.path != "nonprivate"
+    grad_fn = {"vectorized_map": engine.vmap_clipped_gradient_sum,
+               "fast": fastgrad.fast_clipped_gradient_sum}.get(case.path)
+    settings = engine.StepSettings(private=private, noise_multiplier=1.1, l2_norm_clip=1.0, microbatch_size=1,
+                                   denominator=float(case.batch_size), noise_seed=seed,
+                                   jit_compile=case.jit_compile)
+    step_fn, _ = engine.make_train_step(model, keras.optimizers.SGD(0.01), settings, grad_fn)
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+    return step_fn, zeros
+
+
+def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Measure one configuration (see the module docstring for the fields)."""
+    import tensorflow as tf
+
+    capacity = case.capacity or case.batch_size
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.random((capacity, 28, 28, 1), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, size=capacity).astype(np.int32))
+    mask = np.zeros(capacity, np.float32)
+    mask[:case.batch_size] = 1.0
+    mask = tf.constant(mask)
+    with _PeakRss() as memory:
+        step_fn, zeros = _build_step(case, seed)
+        start = time.perf_counter()
+        [float(v) for v in step_fn(x, y, mask, zeros, tf.constant(0, tf.int64))]
+        compile_s = time.perf_counter() - start
+        times = []
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            [float(v) for v in step_fn(x, y, mask, zeros, tf.constant(i + 1, tf.int64))]
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    return {"path": case.path, "batch_size": case.batch_size, "capacity": capacity,
+            "jit_compile": case.jit_compile, "compile_s": compile_s, "step_s": step_s,
+            "examples_per_s": case.batch_size / step_s, "peak_rss_mb": memory.peak - memory.start,
+            "traces": step_fn.experimental_get_tracing_count()}
+
+
+def default_cases(batch_sizes: Iterable[int] = (64, 256, 1024), jit: Iterable[bool] = (False, True),
+                  paths: Iterable[str] = PATHS, poisson_capacity: bool = True) -> list[BenchCase]:
+    """Every (batch, jit, path) row; plus, per batch and jit, the fast path at the Poisson capacity."""
+    from dpsgd_cli.sampling import poisson_capacity as capacity_for
+
+    cases = []
+    for batch in batch_sizes:
+        for jit_compile in jit:
+            cases += [BenchCase(path=p, batch_size=batch, jit_compile=jit_compile) for p in paths]
+            if poisson_capacity and "fast" in paths:
+                cases.append(BenchCase(path="fast", batch_size=batch, jit_compile=jit_compile,
+                                       capacity=capacity_for(batch, 60000)))
+    return cases
+
+
+def run_benchmark(cases: list[BenchCase], *, steps: int = 30, warmup: int = 3,
+                  on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every case in this process and add each row's ratio to its non-private counterpart."""
+    rows = []
+    for case in cases:
+        row = run_case(case, steps=steps, warmup=warmup)
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    baseline = {(r["batch_size"], r["jit_compile"]): r["step_s"] for r in rows
+                if r["path"] == "nonprivate" and r["capacity"] == r["batch_size"]}
+    for row in rows:
+        base = baseline.get((row["batch_size"], row["jit_compile"]))
+        row["ratio_to_nonprivate"] = row["step_s"] / base if base else float("nan")
+    return rows

@@ -1,0 +1,42 @@
+"""The benchmark harness measures what it says (no timing assertions: speed is read off `make bench`)."""
+
+from __future__ import annotations
+
+import math
+
+from typer.testing import CliRunner
+
+from dpsgd_cli.bench import BenchCase, default_cases, run_benchmark
+from dpsgd_cli.cli import app
+
+
+def test_rows_have_every_field_and_ratios_to_their_own_baseline():
+    cases = [BenchCase(path="nonprivate", batch_size=8, jit_compile=False),
+             BenchCase(path="vectorized_map", batch_size=8, jit_compile=False),
+             BenchCase(path="fast", batch_size=8, jit_compile=False, capacity=16)]
+    rows = run_benchmark(cases, steps=5, warmup=1)
+    assert [r["path"] for r in rows] == ["nonprivate", "vectorized_map", "fast"]
+    assert rows[0]["ratio_to_nonprivate"] == 1.0
+    for r in rows:
+        assert r["traces"] == 1  # the timed calls never retrace
+        assert r["step_s"] > 0 and r["compile_s"] > 0 and math.isfinite(r["ratio_to_nonprivate"])
+        assert r["examples_per_s"] == r["batch_size"] / r["step_s"]
+    assert rows[2]["capacity"] == 16 and rows[2]["batch_size"] == 8
+
+
+def test_default_grid_covers_the_issue():
+    cases = default_cases()
+    assert {(c.batch_size, c.jit_compile, c.path) for c in cases if c.capacity is None} == {
+        (b, j, p) for b in (64, 256, 1024) for j in (False, True)
+        for p in ("nonprivate", "vectorized_map", "fast")}
+
+
+def test_cli_writes_csv_and_rejects_bad_options(tmp_path):
+    out = tmp_path / "bench.csv"
+    result = CliRunner().invoke(app, ["bench", "--batch-sizes", "4", "--jit", "off", "--paths",
+                                      "nonprivate,fast", "--steps", "5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 3 and "ratio_to_nonprivate" in lines[0]
+    bad = CliRunner().invoke(app, ["bench", "--paths", "turbo"])
+    assert bad.exit_code == 2 and "--paths" in bad.output
