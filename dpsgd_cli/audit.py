@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from dpsgd_cli import audit_bounds as ab
-from dpsgd_cli.canaries import CanarySet, atomic_write_bytes, load_canaries
+from dpsgd_cli.atomic import atomic_write_bytes, atomic_write_text
+from dpsgd_cli.canaries import CanarySet, load_canaries
 from dpsgd_cli.config import ExperimentConfig, config_from_dict, resolved_data_dir
 from dpsgd_cli.data import load_dataset
 from dpsgd_cli.errors import ConfigError, RunDirError
-from dpsgd_cli.results import atomic_write_text, read_yaml
+from dpsgd_cli.results import read_yaml
 
 AUDIT_FILE = "audit.json"
 WEIGHTS_FILE = "model.weights.h5"

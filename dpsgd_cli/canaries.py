@@ -33,15 +33,14 @@ Guarantees in words:
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from dpsgd_cli.atomic import atomic_write_bytes
 from dpsgd_cli.data import Dataset
-from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
+from dpsgd_cli.errors import ConfigError, RunDirError
 
 CANARY_STREAM = 0x5CA7A27  # second entry of the rng key; never a (small) epoch number
 CANARY_FILE = "canaries.npz"
@@ -97,33 +96,6 @@ def save_canaries(canary_set: CanarySet, run_dir: Path) -> Path:
     path = Path(run_dir) / CANARY_FILE
     atomic_write_bytes(path, buffer.getvalue())
     return path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Like results.atomic_write_text, for bytes: temp file in the same directory, fsync, rename; the file
-    gets the usual permissions (0666 less the umask)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def load_canaries(run_dir: Path) -> CanarySet | None:

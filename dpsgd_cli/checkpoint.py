@@ -20,8 +20,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dpsgd_cli.atomic import atomic_write_bytes
 from dpsgd_cli.errors import OutputError, RunDirError
 
 FILENAME = "checkpoint.ckpt"
@@ -81,20 +80,9 @@ def save(run_dir: Path, ckpt: Checkpoint) -> Path:
     payload = buffer.getvalue()
     blob = MAGIC + len(payload).to_bytes(8, "big") + hashlib.sha256(payload).digest() + payload
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(blob)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the checkpoint ({exc.strerror or exc.__class__.__name__}); "
-                          "the previous checkpoint is kept") from None
+        atomic_write_bytes(path, blob)
+    except OutputError as exc:
+        raise OutputError(f"{exc}; the previous checkpoint is kept") from None
     return path
 
 
@@ -166,17 +154,3 @@ def _check_state(path: Path, state: Any) -> None:
 def _corrupt(path: Path, why: str) -> RunDirError:
     return RunDirError(f"{path}: checkpoint is corrupt ({why}); this run cannot be resumed from it — "
                        "start it again with --overwrite")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -7,8 +7,8 @@ so tests can inspect them) and saved atomically. This module never prints.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from dpsgd_cli.atomic import atomic_write_bytes
 from dpsgd_cli.data import CLASS_NAMES
 from dpsgd_cli.errors import OutputError, RunDirError
 from dpsgd_cli.sweep import RunInfo, load_runs, run_labels, shared_title, value_text
@@ -102,28 +103,11 @@ def _style(epochs: int) -> dict[str, Any]:
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
-    """Write `fig` as a PNG at `path` atomically (temporary file, then rename). Raises OutputError."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=dpi, format="png")
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write `fig` as a PNG at `path` atomically (see `dpsgd_cli.atomic`). Raises OutputError."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def default_output(paths: Sequence[str | Path]) -> Path:

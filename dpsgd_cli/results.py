@@ -1,13 +1,11 @@
 """Run outputs: per-epoch records → a pandas DataFrame with a fixed column order, written atomically.
 
-Atomic = written to a temporary file in the same directory, flushed, then renamed over the target, so a
-crash never leaves a half-written metrics.csv or run.yaml: readers see the old file or the new one.
+Every write is atomic (see `dpsgd_cli.atomic`): a crash never leaves a half-written metrics.csv or
+run.yaml, readers see the old file or the new one.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from dpsgd_cli.errors import OutputError
+from dpsgd_cli.atomic import atomic_write_text
 
 NUM_CLASSES = 10
 METRIC_COLUMNS = (
@@ -35,32 +33,6 @@ def metrics_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     if missing:
         raise ValueError(f"metrics records lack columns: {missing}")
     return frame.loc[:, list(METRIC_COLUMNS)]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically (see the module docstring). Raises OutputError on I/O failure."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def write_metrics(records: Iterable[dict[str, Any]], path: Path) -> None:

@@ -455,7 +455,7 @@ def _csv_value(value: Any) -> Any:
 def write_summary(sweep_dir: Path, preferred: Sequence[str] = ()) -> Path:
     """Rewrite `<sweep_dir>/summary.csv` from every finished run in it, under an exclusive lock (so
     concurrent sweeps on the same directory serialise here), atomically. Returns its path."""
-    from dpsgd_cli.results import atomic_write_text
+    from dpsgd_cli.atomic import atomic_write_text
 
     sweep_dir = Path(sweep_dir)
     path = sweep_dir / SUMMARY_FILE
