@@ -10,9 +10,13 @@ from `engine.make_train_step` (the very step `dpsgd train` uses), then records:
 - `peak_rss_mb`: the process's peak resident memory while the row ran, minus its resident memory just
   before (sampled every 2 ms; TensorFlow keeps no allocator statistics on CPU). An approximation: memory
   the allocator cached from earlier rows is reused and not counted again.
-Paths: `nonprivate` (plain Keras forward/backward of the mean loss), `vectorized_map` (per-example
-gradients with tf.vectorized_map, the general path), `fast` (fastgrad: per-example gradients of Dense and
-Conv2D from layer inputs and output gradients). All DP rows clip per example (microbatches = batch).
+Paths: `nonprivate` (plain Keras forward/backward of the mean loss), `nonprivate_fast` (the same, through
+fastgrad's forward formulation: patches + matmul for the first convolution, stride-1 max pooling by
+shifted slices — what `dpsgd train` uses without privacy), `vectorized_map` (per-example gradients with
+tf.vectorized_map, the general path), `fast` (fastgrad: per-example gradients of Dense and Conv2D from
+layer inputs and output gradients). All DP rows clip per example (microbatches = batch). Ratios are given
+to both non-private rows: `ratio_to_nonprivate` (the Keras step) and `ratio_to_nonprivate_fast` (the
+cost of privacy alone on one formulation).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-PATHS = ("nonprivate", "vectorized_map", "fast")
+PATHS = ("nonprivate", "nonprivate_fast", "vectorized_map", "fast")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,13 +77,14 @@ def _build_step(case: BenchCase, seed: int):
     from dpsgd_cli.model import build_model
 
     model = build_model(seed=seed)
-    private = case.path != "nonprivate"
+    private = not case.path.startswith("nonprivate")
     grad_fn = {"vectorized_map": engine.vmap_clipped_gradient_sum,
                "fast": fastgrad.fast_clipped_gradient_sum}.get(case.path)
+    forward_fn = fastgrad.forward if case.path == "nonprivate_fast" else None
     settings = engine.StepSettings(private=private, noise_multiplier=1.1, l2_norm_clip=1.0, microbatch_size=1,
                                    denominator=float(case.batch_size), noise_seed=seed,
                                    jit_compile=case.jit_compile)
-    step_fn, _ = engine.make_train_step(model, keras.optimizers.SGD(0.01), settings, grad_fn)
+    step_fn, _ = engine.make_train_step(model, keras.optimizers.SGD(0.01), settings, grad_fn, forward_fn)
     zeros = [tf.zeros_like(v) for v in model.trainable_variables]
     return step_fn, zeros
 
@@ -137,9 +142,10 @@ def run_benchmark(cases: list[BenchCase], *, steps: int = 30, warmup: int = 3,
         rows.append(row)
         if on_row:
             on_row(row)
-    baseline = {(r["batch_size"], r["jit_compile"]): r["step_s"] for r in rows
-                if r["path"] == "nonprivate" and r["capacity"] == r["batch_size"]}
-    for row in rows:
-        base = baseline.get((row["batch_size"], row["jit_compile"]))
-        row["ratio_to_nonprivate"] = row["step_s"] / base if base else float("nan")
+    for name in ("nonprivate", "nonprivate_fast"):
+        baseline = {(r["batch_size"], r["jit_compile"]): r["step_s"] for r in rows
+                    if r["path"] == name and r["capacity"] == r["batch_size"]}
+        for row in rows:
+            base = baseline.get((row["batch_size"], row["jit_compile"]))
+            row[f"ratio_to_{name}"] = row["step_s"] / base if base else float("nan")
     return rows

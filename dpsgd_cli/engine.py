@@ -96,12 +96,13 @@ class StepSettings:
 
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
-                    grad_sum_fn: GradSumFn | None = None):
+                    grad_sum_fn: GradSumFn | None = None, forward_fn=None):
     """Build the compiled step `step(x, y, mask, extra_sums, step_index) -> (loss_sum, correct, count)`.
 
     `extra_sums` are clipped-gradient sums of overflow chunks of the same step (zeros normally), added
     before the noise, so a Poisson batch larger than the capacity is never truncated.
-    Returned sums are over the real (mask = 1) examples only.
+    Returned sums are over the real (mask = 1) examples only. `forward_fn(model, x, tape) -> logits`
+    replaces `model(x, training=True)` in the non-private step (e.g. `fastgrad.forward`).
     """
     variables = model.trainable_variables
     grad_sum_fn = grad_sum_fn or vmap_clipped_gradient_sum
@@ -113,7 +114,7 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
 
     def plain_sum(x, y, mask):
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
+            logits = forward_fn(model, x, tape) if forward_fn else model(x, training=True)
             losses = per_example_loss(logits, y)
             total = tf.reduce_sum(losses * mask)
         return tape.gradient(total, variables), losses, logits
@@ -157,15 +158,19 @@ def resolve_jit_compile(setting) -> bool:
     return bool(setting)
 
 
-def choose_gradient_sum_fn(model: keras.Model, gradient_path: str, private: bool):
-    """The per-example clipped-sum function for `gradient_path` and the name of the path chosen."""
+def choose_gradient_path(model: keras.Model, gradient_path: str, private: bool):
+    """(grad_sum_fn, forward_fn, name) for `make_train_step`, following `training.gradient_path`.
+
+    Private: the fast per-example path when the model supports it (or `gradient_path` says so), else
+    `tf.vectorized_map`. Non-private: the plain gradient of the mean loss, through the fast path's
+    forward formulation when supported, so DP and non-private runs differ only in clipping and noise.
+    """
+    from dpsgd_cli import fastgrad
+
+    if gradient_path == "vectorized_map":
+        return (vmap_clipped_gradient_sum if private else None), None, "vectorized_map"
+    fn = fastgrad.choose_gradient_sum_fn(model, gradient_path)  # raises ConfigError for "fast" if unsupported
+    fast = fn is not vmap_clipped_gradient_sum
     if not private:
-        return None, "none (non-private)"
-    try:
-        from dpsgd_cli import fastgrad
-    except ImportError:
-        fastgrad = None
-    if gradient_path == "vectorized_map" or fastgrad is None:
-        return vmap_clipped_gradient_sum, "vectorized_map"
-    fn = fastgrad.choose_gradient_sum_fn(model, gradient_path)
-    return fn, ("vectorized_map" if fn is vmap_clipped_gradient_sum else "fast")
+        return None, (fastgrad.forward if fast else None), ("fast" if fast else "keras")
+    return fn, None, ("fast" if fast else "vectorized_map")

@@ -210,6 +210,13 @@ def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape):
     return h, records
 
 
+def forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape) -> tf.Tensor:
+    """The model's training-mode logits computed with this module's faster ops (patches + matmul for the
+    first convolution, stride-1 max pooling by shifted slices): the same function as `model(x)`, for a
+    non-private step on the same formulation as the fast DP step. Call inside `tape`."""
+    return _forward(model, x, tape)[0]
+
+
 def _unit_factors(layer, a, dz, patches, units: int, k: int):
     """A [units, p, T] (inputs or patches) and D [units, T, c] (output-gradients / k) of one layer."""
     if isinstance(layer, keras.layers.Conv2D):

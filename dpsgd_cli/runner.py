@@ -413,14 +413,15 @@ class _Trainer:
                                                cfg.training.momentum)
         self.jit_compile = engine.resolve_jit_compile(cfg.training.jit_compile)
         private = cfg.privacy.enabled
-        grad_fn, self.gradient_path = engine.choose_gradient_sum_fn(self.model, cfg.training.gradient_path,
-                                                                    private)
+        grad_fn, forward_fn, self.gradient_path = engine.choose_gradient_path(
+            self.model, cfg.training.gradient_path, private)
         settings = engine.StepSettings(
             private=private, noise_multiplier=plan.noise_multiplier, l2_norm_clip=cfg.privacy.l2_norm_clip,
             microbatch_size=plan.microbatch_size,
             denominator=float(cfg.data.batch_size // plan.microbatch_size),
             noise_seed=cfg.seed, jit_compile=self.jit_compile)
-        self.step_fn, self.chunk_fn = engine.make_train_step(self.model, self.optimizer, settings, grad_fn)
+        self.step_fn, self.chunk_fn = engine.make_train_step(self.model, self.optimizer, settings, grad_fn,
+                                                             forward_fn)
         self.predict = tf.function(lambda x: self.model(x, training=False), jit_compile=self.jit_compile)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
         self.ledger = accounting.PrivacyLedger(plan.accounting_noise_multiplier or 0.0, plan.sampling_rate,

@@ -28,7 +28,7 @@ def test_default_grid_covers_the_issue():
     cases = default_cases()
     assert {(c.batch_size, c.jit_compile, c.path) for c in cases if c.capacity is None} == {
         (b, j, p) for b in (64, 256, 1024) for j in (False, True)
-        for p in ("nonprivate", "vectorized_map", "fast")}
+        for p in ("nonprivate", "nonprivate_fast", "vectorized_map", "fast")}
 
 
 def test_cli_writes_csv_and_rejects_bad_options(tmp_path):

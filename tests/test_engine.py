@@ -132,3 +132,32 @@ def test_optimizers_and_jit_resolution():
     assert isinstance(engine.make_optimizer("adam", 0.1), keras.optimizers.Adam)
     assert engine.resolve_jit_compile(True) is True and engine.resolve_jit_compile(False) is False
     assert engine.resolve_jit_compile("auto") == bool(tf.config.list_physical_devices("GPU"))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_nonprivate_step_on_the_fast_formulation_equals_the_keras_step(activation):
+    from dpsgd_cli import fastgrad
+
+    rng = np.random.default_rng(9)
+    x = rng.random((16, 28, 28, 1), dtype=np.float32)
+    x[:, :10] = 0.0  # blank rows: pooling windows with ties
+    y = tf.constant(rng.integers(0, 10, size=16).astype(np.int32))
+    mask = tf.constant([1.0] * 12 + [0.0] * 4)
+    results = []
+    for forward in (None, fastgrad.forward):
+        model = build_model(activation=activation, seed=4)
+        step_fn, _ = engine.make_train_step(model, keras.optimizers.SGD(0.5), _settings(private=False), None,
+                                            forward)
+        zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+        step_fn(tf.constant(x), y, mask, zeros, tf.constant(0, tf.int64))
+        results.append(np.concatenate([v.numpy().ravel() for v in model.trainable_variables]))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_path_choice():
+    model = build_model()
+    assert engine.choose_gradient_path(model, "auto", True)[2] == "fast"
+    assert engine.choose_gradient_path(model, "vectorized_map", True)[0] is engine.vmap_clipped_gradient_sum
+    grad_fn, forward_fn, name = engine.choose_gradient_path(model, "auto", False)
+    assert grad_fn is None and forward_fn is not None and name == "fast"
+    assert engine.choose_gradient_path(model, "vectorized_map", False)[1] is None
