@@ -310,6 +310,17 @@ def dataset_size(cfg: ExperimentConfig) -> int:
     return min(full, cfg.data.train_size) if cfg.data.train_size else full
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"privacy": {"delta": 1e-5}} → {"privacy.delta": 1e-5}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def replace(cfg: ExperimentConfig, **changes: Any) -> ExperimentConfig:
     """Return a copy with dotted-key changes, e.g. replace(cfg, **{"privacy.noise_multiplier": 1.3})."""
     raw = cfg.to_dict()

@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from dpsgd_cli import __version__, accounting, checkpoint
-from dpsgd_cli.config import ExperimentConfig, config_from_dict, microbatch_size, replace, resolved_data_dir
+from dpsgd_cli.config import (
+    ExperimentConfig,
+    config_from_dict,
+    flatten,
+    microbatch_size,
+    replace,
+    resolved_data_dir,
+)
 from dpsgd_cli.data import Dataset, load_dataset
 from dpsgd_cli.errors import ConfigError, DpsgdError, OutputError, RunDirError, TrainingError
 from dpsgd_cli.results import read_yaml, write_metrics, write_yaml
@@ -332,7 +339,7 @@ def _check_continues(ckpt: checkpoint.Checkpoint, cfg: ExperimentConfig, plan: P
                      fingerprint: str) -> None:
     """The checkpoint must belong to this config and these data, else resuming would not continue it."""
     where = checkpoint.path_in(cfg.run_dir)
-    stored, current = _flat(ckpt.state.get("config") or {}), _flat(cfg.to_dict())
+    stored, current = flatten(ckpt.state.get("config") or {}), flatten(cfg.to_dict())
     changed = sorted(k for k in stored.keys() | current.keys()
                      if k not in _RELOCATABLE and stored.get(k) != current.get(k))
     if changed:
@@ -349,16 +356,6 @@ def _check_continues(ckpt: checkpoint.Checkpoint, cfg: ExperimentConfig, plan: P
             ckpt.steps_done != steps_after_epochs(ckpt.epochs_done, b, n, sampling):
         raise RunDirError(f"{where}: its epochs/steps counters are inconsistent with the config; "
                           "cannot resume")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 NONPRIVATE_STATEMENT = ("No differential privacy: privacy.enabled is false (non-private baseline: "
@@ -411,10 +408,11 @@ class _Trainer:
         self.model = build_model(cfg.model.architecture, cfg.model.activation, seed=cfg.seed)
         self.optimizer = engine.make_optimizer(cfg.training.optimizer, cfg.training.learning_rate,
                                                cfg.training.momentum)
-        self.jit_compile = engine.resolve_jit_compile(cfg.training.jit_compile)
         private = cfg.privacy.enabled
         grad_fn, forward_fn, self.gradient_path = engine.choose_gradient_path(
             self.model, cfg.training.gradient_path, private)
+        self.jit_compile = engine.resolve_jit_compile(cfg.training.jit_compile, private=private,
+                                                      gradient_path=self.gradient_path)
         settings = engine.StepSettings(
             private=private, noise_multiplier=plan.noise_multiplier, l2_norm_clip=cfg.privacy.l2_norm_clip,
             microbatch_size=plan.microbatch_size,

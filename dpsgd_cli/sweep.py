@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from dpsgd_cli.config import ExperimentConfig, load_config, replace
+from dpsgd_cli.config import ExperimentConfig, flatten, load_config, replace
 from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
 
 SUMMARY_FILE = "summary.csv"
@@ -203,17 +203,6 @@ def run_state(cfg: ExperimentConfig) -> tuple[str, tuple[str, ...]]:
                         for key in planned
                         if key in stored and key not in NOT_SETTINGS and stored[key] != planned[key])
     return ("changed", differences) if differences else (FINISHED, ())
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"privacy": {"delta": 1e-5}} → {"privacy.delta": 1e-5}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # ------------------------------------------------------------------------------------------------

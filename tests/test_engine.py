@@ -131,7 +131,10 @@ def test_optimizers_and_jit_resolution():
     assert isinstance(engine.make_optimizer("momentum", 0.1, 0.9), keras.optimizers.SGD)
     assert isinstance(engine.make_optimizer("adam", 0.1), keras.optimizers.Adam)
     assert engine.resolve_jit_compile(True) is True and engine.resolve_jit_compile(False) is False
-    assert engine.resolve_jit_compile("auto") == bool(tf.config.list_physical_devices("GPU"))
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert engine.resolve_jit_compile("auto", private=True, gradient_path="fast") == gpu
+    assert engine.resolve_jit_compile("auto", private=False, gradient_path="fast") is True
+    assert engine.resolve_jit_compile("auto", private=False, gradient_path="keras") == gpu
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
