@@ -164,3 +164,22 @@ def test_gradient_path_choice():
     grad_fn, forward_fn, name = engine.choose_gradient_path(model, "auto", False)
     assert grad_fn is None and forward_fn is not None and name == "fast"
     assert engine.choose_gradient_path(model, "vectorized_map", False)[1] is None
+
+
+@pytest.mark.parametrize("path", ["vectorized_map", "fast"])
+def test_overflow_chunks_add_before_the_noise_like_one_big_batch(path):
+    """A Poisson batch larger than the capacity is split: chunk sums passed as `extra_sums` must give the
+    same update (same noise draw) as processing all examples in one call."""
+    from dpsgd_cli import fastgrad
+
+    grad_fn = {"vectorized_map": engine.vmap_clipped_gradient_sum,
+               "fast": fastgrad.fast_clipped_gradient_sum}[path]
+    x, y = _batch(16, seed=6)
+    settings = _settings(noise_multiplier=1.0, l2_norm_clip=0.3, denominator=12.0)
+    whole = _one_step(settings, x, y, tf.ones([16]), step=2, grad_sum_fn=grad_fn)
+    model = build_model(seed=5)
+    step_fn, chunk_fn = engine.make_train_step(model, keras.optimizers.SGD(0.1), settings, grad_fn)
+    extra = chunk_fn(x[8:], y[8:], tf.ones([8]))
+    step_fn(x[:8], y[:8], tf.ones([8]), extra, tf.constant(2, tf.int64))
+    split = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6)
