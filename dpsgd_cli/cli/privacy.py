@@ -378,16 +378,21 @@ def epsilon(
             curve.add_row(f"{row['epoch']:g}", str(row["steps"]),
                           *(_eps_text(row[f"epsilon_{a}"]) for a in accountants))
         console.print(curve)
-    table = Table(show_header=False, title="privacy of this training")
-    table.add_column(style="bold")
-    table.add_column()
-    _setting_rows(table, s, s.noise_multiplier)
-    for a in accountants:
-        table.add_row(f"ε ({a.upper()})", _eps_text(final[a]))
-    console.print(table)
-    console.print(statement, highlight=False)
+    _print_privacy(s, s.noise_multiplier, final, statement, "privacy of this training")
     if csv_path is not None:
         console.print(f"wrote {csv_path} ({len(rows)} rows)", highlight=False)
+
+
+def _print_privacy(s, sigma: float, epsilons: dict[str, float], statement: str, title: str) -> None:
+    """The settings and ε of each accountant as a two-column table, then the plain-words statement."""
+    table = Table(show_header=False, title=title)
+    table.add_column(style="bold")
+    table.add_column()
+    _setting_rows(table, s, sigma)
+    for name, value in epsilons.items():
+        table.add_row(f"ε ({name.upper()})", _eps_text(value))
+    console.print(table)
+    console.print(statement, highlight=False)
 
 
 def round_up(x: float, digits: int = 4) -> float:
@@ -440,10 +445,4 @@ def noise(
     console.print(f"σ = [bold]{sigma:.4g}[/]  (smallest noise multiplier with ε ≤ {target_epsilon:g} at "
                   f"δ = {s.delta:g} by the {acc.upper()} accountant; rounded up from {exact:.7g})",
                   highlight=False)
-    table = Table(show_header=False, title="privacy at this σ")
-    table.add_column(style="bold")
-    table.add_column()
-    _setting_rows(table, s, sigma)
-    table.add_row(f"ε ({acc.upper()})", _eps_text(eps))
-    console.print(table)
-    console.print(statement, highlight=False)
+    _print_privacy(s, sigma, {acc: eps}, statement, "privacy at this σ")
