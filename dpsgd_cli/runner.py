@@ -29,12 +29,12 @@ from dpsgd_cli.config import (
     ExperimentConfig,
     config_from_dict,
     flatten,
-    microbatch_size,
     replace,
     resolved_data_dir,
 )
 from dpsgd_cli.data import Dataset, load_dataset
 from dpsgd_cli.errors import ConfigError, DpsgdError, OutputError, RunDirError, TrainingError
+from dpsgd_cli.privacy_plan import PrivacyPlan, plan_privacy
 from dpsgd_cli.results import read_yaml, write_metrics, write_yaml
 from dpsgd_cli.sampling import Sampler, steps_after_epochs, steps_in_epoch
 
@@ -64,40 +64,6 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, run_dir: Path, epochs_done: int, epochs: int):
         super().__init__(f"{run_dir}: interrupted after {epochs_done} of {epochs} epochs")
         self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """The privacy parameters of a run, resolved before training starts."""
-
-    noise_multiplier: float
-    accounting_noise_multiplier: float
-    sampling_rate: float
-    total_steps: int
-    microbatch_size: int
-
-
-def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
-                 noise_multiplier: float | None = None) -> PrivacyPlan:
-    """Resolve σ (calibrating it from `target_epsilon` if asked, unless `noise_multiplier` gives the σ a
-    resumed run already trained with) and the accounting parameters."""
-    b, n = cfg.data.batch_size, dataset_size
-    if b > n:
-        raise ConfigError(f"data.batch_size: {b} is larger than the {n} training examples")
-    total = steps_after_epochs(cfg.training.epochs, b, n, cfg.data.sampling)
-    k = microbatch_size(cfg)
-    sigma = cfg.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
-    if cfg.privacy.enabled and sigma is None:
-        target = cfg.privacy.target_epsilon
-        try:
-            sigma = accounting.calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total,
-                                                          accountant="pld", microbatch_size=k)
-        except (ArithmeticError, MemoryError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"privacy.target_epsilon: cannot calibrate σ for ε = {target:g} over {total} "
-                              f"steps ({exc.__class__.__name__}); give privacy.noise_multiplier instead") \
-                from None
-    sigma = 0.0 if sigma is None else sigma
-    return PrivacyPlan(sigma, accounting.accounting_noise_multiplier(sigma, k), b / n, total, k)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 Both describe one DP-SGD step as the Poisson-subsampled Gaussian (see `dpsgd_cli.accounting`). With
 `--epochs E` the number of steps follows `dpsgd train`: ⌈E·n/B⌉ for Poisson sampling (an epoch is n/B
 steps in expectation), E·⌊n/B⌋ for shuffled batches. `dpsgd epsilon --config X.yaml` derives every number
-from an experiment file exactly as `dpsgd train` will (runner.plan_privacy), so it prints the ε the run
+from an experiment file exactly as `dpsgd train` will (privacy_plan.plan_privacy), so it prints the ε the run
 will report.
 """
 
@@ -202,33 +202,21 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
 
 
 def resolve_config(config: Path, overrides: list[str] | None) -> Setting:
-    """The privacy setting of an experiment file, derived as `runner.plan_privacy` derives it."""
-    from dpsgd_cli.config import dataset_size, load_config, microbatch_size
-    from dpsgd_cli.sampling import steps_after_epochs
+    """The privacy setting of an experiment file, from `privacy_plan.plan_privacy` as `dpsgd train` uses."""
+    from dpsgd_cli.config import dataset_size, load_config
+    from dpsgd_cli.privacy_plan import plan_privacy
 
     cfg = load_config(config, overrides)
     p = cfg.privacy
     if not p.enabled:
         raise ConfigError(f"{config}: privacy.enabled is false, a non-private run: there is no ε to report")
+    if p.noise_multiplier is not None and p.noise_multiplier <= 0:
+        raise ConfigError(f"{config}: privacy.noise_multiplier is {p.noise_multiplier:g}: no noise, ε = ∞")
     n = dataset_size(cfg) + _included_canaries(cfg, dataset_size(cfg))
-    b = cfg.data.batch_size
-    if b > n:
-        raise ConfigError(f"data.batch_size: {b} is larger than the {n} training examples")
-    total = steps_after_epochs(cfg.training.epochs, b, n, cfg.data.sampling)
-    k = microbatch_size(cfg)
-    sigma = p.noise_multiplier
-    if sigma is None:
-        try:
-            sigma = accounting.calibrate_noise_multiplier(p.target_epsilon, p.delta, b / n, total,
-                                                          accountant="pld", microbatch_size=k)
-        except (ArithmeticError, MemoryError, ValueError, RuntimeError) as exc:  # as runner.plan_privacy
-            raise ConfigError(f"privacy.target_epsilon: cannot calibrate σ for ε = {p.target_epsilon:g} over "
-                              f"{total} steps ({exc.__class__.__name__}); give privacy.noise_multiplier "
-                              "instead") from None
-    elif sigma <= 0:
-        raise ConfigError(f"{config}: privacy.noise_multiplier is {sigma:g}: no noise, ε = ∞")
-    return Setting(noise_multiplier=sigma, microbatch_size=k, sampling_rate=b / n, steps=total,
-                   delta=p.delta, sampling=cfg.data.sampling, batch_size=b, dataset_size=n,
+    plan = plan_privacy(cfg, n)
+    return Setting(noise_multiplier=plan.noise_multiplier, microbatch_size=plan.microbatch_size,
+                   sampling_rate=plan.sampling_rate, steps=plan.total_steps, delta=p.delta,
+                   sampling=cfg.data.sampling, batch_size=cfg.data.batch_size, dataset_size=n,
                    epochs=float(cfg.training.epochs), l2_norm_clip=p.l2_norm_clip, source="config",
                    target_epsilon=p.target_epsilon if p.noise_multiplier is None else None)
 
