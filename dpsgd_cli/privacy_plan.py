@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpsgd_cli import accounting
+from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.config import ExperimentConfig, microbatch_size
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.sampling import steps_after_epochs
@@ -38,7 +39,7 @@ def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
     if cfg.privacy.enabled and sigma is None:
         target = cfg.privacy.target_epsilon
         try:
-            sigma = accounting.calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total,
+            sigma = calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total,
                                                           accountant="pld", microbatch_size=k)
         except (ArithmeticError, MemoryError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"privacy.target_epsilon: cannot calibrate σ for ε = {target:g} over {total} "

@@ -35,6 +35,7 @@ from dpsgd_cli.config import (
 from dpsgd_cli.data import Dataset, load_dataset
 from dpsgd_cli.errors import ConfigError, DpsgdError, OutputError, RunDirError, TrainingError
 from dpsgd_cli.privacy_plan import PrivacyPlan, plan_privacy
+from dpsgd_cli.privacy_statement import PrivacyFacts, privacy_statement
 from dpsgd_cli.results import read_yaml, write_metrics, write_yaml
 from dpsgd_cli.sampling import Sampler, steps_after_epochs, steps_in_epoch
 
@@ -250,7 +251,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     _train_epochs(cfg, trainer, plan, result, on_step, on_epoch, ckpt.elapsed_s if ckpt else 0.0)
     trainer.save_weights(run_dir / WEIGHTS_FILE)
     facts = trainer.facts()
-    result.statement = accounting.privacy_statement(facts) if cfg.privacy.enabled else NONPRIVATE_STATEMENT
+    result.statement = privacy_statement(facts) if cfg.privacy.enabled else NONPRIVATE_STATEMENT
     write_yaml(_run_document(cfg, plan, trainer, FINISHED, result), run_dir / RUN_FILE)
     return result
 
@@ -460,8 +461,8 @@ class _Trainer:
         private = self.cfg.privacy.enabled
         return {f"epsilon_{a}": self.ledger.epsilon(a) if private else math.inf for a in ("rdp", "pld")}
 
-    def facts(self) -> accounting.PrivacyFacts:
-        return accounting.PrivacyFacts(
+    def facts(self) -> PrivacyFacts:
+        return PrivacyFacts(
             noise_multiplier=self.plan.noise_multiplier,
             accounting_noise_multiplier=self.plan.accounting_noise_multiplier,
             l2_norm_clip=self.cfg.privacy.l2_norm_clip, sampling_rate=self.plan.sampling_rate,

@@ -22,8 +22,10 @@ import typer
 from rich.table import Table
 
 from dpsgd_cli import accounting
+from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.cli.app import app, console, user_errors
 from dpsgd_cli.errors import ConfigError, OutputError
+from dpsgd_cli.privacy_statement import PrivacyFacts, privacy_statement
 
 MAX_CURVE_POINTS = 100_000
 
@@ -250,7 +252,7 @@ def _eps_text(x: float) -> str:
 
 
 def _statement(s: Setting, sigma: float, eps: dict[str, float]) -> str:
-    return accounting.privacy_statement(accounting.PrivacyFacts(
+    return privacy_statement(PrivacyFacts(
         noise_multiplier=sigma,
         accounting_noise_multiplier=accounting.accounting_noise_multiplier(sigma, s.microbatch_size),
         l2_norm_clip=s.l2_norm_clip, sampling_rate=s.sampling_rate, steps=s.steps, delta=s.delta,
@@ -417,7 +419,7 @@ def noise(
                         dataset_size=dataset_size, sampling_rate=sampling_rate,
                         num_microbatches=num_microbatches, sampling=sampling, delta=delta, need_sigma=False)
     try:
-        exact = accounting.calibrate_noise_multiplier(target_epsilon, s.delta, s.sampling_rate, s.steps,
+        exact = calibrate_noise_multiplier(target_epsilon, s.delta, s.sampling_rate, s.steps,
                                                       accountant=acc, microbatch_size=s.microbatch_size)
     except ValueError as exc:  # e.g. no σ reaches the target, or it is too small for PLD
         raise ConfigError(str(exc)) from None

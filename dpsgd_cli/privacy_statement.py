@@ -1,0 +1,73 @@
+"""The privacy guarantee of a run, a config or a question, in plain words with every assumption stated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrivacyFacts:
+    """What an ε number assumes; rendered by `privacy_statement`.
+
+    `epsilon_rdp` / `epsilon_pld`: None when that accountant was not asked. `l2_norm_clip`: None when
+    unknown (a question asked on the command line). `source`: what the numbers describe — "run" (a
+    finished training run), "config" (an experiment file, before running it) or "options" (numbers typed
+    on the command line).
+    """
+
+    noise_multiplier: float
+    accounting_noise_multiplier: float
+    l2_norm_clip: float | None
+    sampling_rate: float
+    steps: int
+    delta: float
+    sampling: str
+    microbatch_size: int
+    epsilon_rdp: float | None
+    epsilon_pld: float | None
+    source: str = "run"
+
+
+def _fmt(eps: float) -> str:
+    return "∞" if math.isinf(eps) else f"{eps:.3g}"
+
+
+def privacy_statement(f: PrivacyFacts) -> str:
+    """The guarantee in plain words, with every assumption it rests on."""
+    if f.epsilon_pld is not None:
+        head = f"({_fmt(f.epsilon_pld)}, {f.delta:g})-DP by the PLD accountant"
+        if f.epsilon_rdp is not None:
+            head += f" (RDP accountant: ε = {_fmt(f.epsilon_rdp)})"
+    elif f.epsilon_rdp is not None:
+        head = f"({_fmt(f.epsilon_rdp)}, {f.delta:g})-DP by the RDP accountant"
+    else:
+        raise ValueError("PrivacyFacts needs epsilon_rdp or epsilon_pld")
+    clip = f" on gradients clipped to L2 norm C = {f.l2_norm_clip:g}" if f.l2_norm_clip is not None else ""
+    parts = [
+        f"{head} under add/remove-one-example adjacency,",
+        f"for {f.steps} steps of the Gaussian mechanism with noise multiplier σ = {f.noise_multiplier:g}"
+        f"{clip},",
+    ]
+    if f.sampling_rate >= 1:
+        parts.append("each step using the whole dataset (q = 1, no amplification by sampling).")
+    else:
+        parts.append(f"assuming Poisson sampling at rate q = {f.sampling_rate:.6g} (every example joins "
+                     "every step independently with probability q).")
+    if f.microbatch_size > 1:
+        parts.append(f"Microbatches of {f.microbatch_size} examples double the sensitivity, so it is "
+                     f"accounted with σ/2 = {f.accounting_noise_multiplier:g}.")
+    if f.sampling == "shuffle":
+        who = {"run": "The run used", "config": "The config uses"}.get(f.source, "You asked about")
+        parts.append(f"{who} shuffled fixed-size batches, for which the Poisson analysis is an optimistic "
+                     "assumption: the true ε of shuffling can be much larger (Chua et al., 2024).")
+    elif f.sampling_rate >= 1:
+        pass
+    elif f.source == "run":
+        parts.append("The run sampled its batches exactly so (Poisson, nothing dropped).")
+    elif f.source == "config":
+        parts.append("The config samples its batches exactly so (data.sampling: poisson, nothing dropped).")
+    else:
+        parts.append("With shuffled fixed-size batches instead, this Poisson analysis would be an "
+                     "optimistic assumption (Chua et al., 2024).")
+    return " ".join(parts)
