@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, err_console, user_errors
 from dpsgd_cli.cli.train import ConfigOption, SetOption, _epoch_line, _progress
-from dpsgd_cli.sweep import (
-    FINISHED,
-    PlannedRun,
-    RunInfo,
-    SweepPlan,
-    load_runs,
-    plan_sweep,
-    run_sweep,
-    shared_title,
-    short_name,
-    summary_row,
-    value_text,
-)
 
 PathsArgument = Annotated[list[Path], typer.Argument(
     help="Run directories (holding run.yaml) or sweep directories (holding runs).", show_default=False)]
+
+if TYPE_CHECKING:
+    from dpsgd_cli.sweep import PlannedRun, RunInfo, SweepPlan
+
+
+def _sweeps():
+    """The `dpsgd_cli.sweep` module, imported when a command needs it (not for every `dpsgd` command)."""
+    from dpsgd_cli import sweep
+
+    return sweep
 
 
 @app.command()
@@ -49,15 +46,16 @@ def sweep(
 
     Each run goes to results/<sweep>/<run>/, named after its grid values (e.g. noise_multiplier=1.1);
     results/<sweep>/summary.csv gets one row per finished run in the sweep directory."""
+    sweeps = _sweeps()
     items = list(overrides or []) + ([f"training.epochs={epochs}"] if epochs is not None else [])
-    plan = plan_sweep(config, items, grid or [], name)
+    plan = sweeps.plan_sweep(config, items, grid or [], name)
     console.print(f"[bold]sweep {plan.name}[/]: {_plan_counts(plan, overwrite)}", highlight=False)
     if dry_run:
         console.print(_plan_table(plan, overwrite))
         return
-    outcome = run_sweep(plan, overwrite=overwrite, **_callbacks(quiet))
+    outcome = sweeps.run_sweep(plan, overwrite=overwrite, **_callbacks(quiet))
     if outcome.summary_path is not None:
-        runs, keys = load_runs([plan.sweep_dir], plan.keys)
+        runs, keys = sweeps.load_runs([plan.sweep_dir], plan.keys)
         console.print(report_table(runs, keys))
         console.print(f"wrote {outcome.summary_path}", highlight=False)
     if outcome.failed:
@@ -69,7 +67,7 @@ def sweep(
 def _plan_counts(plan: SweepPlan, overwrite: bool) -> str:
     """'4 runs in results/x/: 3 already finished, 1 to train' (plus runs whose config changed)."""
     n = len(plan.runs)
-    finished = sum(r.state == FINISHED for r in plan.runs)
+    finished = sum(r.state == _sweeps().FINISHED for r in plan.runs)
     changed = sum(r.state == "changed" for r in plan.runs)
     todo = n - finished - changed if not overwrite else n
     runs = f"{n} run" + ("s" if n != 1 else "")
@@ -119,19 +117,20 @@ def _eps_text(pld: float, rdp: float) -> str:
 
 
 def _plan_table(plan: SweepPlan, overwrite: bool) -> Table:
+    sweeps = _sweeps()
     table = Table(title=f"sweep {plan.name}")
     table.add_column("run")
     for key in plan.keys:
-        table.add_column(short_name(key), justify="right")
+        table.add_column(sweeps.short_name(key), justify="right")
     table.add_column("state → action")
     for planned in plan.runs:
-        table.add_row(planned.name, *(value_text(v) for _, v in planned.assignment),
+        table.add_row(planned.name, *(sweeps.value_text(v) for _, v in planned.assignment),
                       _plan_action(planned, overwrite))
     return table
 
 
 def _plan_action(planned: PlannedRun, overwrite: bool) -> str:
-    if planned.state == FINISHED:
+    if planned.state == _sweeps().FINISHED:
         return "finished → re-train" if overwrite else "finished → skip"
     if planned.state == "changed":
         what = f"finished with another config ({'; '.join(planned.differences)})"
@@ -145,7 +144,7 @@ def report(paths: PathsArgument) -> None:
     """Compare runs in a table: final and best test accuracy, ε (PLD and RDP), epochs, wall time.
 
     Columns name only the settings that differ between the runs; the title names the shared ones."""
-    runs, keys = load_runs(paths)
+    runs, keys = _sweeps().load_runs(paths)
     console.print(report_table(runs, keys))
 
 
@@ -155,29 +154,31 @@ RESULT_COLUMNS = ("σ", "epochs", "final acc", "best acc (epoch)", "ε PLD", "ε
 def report_table(runs: list[RunInfo], keys: list[str]) -> Table:
     """One row per run: its values of the varied keys, σ, epochs, accuracies, ε, wall time (and δ and
     status when they matter). The title names what all runs share."""
-    title = shared_title(runs, keys) if runs else "no runs"
+    sweeps = _sweeps()
+    title = sweeps.shared_title(runs, keys) if runs else "no runs"
     deltas = {run.settings.get("privacy.delta") for run in runs if run.private}
-    distinct = {tuple(value_text(r.settings.get(k)) for k in keys) for r in runs}
+    distinct = {tuple(sweeps.value_text(r.settings.get(k)) for k in keys) for r in runs}
     show = {
         "run": not keys or len(distinct) < len(runs),
         "σ": "privacy.noise_multiplier" not in keys,
         "δ": len(deltas) > 1,
-        "status": any(run.status != FINISHED for run in runs),
+        "status": any(run.status != sweeps.FINISHED for run in runs),
     }
     if len(deltas) == 1:
-        title += f", δ = {value_text(next(iter(deltas)))}"
+        title += f", δ = {sweeps.value_text(next(iter(deltas)))}"
     table = Table(title=title)
     if show["run"]:
         table.add_column("run")
     columns = [c for c in RESULT_COLUMNS if show.get(c, True)]
     for key in keys:
-        table.add_column(key if short_name(key) in columns else short_name(key), justify="right")
+        short = sweeps.short_name(key)
+        table.add_column(key if short in columns else short, justify="right")
     for column in columns:
         table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
     for run in runs:
-        row = summary_row(run, keys)
+        row = sweeps.summary_row(run, keys)
         cells = [run.name] if show["run"] else []
-        cells += [value_text(row[k]) for k in keys]
+        cells += [sweeps.value_text(row[k]) for k in keys]
         values = _result_cells(row, run)
         table.add_row(*cells, *(values[c] for c in columns))
     return table
@@ -185,7 +186,7 @@ def report_table(runs: list[RunInfo], keys: list[str]) -> Table:
 
 def _result_cells(row: dict[str, Any], run: RunInfo) -> dict[str, str]:
     cells = {"σ": f"{row['noise_multiplier']:.4g}" if run.private else "—", "δ": _num(row["delta"]),
-             "status": run.status if run.status == FINISHED else f"[yellow]{run.status}[/]"}
+             "status": run.status if run.status == _sweeps().FINISHED else f"[yellow]{run.status}[/]"}
     if math.isnan(row["epochs"]):
         return {**dict.fromkeys(RESULT_COLUMNS, "—"), **cells}
     private = run.private and math.isfinite(row["epsilon_pld"])
@@ -227,7 +228,7 @@ def plot(
 
     written, drawn = plot_runs(paths, out, per_class)
     for run in drawn:
-        if run.status != FINISHED:
+        if run.status != _sweeps().FINISHED:
             console.print(f"note: {run.run_dir} is {run.status} (drawn up to epoch "
                           f"{int(run.metrics['epoch'].iloc[-1])})", highlight=False)
     for path in written:

@@ -12,15 +12,18 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, err_console, user_errors
-from dpsgd_cli.config import ExperimentConfig, load_config
 from dpsgd_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from dpsgd_cli.config import ExperimentConfig
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML file.")]
 SetOption = Annotated[list[str] | None, typer.Option(
@@ -32,6 +35,8 @@ def config_with_shortcuts(config: Path | None, overrides: list[str] | None,
     """Load `config`, applying `--set` overrides then shortcut options (dotted key → value, None = unset)."""
     items = list(overrides or [])
     items += [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    from dpsgd_cli.config import load_config
+
     return load_config(config, items)
 
 
@@ -130,6 +135,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _progress(quiet: bool) -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                     disable=quiet, transient=True)
