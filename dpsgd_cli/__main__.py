@@ -1,3 +1,3 @@
-from dpsgd_cli.cli import app
+from dpsgd_cli.cli import run
 
-app()
+raise SystemExit(run())

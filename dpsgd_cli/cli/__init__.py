@@ -5,6 +5,6 @@ from dpsgd_cli.cli import bench as _bench  # noqa: F401  (dpsgd bench)
 from dpsgd_cli.cli import privacy as _privacy  # noqa: F401  (dpsgd epsilon, dpsgd noise)
 from dpsgd_cli.cli import sweep as _sweep  # noqa: F401  (dpsgd sweep, plot, report)
 from dpsgd_cli.cli import train as _train  # noqa: F401  (dpsgd train)
-from dpsgd_cli.cli.app import app
+from dpsgd_cli.cli.app import app, run
 
-__all__ = ["app"]
+__all__ = ["app", "run"]

@@ -30,6 +30,35 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _click_exception() -> type[Exception]:
+    """Click's ClickException, the base of every command-line error Typer raises (usage errors, bad
+    values). Recent Typer vendors Click privately, so it is found through a public Typer class."""
+    return next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The `dpsgd` program: run the app and return its exit code.
+
+    A malformed command line (unknown command or option, a value that does not parse, a missing value)
+    becomes one line `error: … (see 'dpsgd <command> --help')` on stderr with Click's exit code (2),
+    instead of Typer's usage box."""
+    try:
+        code = app(args=argv, prog_name="dpsgd", standalone_mode=False)
+    except _click_exception() as exc:
+        message = " ".join(exc.format_message().split())
+        if not message:  # `dpsgd` alone: the help was printed already
+            return int(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path if ctx is not None else 'dpsgd'} --help')"
+        err_console.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", highlight=False,
+                          soft_wrap=True)
+        return int(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted", highlight=False)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command; turn DpsgdError into its one-line message and exit code, Ctrl-C into exit 130."""
 
