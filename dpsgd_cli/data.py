@@ -6,6 +6,7 @@ Images come back as [N, 28, 28, 1] float32 in [0, 1] (pixel / 255), labels as [N
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,3 +139,12 @@ def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, split: str) 
     head = LABEL_MAGIC.to_bytes(4, "big") + n.to_bytes(4, "big")
     (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(head + labels.astype(np.uint8).tobytes()))
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 over the arrays a run trains and evaluates on (a resumed run must see the same data)."""
+    digest = hashlib.sha256()
+    for array in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()

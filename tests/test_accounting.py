@@ -15,8 +15,8 @@ from dpsgd_cli import pld_composition
 from dpsgd_cli.accounting import PrivacyLedger, accounting_noise_multiplier, epsilon, epsilon_curve
 from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.config import load_config
+from dpsgd_cli.privacy_plan import plan_privacy
 from dpsgd_cli.privacy_statement import PrivacyFacts, privacy_statement
-from dpsgd_cli.runner import plan_privacy
 
 REL = 1e-6  # what the issue asks; the agreement is in fact ~1e-9 or better
 

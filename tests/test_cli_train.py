@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dpsgd_cli import checkpoint, runner
+from dpsgd_cli import checkpoint, trainer
 from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
 from dpsgd_cli.results import write_yaml
@@ -169,14 +169,14 @@ def test_train_writes_checkpoint_refuses_rerun_then_overwrites(data_dir, tmp_pat
 
 
 def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(data_dir, tmp_path, monkeypatch):
-    original = runner._Trainer.train_epoch
+    original = trainer.Trainer.train_epoch
 
     def interrupted_in_epoch_2(self, epoch, on_step):
         if epoch == 2:
             raise KeyboardInterrupt
         return original(self, epoch, on_step)
 
-    monkeypatch.setattr(runner._Trainer, "train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", interrupted_in_epoch_2)
     args = _tiny_args(data_dir, tmp_path, "c", epochs=3)
     result = invoke(*args)
     run_dir = tmp_path / "c"
@@ -187,7 +187,7 @@ def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(data_dir, tmp_path,
     assert checkpoint.load(run_dir).epochs_done == 1
     assert len(pd.read_csv(run_dir / "metrics.csv")) == 1
 
-    monkeypatch.setattr(runner._Trainer, "train_epoch", original)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", original)
     resumed = invoke("train", "--resume", run_dir, "--quiet")
     assert resumed.exit_code == 0, resumed.output
     assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2, 3]

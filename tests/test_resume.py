@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import yaml
 
-from dpsgd_cli import checkpoint, runner
+from dpsgd_cli import checkpoint, runner, trainer
 from dpsgd_cli.config import load_config
 from dpsgd_cli.data import write_idx
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
+from dpsgd_cli.run_dir import check_run_dir, resume_config
 
 # 1024 examples / batch 64 = 16 steps an epoch: long enough that a kill right after the first checkpoint
 # lands inside epoch 2.
@@ -149,7 +150,7 @@ def test_resume_continues_weights_optimizer_and_epsilon(data_dir, tmp_path):
     assert (stop.value.epochs_done, stop.value.epochs) == (1, 3)
     with pytest.raises(RunDirError, match="holds an unfinished run"):
         runner.run(cfg)
-    resumed = runner.run(runner.resume_config(cfg.run_dir), resume=True)
+    resumed = runner.run(resume_config(cfg.run_dir), resume=True)
     strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in full.records]
     assert [{k: v for k, v in r.items() if k != "elapsed_s"} for r in resumed.records] == strip
     assert resumed.statement == full.statement
@@ -170,25 +171,25 @@ def test_resume_continues_weights_optimizer_and_epsilon(data_dir, tmp_path):
     doc["config"]["data"]["data_dir"] = str(other.parent)
     (cfg2.run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(RunDirError, match="the dataset differs"):
-        runner.run(runner.resume_config(cfg2.run_dir), resume=True)
+        runner.run(resume_config(cfg2.run_dir), resume=True)
     # an edited config (one that changes what is trained) is refused too
     doc["config"]["data"]["data_dir"] = str(data_dir)
     doc["config"]["privacy"]["noise_multiplier"] = 2.0
     (cfg2.run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(RunDirError, match=r"different config .*privacy\.noise_multiplier"):
-        runner.run(runner.resume_config(cfg2.run_dir), resume=True)
+        runner.run(resume_config(cfg2.run_dir), resume=True)
 
 
 def test_divergence_keeps_the_last_good_checkpoint_and_metrics(data_dir, tmp_path, monkeypatch):
     """Epoch 1 trains normally; in epoch 2 the learning rate jumps to 1e6 (SGD, non-private) → NaN."""
-    original = runner._Trainer.train_epoch
+    original = trainer.Trainer.train_epoch
 
     def explode_in_epoch_2(self, epoch, on_step):
         if epoch == 2:
             self.optimizer.learning_rate.assign(1e6)
         return original(self, epoch, on_step)
 
-    monkeypatch.setattr(runner._Trainer, "train_epoch", explode_in_epoch_2)
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", explode_in_epoch_2)
     cfg = _cfg(data_dir, tmp_path, "nan", "privacy.enabled=false", "training.optimizer=sgd",
                "training.learning_rate=0.05")
     ckpt_path, metrics = checkpoint.path_in(cfg.run_dir), cfg.run_dir / "metrics.csv"
@@ -208,7 +209,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_metrics(data_dir, tmp_pat
     doc = yaml.safe_load((cfg.run_dir / "run.yaml").read_text())
     assert doc["status"] == "failed" and "diverged" in doc["error"] and doc["epochs_done"] == 1
     with pytest.raises(RunDirError, match=r"holds a failed run \(epoch 1 of 3 finished"):
-        runner.check_run_dir(cfg.run_dir)
+        check_run_dir(cfg.run_dir)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+"""One run's training state: the model, the compiled DP step, the sampler and the privacy ledger.
+
+`Trainer` trains an epoch, evaluates on the test split, records ε, and turns its state into a checkpoint
+and back. Importing this module does not import TensorFlow; creating a `Trainer` does.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpsgd_cli import __version__, accounting, checkpoint
+from dpsgd_cli.config import ExperimentConfig
+from dpsgd_cli.data import Dataset
+from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
+from dpsgd_cli.privacy_plan import PrivacyPlan
+from dpsgd_cli.privacy_statement import PrivacyFacts
+from dpsgd_cli.sampling import Sampler, steps_in_epoch
+
+StepCallback = Callable[[dict[str, Any]], None]
+EVAL_BATCH = 1000  # test examples per forward pass in `evaluate`
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"dpsgd": __version__, "python": platform.python_version(),
+            **{name: installed(name) for name in ("tensorflow", "keras", "dp-accounting", "numpy")}}
+
+
+class Trainer:
+    """Holds the model, the compiled step, the sampler and the privacy ledger of one run."""
+
+    def __init__(self, cfg: ExperimentConfig, dataset: Dataset, plan: PrivacyPlan, fingerprint: str = ""):
+        import keras
+        import tensorflow as tf
+
+        from dpsgd_cli import engine
+        from dpsgd_cli.model import build_model
+
+        self.tf = tf
+        self.cfg, self.data, self.plan = cfg, dataset, plan
+        self.n = len(dataset.y_train)
+        keras.utils.set_random_seed(cfg.seed)
+        self.sampler = Sampler(sampling=cfg.data.sampling, batch_size=cfg.data.batch_size,
+                               dataset_size=self.n, seed=cfg.seed)
+        self.model = build_model(cfg.model.architecture, cfg.model.activation, seed=cfg.seed)
+        self.optimizer = engine.make_optimizer(cfg.training.optimizer, cfg.training.learning_rate,
+                                               cfg.training.momentum)
+        private = cfg.privacy.enabled
+        grad_fn, forward_fn, self.gradient_path = engine.choose_gradient_path(
+            self.model, cfg.training.gradient_path, private)
+        self.jit_compile = engine.resolve_jit_compile(cfg.training.jit_compile, private=private,
+                                                      gradient_path=self.gradient_path)
+        settings = engine.StepSettings(
+            private=private, noise_multiplier=plan.noise_multiplier, l2_norm_clip=cfg.privacy.l2_norm_clip,
+            microbatch_size=plan.microbatch_size,
+            denominator=float(cfg.data.batch_size // plan.microbatch_size),
+            noise_seed=cfg.seed, jit_compile=self.jit_compile)
+        self.step_fn, self.chunk_fn = engine.make_train_step(self.model, self.optimizer, settings, grad_fn,
+                                                             forward_fn)
+        self.predict = tf.function(lambda x: self.model(x, training=False), jit_compile=self.jit_compile)
+        self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
+        self.ledger = accounting.PrivacyLedger(plan.accounting_noise_multiplier or 0.0, plan.sampling_rate,
+                                               cfg.privacy.delta)
+        self.steps_done = 0
+        self.fingerprint = fingerprint
+        self.versions = library_versions()
+        self.resumed_at: list[int] = []
+
+    def train_epoch(self, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
+        tf = self.tf
+        total = steps_in_epoch(epoch, self.cfg.data.batch_size, self.n, self.cfg.data.sampling)
+        loss_sum = correct = count = 0.0
+        for i, batch in enumerate(self.sampler.epoch(epoch), start=1):
+            (idx, mask), *overflow = batch.chunks
+            extra = self.zeros
+            if overflow:
+                parts = [self.chunk_fn(self.data.x_train[j], self.data.y_train[j], m) for j, m in overflow]
+                extra = [tf.add_n(list(p)) for p in zip(*parts)]
+            out = self.step_fn(self.data.x_train[idx], self.data.y_train[idx], mask, extra,
+                               tf.constant(batch.step, tf.int64))
+            step_loss, step_correct, step_count = (float(v) for v in out)
+            if overflow:  # the overflow chunks' examples are trained on but not in the running stats
+                step_count = float(mask.sum())
+            if not math.isfinite(step_loss):
+                raise TrainingError(f"loss is {step_loss} at epoch {epoch}, step {batch.step + 1}: training "
+                                    f"diverged; lower training.learning_rate "
+                                    f"(now {self.cfg.training.learning_rate:g})")
+            loss_sum, correct, count = loss_sum + step_loss, correct + step_correct, count + step_count
+            self.steps_done = batch.step + 1
+            if on_step:
+                on_step({"epoch": epoch, "step_in_epoch": i, "steps_in_epoch": total,
+                         "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)})
+        if self.cfg.privacy.enabled:
+            self.ledger.advance(total)
+        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
+
+    def evaluate(self) -> dict[str, Any]:
+        """Test loss, accuracy and per-class accuracy on the whole test split."""
+        from dpsgd_cli.engine import per_example_loss
+
+        x, y = self.data.x_test, self.data.y_test
+        logits = []
+        for start in range(0, len(y), EVAL_BATCH):
+            chunk = x[start:start + EVAL_BATCH]
+            pad = EVAL_BATCH - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            logits.append(self.predict(chunk).numpy()[:EVAL_BATCH - pad])
+        logits = np.concatenate(logits)
+        losses = per_example_loss(logits, y).numpy()
+        hits = logits.argmax(axis=1) == y
+        per_class = {f"test_accuracy_class_{k}": float(hits[y == k].mean()) if (y == k).any() else math.nan
+                     for k in range(10)}
+        return {"test_loss": float(losses.mean()), "test_accuracy": float(hits.mean()), **per_class}
+
+    def epoch_record(self, epoch: int, train_stats: dict[str, float], elapsed: float) -> dict[str, Any]:
+        private = self.cfg.privacy.enabled
+        return {
+            "epoch": epoch, "step": self.steps_done, **train_stats, **self.evaluate(),
+            **self._epsilons(),
+            "delta": self.cfg.privacy.delta,
+            "noise_multiplier": self.plan.noise_multiplier if private else 0.0,
+            "l2_norm_clip": self.cfg.privacy.l2_norm_clip if private else math.inf,
+            "batch_size": self.cfg.data.batch_size,
+            "learning_rate": self.cfg.training.learning_rate,
+            "elapsed_s": round(elapsed, 3),
+        }
+
+    def _epsilons(self) -> dict[str, float]:
+        """ε so far by each accountant (inf for a non-private run)."""
+        private = self.cfg.privacy.enabled
+        return {f"epsilon_{a}": self.ledger.epsilon(a) if private else math.inf for a in ("rdp", "pld")}
+
+    def facts(self) -> PrivacyFacts:
+        return PrivacyFacts(
+            noise_multiplier=self.plan.noise_multiplier,
+            accounting_noise_multiplier=self.plan.accounting_noise_multiplier,
+            l2_norm_clip=self.cfg.privacy.l2_norm_clip, sampling_rate=self.plan.sampling_rate,
+            steps=self.ledger.steps, delta=self.cfg.privacy.delta, sampling=self.cfg.data.sampling,
+            microbatch_size=self.plan.microbatch_size,
+            epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"))
+
+    def snapshot(self, epoch: int, records: list[dict[str, Any]], elapsed: float) -> checkpoint.Checkpoint:
+        """The checkpoint after `epoch`; TrainingError if the weights or the test loss are not finite (a
+        diverged model is never checkpointed over the last good one)."""
+        weights = self.model.get_weights()
+        loss = records[-1]["test_loss"]
+        finite_weights = all(np.isfinite(w).all() for w in weights)
+        if not finite_weights or not math.isfinite(loss):
+            what = "the weights became non-finite" if not finite_weights else f"the test loss is {loss}"
+            raise TrainingError(f"{what} after epoch {epoch} (step {self.steps_done}): training diverged; "
+                                f"lower training.learning_rate (now {self.cfg.training.learning_rate:g})")
+        state = {
+            "epochs_done": epoch, "epochs": self.cfg.training.epochs, "steps_done": self.steps_done,
+            "ledger_steps": self.ledger.steps, "elapsed_s": elapsed, "records": records,
+            "config": self.cfg.to_dict(), "noise_multiplier": self.plan.noise_multiplier,
+            "dataset_size": self.n, "data_fingerprint": self.fingerprint,
+            "model_variables": [v.path for v in self.model.weights],
+            "optimizer_variables": self._optimizer_names(), "resumed_at": self.resumed_at,
+            "versions": self.versions,
+        }
+        return checkpoint.Checkpoint(state, weights, [v.numpy() for v in self.optimizer.variables])
+
+    def restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        """Load the weights and optimizer state of `ckpt` and replay the privacy ledger to its step."""
+        where = checkpoint.path_in(self.cfg.run_dir)
+        self._assign(where, "model", self.model.weights, [v.path for v in self.model.weights],
+                     ckpt.model_weights, ckpt.state.get("model_variables"))
+        self._assign(where, "optimizer", self.optimizer.variables, self._optimizer_names(),
+                     ckpt.optimizer_variables, ckpt.state.get("optimizer_variables"))
+        b, sampling = self.cfg.data.batch_size, self.cfg.data.sampling
+        for epoch in range(1, ckpt.epochs_done + 1):  # the ledger calls of the first attempt, in order
+            if self.cfg.privacy.enabled:
+                self.ledger.advance(steps_in_epoch(epoch, b, self.n, sampling))
+            replayed = self._epsilons()
+        self.steps_done = ckpt.steps_done
+        if self.cfg.privacy.enabled and ckpt.records:
+            recorded = {k: ckpt.records[-1][k] for k in replayed}
+            if self.ledger.steps != ckpt.state.get("ledger_steps") or not all(
+                    math.isclose(replayed[k], recorded[k], rel_tol=1e-9) for k in replayed):
+                raise RunDirError(f"{where}: replaying the privacy ledger to step {self.ledger.steps} gives "
+                                  f"{replayed}, but the run recorded {recorded}; cannot resume")
+        self.resumed_at = [*ckpt.state.get("resumed_at", []), ckpt.epochs_done]
+
+    @staticmethod
+    def _assign(where: Path, what: str, variables, names, arrays, stored_names) -> None:
+        shapes = [tuple(v.shape) for v in variables]
+        if stored_names != names or [a.shape for a in arrays] != shapes:
+            raise RunDirError(f"{where}: its {what} variables do not match the {what} this config builds; "
+                              "cannot resume")
+        for variable, array in zip(variables, arrays):
+            variable.assign(array)
+
+    def _optimizer_names(self) -> list[str]:
+        """Optimizer variable paths without the optimizer's own (instance-numbered) name."""
+        return [v.path.split("/", 1)[-1] for v in self.optimizer.variables]
+
+    def save_weights(self, path: Path) -> None:
+        tmp = path.with_name(".tmp." + path.name)
+        try:
+            self.model.save_weights(tmp)
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
