@@ -1,4 +1,5 @@
 """Run outputs: per-epoch records → a pandas DataFrame with a fixed column order, written atomically.
+pandas is imported only by the functions that use it.
 
 Every write is atomic (see `dpsgd_cli.atomic`): a crash never leaves a half-written metrics.csv or
 run.yaml, readers see the old file or the new one.
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from dpsgd_cli.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 NUM_CLASSES = 10
 METRIC_COLUMNS = (
@@ -26,6 +29,8 @@ METRIC_COLUMNS = (
 
 def metrics_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Records (one per epoch) as a DataFrame whose columns are exactly METRIC_COLUMNS."""
+    import pandas as pd  # imported when first needed: reading run.yaml alone does not need it
+
     frame = pd.DataFrame(list(records))
     missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
     if frame.empty:
@@ -41,6 +46,8 @@ def write_metrics(records: Iterable[dict[str, Any]], path: Path) -> None:
 
 
 def read_metrics(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.read_csv(path)
 
 
@@ -56,4 +63,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def write_table(rows: Iterable[dict[str, Any]], path: Path) -> None:
     """Write any list of flat records as CSV, atomically (columns in first-seen order)."""
+    import pandas as pd
+
     atomic_write_text(path, pd.DataFrame(list(rows)).to_csv(index=False))

@@ -15,7 +15,7 @@ from dpsgd_cli.data import CLASS_NAMES
 from dpsgd_cli.errors import RunDirError
 from dpsgd_cli.plots import curves_figure, per_class_figure, plot_runs
 from dpsgd_cli.results import METRIC_COLUMNS, write_metrics, write_yaml
-from dpsgd_cli.sweep import load_runs, run_labels
+from dpsgd_cli.run_summaries import load_runs, run_labels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,17 +15,8 @@ from typer.testing import CliRunner
 from dpsgd_cli.cli import app
 from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
 from dpsgd_cli.results import METRIC_COLUMNS, write_metrics, write_yaml
-from dpsgd_cli.sweep import (
-    SUMMARY_COLUMNS,
-    grid_points,
-    load_runs,
-    parse_grid,
-    plan_sweep,
-    run_name,
-    run_sweep,
-    varied_keys,
-    write_summary,
-)
+from dpsgd_cli.run_summaries import SUMMARY_COLUMNS, load_runs, varied_keys, write_summary
+from dpsgd_cli.sweep import grid_points, parse_grid, plan_sweep, run_name, run_sweep
 
 GRID = ["privacy.noise_multiplier=1.1,1.2", "data.batch_size=64,128"]
 NAMES = ["noise_multiplier=1.1_batch_size=64", "noise_multiplier=1.1_batch_size=128",

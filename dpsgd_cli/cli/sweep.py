@@ -16,7 +16,8 @@ PathsArgument = Annotated[list[Path], typer.Argument(
     help="Run directories (holding run.yaml) or sweep directories (holding runs).", show_default=False)]
 
 if TYPE_CHECKING:
-    from dpsgd_cli.sweep import PlannedRun, RunInfo, SweepPlan
+    from dpsgd_cli.run_summaries import RunInfo
+    from dpsgd_cli.sweep import PlannedRun, SweepPlan
 
 
 def _sweeps():
@@ -24,6 +25,13 @@ def _sweeps():
     from dpsgd_cli import sweep
 
     return sweep
+
+
+def _summaries():
+    """The `dpsgd_cli.run_summaries` module, imported when a command needs it."""
+    from dpsgd_cli import run_summaries
+
+    return run_summaries
 
 
 @app.command()
@@ -55,7 +63,7 @@ def sweep(
         return
     outcome = sweeps.run_sweep(plan, overwrite=overwrite, **_callbacks(quiet))
     if outcome.summary_path is not None:
-        runs, keys = sweeps.load_runs([plan.sweep_dir], plan.keys)
+        runs, keys = _summaries().load_runs([plan.sweep_dir], plan.keys)
         console.print(report_table(runs, keys))
         console.print(f"wrote {outcome.summary_path}", highlight=False)
     if outcome.failed:
@@ -67,7 +75,7 @@ def sweep(
 def _plan_counts(plan: SweepPlan, overwrite: bool) -> str:
     """'4 runs in results/x/: 3 already finished, 1 to train' (plus runs whose config changed)."""
     n = len(plan.runs)
-    finished = sum(r.state == _sweeps().FINISHED for r in plan.runs)
+    finished = sum(r.state == _summaries().FINISHED for r in plan.runs)
     changed = sum(r.state == "changed" for r in plan.runs)
     todo = n - finished - changed if not overwrite else n
     runs = f"{n} run" + ("s" if n != 1 else "")
@@ -117,20 +125,20 @@ def _eps_text(pld: float, rdp: float) -> str:
 
 
 def _plan_table(plan: SweepPlan, overwrite: bool) -> Table:
-    sweeps = _sweeps()
+    summaries = _summaries()
     table = Table(title=f"sweep {plan.name}")
     table.add_column("run")
     for key in plan.keys:
-        table.add_column(sweeps.short_name(key), justify="right")
+        table.add_column(summaries.short_name(key), justify="right")
     table.add_column("state → action")
     for planned in plan.runs:
-        table.add_row(planned.name, *(sweeps.value_text(v) for _, v in planned.assignment),
+        table.add_row(planned.name, *(summaries.value_text(v) for _, v in planned.assignment),
                       _plan_action(planned, overwrite))
     return table
 
 
 def _plan_action(planned: PlannedRun, overwrite: bool) -> str:
-    if planned.state == _sweeps().FINISHED:
+    if planned.state == _summaries().FINISHED:
         return "finished → re-train" if overwrite else "finished → skip"
     if planned.state == "changed":
         what = f"finished with another config ({'; '.join(planned.differences)})"
@@ -144,7 +152,7 @@ def report(paths: PathsArgument) -> None:
     """Compare runs in a table: final and best test accuracy, ε (PLD and RDP), epochs, wall time.
 
     Columns name only the settings that differ between the runs; the title names the shared ones."""
-    runs, keys = _sweeps().load_runs(paths)
+    runs, keys = _summaries().load_runs(paths)
     console.print(report_table(runs, keys))
 
 
@@ -154,31 +162,31 @@ RESULT_COLUMNS = ("σ", "epochs", "final acc", "best acc (epoch)", "ε PLD", "ε
 def report_table(runs: list[RunInfo], keys: list[str]) -> Table:
     """One row per run: its values of the varied keys, σ, epochs, accuracies, ε, wall time (and δ and
     status when they matter). The title names what all runs share."""
-    sweeps = _sweeps()
-    title = sweeps.shared_title(runs, keys) if runs else "no runs"
+    summaries = _summaries()
+    title = summaries.shared_title(runs, keys) if runs else "no runs"
     deltas = {run.settings.get("privacy.delta") for run in runs if run.private}
-    distinct = {tuple(sweeps.value_text(r.settings.get(k)) for k in keys) for r in runs}
+    distinct = {tuple(summaries.value_text(r.settings.get(k)) for k in keys) for r in runs}
     show = {
         "run": not keys or len(distinct) < len(runs),
         "σ": "privacy.noise_multiplier" not in keys,
         "δ": len(deltas) > 1,
-        "status": any(run.status != sweeps.FINISHED for run in runs),
+        "status": any(run.status != summaries.FINISHED for run in runs),
     }
     if len(deltas) == 1:
-        title += f", δ = {sweeps.value_text(next(iter(deltas)))}"
+        title += f", δ = {summaries.value_text(next(iter(deltas)))}"
     table = Table(title=title)
     if show["run"]:
         table.add_column("run")
     columns = [c for c in RESULT_COLUMNS if show.get(c, True)]
     for key in keys:
-        short = sweeps.short_name(key)
+        short = summaries.short_name(key)
         table.add_column(key if short in columns else short, justify="right")
     for column in columns:
         table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
     for run in runs:
-        row = sweeps.summary_row(run, keys)
+        row = summaries.summary_row(run, keys)
         cells = [run.name] if show["run"] else []
-        cells += [sweeps.value_text(row[k]) for k in keys]
+        cells += [summaries.value_text(row[k]) for k in keys]
         values = _result_cells(row, run)
         table.add_row(*cells, *(values[c] for c in columns))
     return table
@@ -186,7 +194,7 @@ def report_table(runs: list[RunInfo], keys: list[str]) -> Table:
 
 def _result_cells(row: dict[str, Any], run: RunInfo) -> dict[str, str]:
     cells = {"σ": f"{row['noise_multiplier']:.4g}" if run.private else "—", "δ": _num(row["delta"]),
-             "status": run.status if run.status == _sweeps().FINISHED else f"[yellow]{run.status}[/]"}
+             "status": run.status if run.status == _summaries().FINISHED else f"[yellow]{run.status}[/]"}
     if math.isnan(row["epochs"]):
         return {**dict.fromkeys(RESULT_COLUMNS, "—"), **cells}
     private = run.private and math.isfinite(row["epsilon_pld"])
@@ -228,7 +236,7 @@ def plot(
 
     written, drawn = plot_runs(paths, out, per_class)
     for run in drawn:
-        if run.status != _sweeps().FINISHED:
+        if run.status != _summaries().FINISHED:
             console.print(f"note: {run.run_dir} is {run.status} (drawn up to epoch "
                           f"{int(run.metrics['epoch'].iloc[-1])})", highlight=False)
     for path in written:
