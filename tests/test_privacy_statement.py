@@ -1,0 +1,38 @@
+"""dpsgd_cli.privacy_statement: the guarantee names every assumption it rests on."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpsgd_cli.privacy_statement import PrivacyFacts, privacy_statement
+
+
+def _facts(**changes) -> PrivacyFacts:
+    base = dict(noise_multiplier=1.1, accounting_noise_multiplier=1.1, l2_norm_clip=1.0, sampling_rate=0.004,
+                steps=1000, delta=1e-5, sampling="poisson", microbatch_size=1, epsilon_rdp=2.6,
+                epsilon_pld=2.4)
+    return PrivacyFacts(**{**base, **changes})
+
+
+def test_statement_names_every_assumption():
+    text = privacy_statement(_facts())
+    for words in ("(2.4, 1e-05)-DP", "PLD accountant", "RDP accountant: ε = 2.6", "add/remove-one",
+                  "Poisson sampling at rate q = 0.004", "σ = 1.1", "C = 1", "1000 steps", "exactly so"):
+        assert words in text, words
+    assert "Chua" not in text
+
+
+@pytest.mark.parametrize("source", ["run", "config", "options"])
+def test_statement_flags_shuffling_as_optimistic(source):
+    text = privacy_statement(_facts(sampling="shuffle", source=source))
+    assert "shuffled fixed-size batches" in text and "optimistic" in text and "Chua et al., 2024" in text
+
+
+def test_statement_for_one_accountant_microbatches_and_options():
+    text = privacy_statement(_facts(epsilon_pld=None, l2_norm_clip=None, microbatch_size=4,
+                                    accounting_noise_multiplier=0.55, source="options"))
+    assert text.startswith("(2.6, 1e-05)-DP by the RDP accountant") and "PLD" not in text
+    assert "clipped" not in text and "σ/2 = 0.55" in text
+    assert "optimistic" in text  # warns that shuffling would break the Poisson assumption
+    full = privacy_statement(_facts(sampling_rate=1.0, epsilon_rdp=None))
+    assert "q = 1" in full and "Poisson" not in full
