@@ -406,7 +406,7 @@ def noise(
     sampling: SamplingOption = None,
     delta: DeltaOption = None,
     accountant: Annotated[str, typer.Option(
-        "--accountant", help="rdp (fast) or pld (tighter, so a smaller σ; tens of seconds).")] = "rdp",
+        "--accountant", help="rdp (fast) or pld (tighter, so a smaller σ; a few seconds).")] = "rdp",
     json_out: JsonOption = False,
 ) -> None:
     """Print the smallest noise multiplier σ that keeps ε ≤ --target-epsilon after the given training."""
@@ -420,7 +420,7 @@ def noise(
                         num_microbatches=num_microbatches, sampling=sampling, delta=delta, need_sigma=False)
     try:
         exact = calibrate_noise_multiplier(target_epsilon, s.delta, s.sampling_rate, s.steps,
-                                                      accountant=acc, microbatch_size=s.microbatch_size)
+                                           accountant=acc, microbatch_size=s.microbatch_size)
     except ValueError as exc:  # e.g. no σ reaches the target, or it is too small for PLD
         raise ConfigError(str(exc)) from None
     sigma = round_up(exact)
