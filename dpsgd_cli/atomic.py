@@ -1,7 +1,8 @@
 """Atomic file writes: a crash leaves either the old file or the new one, never half of one.
 
 The data goes to a temporary file in the target's directory, is flushed and fsynced, gets the usual
-permissions (0666 less the umask; mkstemp would leave 0600), and is renamed over the target; the
+permissions (0666 less the umask; mkstemp would leave 0600) or the `mode` asked for (0600 for a secret),
+and is renamed over the target; the
 directory is then fsynced so the rename itself survives a power loss.
 """
 
@@ -14,14 +15,15 @@ from pathlib import Path
 from dpsgd_cli.errors import OutputError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically. Raises OutputError on I/O failure."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data` atomically, with permissions `mode` (default 0666 less the umask).
+    The permissions are set before any byte is written. Raises OutputError on I/O failure."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -35,9 +37,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc.__class__.__name__})") from None
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
     """`atomic_write_bytes` of `text` encoded as UTF-8."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def _umask() -> int:

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from dpsgd_cli.run_key import new_run_key
+
 PATHS = ("nonprivate", "nonprivate_fast", "vectorized_map", "fast")
 
 
@@ -82,8 +84,7 @@ def _build_step(case: BenchCase, seed: int):
                "fast": fastgrad.fast_clipped_gradient_sum}.get(case.path)
     forward_fn = fastgrad.forward if case.path == "nonprivate_fast" else None
     settings = engine.StepSettings(private=private, noise_multiplier=1.1, l2_norm_clip=1.0, microbatch_size=1,
-                                   denominator=float(case.batch_size), noise_seed=seed,
-                                   jit_compile=case.jit_compile)
+                                   denominator=float(case.batch_size), jit_compile=case.jit_compile)
     step_fn, _ = engine.make_train_step(model, keras.optimizers.SGD(0.01), settings, grad_fn, forward_fn)
     zeros = [tf.zeros_like(v) for v in model.trainable_variables]
     return step_fn, zeros
@@ -100,15 +101,16 @@ def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0
     mask = np.zeros(capacity, np.float32)
     mask[:case.batch_size] = 1.0
     mask = tf.constant(mask)
+    key = new_run_key(reproducible=False, seed=seed, name="bench")
     with _PeakRss() as memory:
         step_fn, zeros = _build_step(case, seed)
         start = time.perf_counter()
-        [float(v) for v in step_fn(x, y, mask, zeros, tf.constant(0, tf.int64))]
+        [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(0))]
         compile_s = time.perf_counter() - start
         times = []
         for i in range(warmup + steps):
             start = time.perf_counter()
-            [float(v) for v in step_fn(x, y, mask, zeros, tf.constant(i + 1, tf.int64))]
+            [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i + 1))]
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     step_s = statistics.median(times)

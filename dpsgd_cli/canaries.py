@@ -10,19 +10,20 @@ input is in distribution (so the network's features respond to it), yet its labe
 else the model sees, which gives the loss-based guess its power. (The true-label original stays in the
 training set in every case: the real data are never changed.)
 
-How they enter training: canary i is included with probability 1/2, independently of all else, from a
-seeded draw (``numpy.random.default_rng([seed, CANARY_STREAM])``; the sampler uses ``[seed, epoch]``
-streams with small epoch numbers, so the streams never coincide). The included canaries are appended to
-``x_train``/``y_train`` *before* the privacy plan is made, so the sampling rate q = B/n counts them.
+How they enter training: canary i is included with probability 1/2, independently of all else. The
+images and wrong labels are drawn from ``seed`` (``numpy.random.default_rng([seed, CANARY_STREAM])``: not
+secret), the inclusion coins from the run's secret key (``RunKey.generator(STREAM_CANARIES)``), so that
+nobody who reads run.yaml can recompute them. The included canaries are appended to
+``x_train``/``y_train``; the sampling rate q = B/(n + m) counts *all* m canaries, so the mechanism (q, σ,
+steps) does not depend on the coins the audit treats as secret.
 
 Guarantees in words:
 * For the accounting, an included canary is an ordinary training example: the run is DP with respect to
   adding or removing any one example of its final training set, canaries included, and the accountant's
   (ε, δ) covers every one of them exactly as it covers a real example. Nothing else about the real data
-  changes: they are all still there, once each (n grows by the included canaries only). As everywhere in
-  DP-SGD accounting (TF Privacy, Opacus), n and so q are treated as public: adding one canary changes
-  q = B/n by the factor n/(n + 1), which the accountant does not model (the usual convention; the audit
-  inherits it).
+  changes: they are all still there, once each. q = B/(n + m) is fixed before the coins are tossed, so
+  including or excluding one canary changes only whether that example can be sampled: exactly the
+  add/remove-one adjacency the accountant models.
 * The audit (``dpsgd audit``) guesses each canary's inclusion bit from its loss under the final model and
   turns the number of correct guesses into ε_lb with Theorem 3 of the paper. If the training algorithm is
   (ε, δ)-DP, then with probability at least ``confidence`` (over the inclusion coins and the training
@@ -41,6 +42,7 @@ import numpy as np
 from dpsgd_cli.atomic import atomic_write_bytes
 from dpsgd_cli.data import Dataset
 from dpsgd_cli.errors import ConfigError, RunDirError
+from dpsgd_cli.run_key import STREAM_CANARIES, RunKey
 
 CANARY_STREAM = 0x5CA7A27  # second entry of the rng key; never a (small) epoch number
 CANARY_FILE = "canaries.npz"
@@ -62,8 +64,9 @@ class CanarySet:
         return len(self.y)
 
 
-def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int) -> CanarySet:
-    """Draw m canaries from the real training set (see the module docstring); deterministic in `seed`."""
+def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int, key: RunKey) -> CanarySet:
+    """Draw m canaries from the real training set (see the module docstring): images and labels from
+    `seed`, inclusion coins from the run's `key`."""
     n = len(y_train)
     if not 1 <= m <= n:
         raise ConfigError(f"privacy.canaries: {m} canaries need at least as many training examples "
@@ -72,14 +75,14 @@ def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int) -
     source = np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
     shift = rng.integers(1, NUM_CLASSES, size=m)  # 1..9: never the true label
     labels = ((y_train[source].astype(np.int64) + shift) % NUM_CLASSES).astype(np.int32)
-    included = rng.random(m) < 0.5
+    included = key.generator(STREAM_CANARIES).random(m) < 0.5
     return CanarySet(x=np.array(x_train[source], dtype=np.float32), y=labels, included=included,
                      source_index=source)
 
 
-def add_canaries(dataset: Dataset, m: int, seed: int) -> tuple[Dataset, CanarySet]:
+def add_canaries(dataset: Dataset, m: int, seed: int, key: RunKey) -> tuple[Dataset, CanarySet]:
     """Return the dataset with the included canaries appended to x_train/y_train, and all m canaries."""
-    canary_set = make_canaries(dataset.x_train, dataset.y_train, m, seed)
+    canary_set = make_canaries(dataset.x_train, dataset.y_train, m, seed, key)
     keep = canary_set.included
     grown = replace(dataset,
                     x_train=np.concatenate([dataset.x_train, canary_set.x[keep]]),

@@ -67,6 +67,9 @@ class PrivacyConfig:
     `target_epsilon`: instead of `noise_multiplier`, calibrate σ so the run ends at this ε (at `delta`).
     `canaries`: m canary examples for a one-run privacy audit (`dpsgd audit`), each in the training set
     with probability 1/2; 0 = none.
+    `reproducible`: false (default) = the noise, the batches and the canary coins come from a secret key
+    drawn from OS entropy for each run; true = derived from `seed` and the run name (research and tests:
+    the run's ε then holds only while seed and config stay secret). See `run_key`.
     """
 
     enabled: bool = True
@@ -76,6 +79,7 @@ class PrivacyConfig:
     num_microbatches: int | None = None
     delta: float = 1e-5
     canaries: int = 0
+    reproducible: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,6 +278,8 @@ def _validate_privacy(p: PrivacyConfig, d: DataConfig) -> None:
     _check(math.isfinite(p.l2_norm_clip) or not p.noise_multiplier,
            "privacy.l2_norm_clip: must be finite when noise_multiplier > 0 (the noise std is σ·C)")
     _check(p.canaries >= 0, f"privacy.canaries: must be ≥ 0, got {p.canaries}")
+    _check(p.canaries == 0 or d.sampling == "poisson",
+           "privacy.canaries: the canary audit needs data.sampling: poisson (each canary may join any step)")
     if p.noise_multiplier is not None:
         _check(0 <= p.noise_multiplier < math.inf,
                f"privacy.noise_multiplier: must be ≥ 0, got {p.noise_multiplier}")

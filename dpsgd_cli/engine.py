@@ -69,14 +69,16 @@ def vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1
     return sums, losses, logits
 
 
-def gaussian_noise(variables, stddev: float, seed: tf.Tensor, step: tf.Tensor) -> list[tf.Tensor]:
-    """Fresh N(0, stddev²) noise shaped like each variable, from a stateless generator keyed by (seed, step).
+def gaussian_noise(variables, stddev: float, noise_seed: tf.Tensor) -> list[tf.Tensor]:
+    """Fresh N(0, stddev²) noise shaped like each variable, from TensorFlow's stateless generator (Philox)
+    keyed by `noise_seed` ([2] int64; one per step, `run_key.RunKey.noise_seed(step)`).
 
-    The same (seed, step) always gives the same noise, so runs are reproducible and resumable.
+    The same seed always gives the same noise, so a run resumes exactly; the seed derives from the run's
+    secret key, so nobody without the key can regenerate (and subtract) the noise.
     """
     sizes = [int(v.shape.num_elements()) for v in variables]
-    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
-    flat = tf.random.stateless_normal([sum(sizes)], seed=key, stddev=stddev, dtype=tf.float32)
+    seed = tf.cast(noise_seed, tf.int64)
+    flat = tf.random.stateless_normal([sum(sizes)], seed=seed, stddev=stddev, dtype=tf.float32)
     return [tf.reshape(part, v.shape) for part, v in zip(tf.split(flat, sizes), variables)]
 
 
@@ -91,13 +93,15 @@ class StepSettings:
     l2_norm_clip: float
     microbatch_size: int
     denominator: float
-    noise_seed: int
     jit_compile: bool
 
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
                     grad_sum_fn: GradSumFn | None = None, forward_fn=None):
-    """Build the compiled step `step(x, y, mask, extra_sums, step_index) -> (loss_sum, correct, count)`.
+    """Build the compiled step `step(x, y, mask, extra_sums, noise_seed) -> (loss_sum, correct, count)`.
+
+    `noise_seed` [2] int64 keys this step's noise (`run_key.RunKey.noise_seed(step)`); it is an input of
+    the step, never a constant inside the traced graph, so no graph or XLA dump holds key material.
 
     `extra_sums` are clipped-gradient sums of overflow chunks of the same step (zeros normally), added
     before the noise, so a Poisson batch larger than the capacity is never truncated.
@@ -121,11 +125,11 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
 
     gradient_sum = private_sum if s.private else plain_sum
 
-    def step(x, y, mask, extra_sums, step_index):
+    def step(x, y, mask, extra_sums, noise_seed):
         sums, losses, logits = gradient_sum(x, y, mask)
         sums = [g + e for g, e in zip(sums, extra_sums)]
         if s.private and s.noise_multiplier > 0:
-            noise = gaussian_noise(variables, s.noise_multiplier * s.l2_norm_clip, s.noise_seed, step_index)
+            noise = gaussian_noise(variables, s.noise_multiplier * s.l2_norm_clip, noise_seed)
             sums = [g + n for g, n in zip(sums, noise)]
         grads = [g / s.denominator for g in sums]
         optimizer.apply(grads, variables)

@@ -17,20 +17,23 @@ from dpsgd_cli.sampling import steps_after_epochs
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """The privacy parameters of a run, resolved before training starts."""
+    """The privacy parameters of a run, resolved before training starts. `dataset_size` is the n of
+    q = batch_size / n: the training examples plus all `privacy.canaries` (included or not)."""
 
     noise_multiplier: float
     accounting_noise_multiplier: float
     sampling_rate: float
     total_steps: int
     microbatch_size: int
+    dataset_size: int
 
 
 def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
                  noise_multiplier: float | None = None) -> PrivacyPlan:
     """Resolve σ (calibrating it from `target_epsilon` if asked, unless `noise_multiplier` gives the σ a
-    resumed run already trained with) and the accounting parameters."""
-    b, n = cfg.data.batch_size, dataset_size
+    resumed run already trained with) and the accounting parameters. `dataset_size`: the real training
+    examples; all m canaries are added to it, so q does not depend on their secret inclusion coins."""
+    b, n = cfg.data.batch_size, dataset_size + cfg.privacy.canaries
     if b > n:
         raise ConfigError(f"data.batch_size: {b} is larger than the {n} training examples")
     total = steps_after_epochs(cfg.training.epochs, b, n, cfg.data.sampling)
@@ -46,4 +49,4 @@ def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
                               f"steps ({exc.__class__.__name__}); give privacy.noise_multiplier instead") \
                 from None
     sigma = 0.0 if sigma is None else sigma
-    return PrivacyPlan(sigma, accounting.accounting_noise_multiplier(sigma, k), b / n, total, k)
+    return PrivacyPlan(sigma, accounting.accounting_noise_multiplier(sigma, k), b / n, total, k, n)

@@ -27,6 +27,7 @@ class PrivacyFacts:
     epsilon_rdp: float | None
     epsilon_pld: float | None
     source: str = "run"
+    randomness: str | None = None
 
 
 def _fmt(eps: float) -> str:
@@ -70,4 +71,28 @@ def privacy_statement(f: PrivacyFacts) -> str:
     else:
         parts.append("With shuffled fixed-size batches instead, this Poisson analysis would be an "
                      "optimistic assumption (Chua et al., 2024).")
+    parts += _randomness_sentences(f)
     return " ".join(parts)
+
+
+COVERAGE = ("It covers the model weights after every epoch and at the end, and what is computed from them "
+            "alone (test loss and accuracy); it does not cover train_loss and train_accuracy (metrics.csv, "
+            "progress line), which are computed on the private batches without noise (`dpsgd export` "
+            "leaves them out).")
+
+
+def _randomness_sentences(f: PrivacyFacts) -> list[str]:
+    """Where the noise and batches came from, and which outputs the guarantee covers."""
+    if f.randomness is None:
+        return []
+    run = f.source == "run"
+    if f.randomness == "reproducible":
+        said = ("Reproducible mode (privacy.reproducible: true): the noise and the batches "
+                + ("were" if run else "will be") + " derived from the seed and the run name in the config, "
+                "so this ε holds only while the seed and the config stay secret; whoever knows them can "
+                "regenerate the noise and the batches, and then ε = ∞.")
+    else:
+        said = ("The noise and the batch selection " + ("came" if run else "will come") + " from a secret "
+                "128-bit key drawn from the operating system's entropy and kept only in the run's run.key "
+                "(never share it: with it the noise can be subtracted).")
+    return [said, COVERAGE] if run else [said]

@@ -5,9 +5,10 @@ sampling rate, steps actually taken), never re-typed. This module never prints; 
 
 Nothing finished is lost: after every epoch the run writes `checkpoint.ckpt` (see `checkpoint`), then
 metrics.csv, so metrics.csv never holds an epoch the checkpoint lacks. `run(cfg, resume=True)` continues
-from that checkpoint: sampling is keyed by (seed, epoch) and noise by (seed, step), so with the weights,
-the optimizer state and the privacy ledger restored (replayed epoch by epoch, as the first attempt
-advanced it) the resumed run repeats the uninterrupted one exactly, ε included.
+from that checkpoint: sampling is keyed by (run key, epoch) and noise by (run key, step), and the key is
+read back from the run's 0600 `run.key` (see `run_key`), so with the weights, the optimizer state and the
+privacy ledger restored (replayed epoch by epoch, as the first attempt advanced it) the resumed run
+repeats the uninterrupted one exactly, ε included.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dpsgd_cli.privacy_plan import PrivacyPlan, plan_privacy
 from dpsgd_cli.privacy_statement import privacy_statement
 from dpsgd_cli.results import write_metrics, write_yaml
 from dpsgd_cli.run_dir import FINISHED, METRICS_FILE, RUN_FILE, WEIGHTS_FILE, check_run_dir, prepare_run_dir
+from dpsgd_cli.run_key import RunKey, load_run_key, new_run_key, save_run_key
 from dpsgd_cli.sampling import steps_after_epochs
 from dpsgd_cli.trainer import StepCallback, Trainer, library_versions
 
@@ -52,23 +54,30 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
-        on_epoch: EpochCallback | None = None, overwrite: bool = False, resume: bool = False) -> RunResult:
-    """Train `cfg` and write metrics.csv, run.yaml and a checkpoint per epoch under `cfg.run_dir`.
+        on_epoch: EpochCallback | None = None, overwrite: bool = False, resume: bool = False,
+        run_key: RunKey | None = None) -> RunResult:
+    """Train `cfg` and write run.key (0600), metrics.csv, run.yaml and a checkpoint per epoch under
+    `cfg.run_dir`.
 
-    `resume`: continue the unfinished run in `cfg.run_dir` from its checkpoint (`cfg` must be the one it
-    was started with: see `resume_config`). Raises RunInterrupted on Ctrl-C, TrainingError on a
-    non-finite loss (the last checkpoint and metrics.csv stay as they were)."""
+    `resume`: continue the unfinished run in `cfg.run_dir` from its checkpoint and run.key (`cfg` must be
+    the one it was started with: see `resume_config`). `run_key`: the key of a new run (default: a fresh
+    secret key, or the reproducible one when `privacy.reproducible` is true). Raises RunInterrupted on
+    Ctrl-C, TrainingError on a non-finite loss (the last checkpoint and metrics.csv stay as they were)."""
     run_dir = cfg.run_dir
     check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     ckpt = checkpoint.load(run_dir) if resume else None
+    key = load_run_key(run_dir) if resume else run_key or new_run_key(
+        reproducible=cfg.privacy.reproducible, seed=cfg.seed, name=cfg.name)
+    _check_key_mode(key, cfg, run_dir)
     dataset = load_dataset(cfg.data.dataset, resolved_data_dir(cfg), cfg.data.train_size, cfg.data.test_size)
+    real_examples = len(dataset.y_train)
     canary_set = None
     if cfg.privacy.canaries:
         from dpsgd_cli import canaries
 
-        dataset, canary_set = canaries.add_canaries(dataset, cfg.privacy.canaries, cfg.seed)
+        dataset, canary_set = canaries.add_canaries(dataset, cfg.privacy.canaries, cfg.seed, key)
     recorded_sigma = ckpt.state.get("noise_multiplier") if ckpt and cfg.privacy.target_epsilon else None
-    plan = plan_privacy(cfg, len(dataset.y_train), noise_multiplier=recorded_sigma)
+    plan = plan_privacy(cfg, real_examples, noise_multiplier=recorded_sigma)
     fingerprint = data_fingerprint(dataset)
     if ckpt:
         _check_continues(ckpt, cfg, plan, fingerprint)
@@ -76,10 +85,11 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         checkpoint.remove_temporaries(run_dir)
     else:
         prepare_run_dir(run_dir, overwrite)
+        save_run_key(key, run_dir)
         write_yaml(_run_document(cfg, plan, None, "running", None), run_dir / RUN_FILE)
-    if canary_set is not None:  # deterministic in the seed: a resumed run writes the same file again
+    if canary_set is not None:  # deterministic in (seed, key): a resumed run writes the same file again
         canaries.save_canaries(canary_set, run_dir)
-    trainer = Trainer(cfg, dataset, plan, fingerprint)
+    trainer = Trainer(cfg, dataset, plan, key, fingerprint)
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:
         trainer.restore(ckpt)
@@ -163,6 +173,22 @@ def _check_continues(ckpt: checkpoint.Checkpoint, cfg: ExperimentConfig, plan: P
                           "cannot resume")
 
 
+RANDOMNESS = {
+    False: "secret: noise, batches and canary coins from a 128-bit key drawn from OS entropy, kept only in "
+           "run.key (mode 0600; never share it)",
+    True: "reproducible: noise, batches and canary coins derived from seed and name (privacy.reproducible: "
+          "true); whoever knows them can regenerate the noise, so ε holds only while they stay secret",
+}
+
+
+def _check_key_mode(key: RunKey, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """The key's mode must be what `privacy.reproducible` asks for (a resumed run keeps its mode)."""
+    wanted = "reproducible" if cfg.privacy.reproducible else "secret"
+    if key.mode != wanted:
+        raise RunDirError(f"{run_dir}: the run key is {key.mode} but privacy.reproducible is "
+                          f"{str(cfg.privacy.reproducible).lower()}; a run keeps the mode it started with")
+
+
 NONPRIVATE_STATEMENT = ("No differential privacy: privacy.enabled is false (non-private baseline: "
                         "no clipping, no noise).")
 
@@ -171,6 +197,7 @@ def _run_document(cfg, plan: PrivacyPlan, trainer: Trainer | None, status: str, 
     doc: dict[str, Any] = {
         "status": status,
         "config": cfg.to_dict(),
+        "randomness": RANDOMNESS[cfg.privacy.reproducible],
         "resolved": {
             "noise_multiplier": plan.noise_multiplier,
             "accounting_noise_multiplier": plan.accounting_noise_multiplier,

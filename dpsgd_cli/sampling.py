@@ -2,9 +2,13 @@
 
 Every step yields index arrays padded to a fixed `capacity` plus a 0/1 mask, so the compiled step sees
 one input shape for the whole run and is traced once. Randomness comes from numpy generators keyed by
-(seed, epoch), so batches are reproducible and a run can resume mid-way.
+the run's secret key and the epoch (`run_key.RunKey.generator`), so nobody without the key can tell which
+examples a step used, while a run holding its key resumes mid-way exactly.
 
-Poisson: each of the n examples joins each step independently with probability q = batch_size / n.
+Poisson: each example joins each step independently with probability q = batch_size / n, where n is the
+`dataset_size` the accounting counts. The examples actually present (`population`) may be fewer: with
+canaries, n counts all m canaries while only the included ones are present, so q never depends on the
+secret inclusion coins.
 The batch size varies (Binomial(n, q), mean batch_size); capacity = batch_size + ⌈2·√(batch_size·(1−q))⌉
 rounded up to a multiple of 8. A batch larger than the capacity is split into several chunks of the same
 step (their clipped gradients are summed before the noise), so no sampled example is ever dropped and
@@ -23,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from dpsgd_cli.run_key import STREAM_SAMPLING, RunKey
 
 SAMPLINGS = ("poisson", "shuffle")
 
@@ -61,23 +67,32 @@ def steps_after_epochs(epochs: float, batch_size: int, dataset_size: int, sampli
 
 
 class Sampler:
-    """Yields the batches of one epoch at a time; `capacity` is the compiled step's batch dimension."""
+    """Yields the batches of one epoch at a time; `capacity` is the compiled step's batch dimension.
 
-    def __init__(self, *, sampling: str, batch_size: int, dataset_size: int, seed: int):
+    `dataset_size` is n of the accounting (q = batch_size / n, epoch lengths); `population` (default n)
+    is how many examples are present to sample from (≤ n; fewer only with canaries, Poisson only)."""
+
+    def __init__(self, *, sampling: str, batch_size: int, dataset_size: int, key: RunKey,
+                 population: int | None = None):
+        population = dataset_size if population is None else population
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if not 1 <= batch_size <= dataset_size:
             raise ValueError(f"batch_size must be in [1, {dataset_size}], got {batch_size}")
+        if not 1 <= population <= dataset_size or (sampling == "shuffle" and population != dataset_size):
+            raise ValueError(f"population must be in [1, {dataset_size}] (equal to it for shuffling), "
+                             f"got {population}")
         self.sampling = sampling
         self.batch_size = batch_size
         self.dataset_size = dataset_size
-        self.seed = seed
+        self.population = population
+        self.key = key
         self.sampling_rate = batch_size / dataset_size
         self.capacity = batch_size if sampling == "shuffle" else poisson_capacity(batch_size, dataset_size)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of epoch `epoch` (1-based); the same (seed, epoch) always gives the same batches."""
-        rng = np.random.default_rng([self.seed, epoch])
+        """The batches of epoch `epoch` (1-based); the same (key, epoch) always gives the same batches."""
+        rng = self.key.generator(STREAM_SAMPLING, epoch)
         first = steps_after_epochs(epoch - 1, self.batch_size, self.dataset_size, self.sampling)
         count = steps_in_epoch(epoch, self.batch_size, self.dataset_size, self.sampling)
         if self.sampling == "shuffle":
@@ -87,7 +102,7 @@ class Sampler:
                 yield Batch(first + i, ((idx, np.ones(self.capacity, np.float32)),), self.batch_size)
             return
         for i in range(count):
-            chosen = np.flatnonzero(rng.random(self.dataset_size) < self.sampling_rate)
+            chosen = np.flatnonzero(rng.random(self.population) < self.sampling_rate)
             yield Batch(first + i, self.pad(chosen), len(chosen))
 
     def pad(self, chosen: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:

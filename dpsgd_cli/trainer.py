@@ -20,6 +20,7 @@ from dpsgd_cli.data import Dataset
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
 from dpsgd_cli.privacy_plan import PrivacyPlan
 from dpsgd_cli.privacy_statement import PrivacyFacts
+from dpsgd_cli.run_key import RunKey
 from dpsgd_cli.sampling import Sampler, steps_in_epoch
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -42,7 +43,9 @@ def library_versions() -> dict[str, str]:
 class Trainer:
     """Holds the model, the compiled step, the sampler and the privacy ledger of one run."""
 
-    def __init__(self, cfg: ExperimentConfig, dataset: Dataset, plan: PrivacyPlan, fingerprint: str = ""):
+    def __init__(self, cfg: ExperimentConfig, dataset: Dataset, plan: PrivacyPlan, key: RunKey,
+                 fingerprint: str = ""):
+        """`key`: the run's key (secret or reproducible), which keys the batches and the noise."""
         import keras
         import tensorflow as tf
 
@@ -51,10 +54,11 @@ class Trainer:
 
         self.tf = tf
         self.cfg, self.data, self.plan = cfg, dataset, plan
-        self.n = len(dataset.y_train)
-        keras.utils.set_random_seed(cfg.seed)
+        self.n = plan.dataset_size  # n of q = B/n (counts all canaries; see privacy_plan)
+        self.key = key
+        keras.utils.set_random_seed(cfg.seed)  # not secret: initial weights
         self.sampler = Sampler(sampling=cfg.data.sampling, batch_size=cfg.data.batch_size,
-                               dataset_size=self.n, seed=cfg.seed)
+                               dataset_size=self.n, population=len(dataset.y_train), key=key)
         self.model = build_model(cfg.model.architecture, cfg.model.activation, seed=cfg.seed)
         self.optimizer = engine.make_optimizer(cfg.training.optimizer, cfg.training.learning_rate,
                                                cfg.training.momentum)
@@ -66,8 +70,7 @@ class Trainer:
         settings = engine.StepSettings(
             private=private, noise_multiplier=plan.noise_multiplier, l2_norm_clip=cfg.privacy.l2_norm_clip,
             microbatch_size=plan.microbatch_size,
-            denominator=float(cfg.data.batch_size // plan.microbatch_size),
-            noise_seed=cfg.seed, jit_compile=self.jit_compile)
+            denominator=float(cfg.data.batch_size // plan.microbatch_size), jit_compile=self.jit_compile)
         self.step_fn, self.chunk_fn = engine.make_train_step(self.model, self.optimizer, settings, grad_fn,
                                                              forward_fn)
         self.predict = tf.function(lambda x: self.model(x, training=False), jit_compile=self.jit_compile)
@@ -90,7 +93,7 @@ class Trainer:
                 parts = [self.chunk_fn(self.data.x_train[j], self.data.y_train[j], m) for j, m in overflow]
                 extra = [tf.add_n(list(p)) for p in zip(*parts)]
             out = self.step_fn(self.data.x_train[idx], self.data.y_train[idx], mask, extra,
-                               tf.constant(batch.step, tf.int64))
+                               self.key.noise_seed(batch.step))
             step_loss, step_correct, step_count = (float(v) for v in out)
             if overflow:  # the overflow chunks' examples are trained on but not in the running stats
                 step_count = float(mask.sum())
@@ -151,7 +154,8 @@ class Trainer:
             l2_norm_clip=self.cfg.privacy.l2_norm_clip, sampling_rate=self.plan.sampling_rate,
             steps=self.ledger.steps, delta=self.cfg.privacy.delta, sampling=self.cfg.data.sampling,
             microbatch_size=self.plan.microbatch_size,
-            epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"))
+            epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"),
+            randomness=self.key.mode)
 
     def snapshot(self, epoch: int, records: list[dict[str, Any]], elapsed: float) -> checkpoint.Checkpoint:
         """The checkpoint after `epoch`; TrainingError if the weights or the test loss are not finite (a

@@ -67,6 +67,7 @@ class Setting:
     l2_norm_clip: float | None
     source: str  # "options" or "config"
     target_epsilon: float | None = None  # set when σ was calibrated from a config's target ε
+    randomness: str | None = None  # a config's: "secret" or "reproducible" (privacy_statement.PrivacyFacts)
 
     @property
     def accounting_sigma(self) -> float:
@@ -214,27 +215,14 @@ def resolve_config(config: Path, overrides: list[str] | None) -> Setting:
         raise ConfigError(f"{config}: privacy.enabled is false, a non-private run: there is no ε to report")
     if p.noise_multiplier is not None and p.noise_multiplier <= 0:
         raise ConfigError(f"{config}: privacy.noise_multiplier is {p.noise_multiplier:g}: no noise, ε = ∞")
-    n = dataset_size(cfg) + _included_canaries(cfg, dataset_size(cfg))
-    plan = plan_privacy(cfg, n)
+    plan = plan_privacy(cfg, dataset_size(cfg))
+    n = plan.dataset_size
     return Setting(noise_multiplier=plan.noise_multiplier, microbatch_size=plan.microbatch_size,
                    sampling_rate=plan.sampling_rate, steps=plan.total_steps, delta=p.delta,
                    sampling=cfg.data.sampling, batch_size=cfg.data.batch_size, dataset_size=n,
                    epochs=float(cfg.training.epochs), l2_norm_clip=p.l2_norm_clip, source="config",
-                   target_epsilon=p.target_epsilon if p.noise_multiplier is None else None)
-
-
-def _included_canaries(cfg, n: int) -> int:
-    """Canaries `dpsgd train` will append to the training set (each with probability 1/2, seeded)."""
-    if not cfg.privacy.canaries:
-        return 0
-    import numpy as np
-
-    from dpsgd_cli.canaries import make_canaries
-
-    # make_canaries draws from the seed and n only; the images are irrelevant to which are included.
-    drawn = make_canaries(np.zeros((n, 1, 1, 1), np.float32), np.zeros(n, np.int32), cfg.privacy.canaries,
-                          cfg.seed)
-    return int(drawn.included.sum())
+                   target_epsilon=p.target_epsilon if p.noise_multiplier is None else None,
+                   randomness="reproducible" if p.reproducible else "secret")
 
 
 def _accountants(accountant: str, allowed: tuple[str, ...]) -> list[str]:
@@ -257,7 +245,7 @@ def _statement(s: Setting, sigma: float, eps: dict[str, float]) -> str:
         accounting_noise_multiplier=accounting.accounting_noise_multiplier(sigma, s.microbatch_size),
         l2_norm_clip=s.l2_norm_clip, sampling_rate=s.sampling_rate, steps=s.steps, delta=s.delta,
         sampling=s.sampling, microbatch_size=s.microbatch_size, epsilon_rdp=eps.get("rdp"),
-        epsilon_pld=eps.get("pld"), source=s.source))
+        epsilon_pld=eps.get("pld"), source=s.source, randomness=s.randomness))
 
 
 def _describe(s: Setting, sigma: float) -> dict[str, Any]:
