@@ -101,7 +101,7 @@ def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0
     mask = np.zeros(capacity, np.float32)
     mask[:case.batch_size] = 1.0
     mask = tf.constant(mask)
-    key = new_run_key(reproducible=False, seed=seed, name="bench")
+    key = new_run_key(reproducible=False, seed=seed)
     with _PeakRss() as memory:
         step_fn, zeros = _build_step(case, seed)
         start = time.perf_counter()

@@ -7,9 +7,10 @@ canaries' inclusion coins — is derived from one 128-bit key:
 * **secret mode** (the default): the key is drawn from the operating system's entropy (`secrets`), kept
   only in `run.key` in the run directory (mode 0600), never in run.yaml, metrics, logs or errors;
 * **reproducible mode** (`privacy.reproducible: true`, an explicit opt-in for research and tests): the key
-  is SHA-256("dpsgd reproducible run key", seed, run name), so the same config and name give the same
-  run, and two points of a sweep (named after their values) never share noise. Whoever knows the seed and
-  the name can regenerate the noise and the batches: the stated ε then holds only while they stay secret.
+  is SHA-256("dpsgd reproducible run key", seed, label), where the label is empty for `dpsgd train` and
+  the point's name for a sweep point, so the same config gives the same run and two points of a sweep
+  never share noise. Whoever knows the seed (and the label) can regenerate the noise and the batches: the
+  stated ε then holds only while they stay secret.
 
 `seed` keeps seeding what is not secret: initial weights, the data subset, the canary images.
 
@@ -76,10 +77,11 @@ class RunKey:
         return np.random.default_rng([int.from_bytes(self.material, "big"), stream, *labels])
 
 
-def new_run_key(*, reproducible: bool, seed: int, name: str) -> RunKey:
-    """A fresh secret key from OS entropy, or the reproducible key of (seed, name)."""
+def new_run_key(*, reproducible: bool, seed: int, label: str = "") -> RunKey:
+    """A fresh secret key from OS entropy, or the reproducible key of (seed, label); `label`: "" for a
+    single run, the point's name in a sweep (so points never share noise)."""
     if reproducible:
-        digest = hashlib.sha256(_DERIVATION + f"{int(seed)}\0{name}".encode()).digest()
+        digest = hashlib.sha256(_DERIVATION + f"{int(seed)}\0{label}".encode()).digest()
         return RunKey(digest[:KEY_BYTES], "reproducible")
     return RunKey(secrets.token_bytes(KEY_BYTES), "secret")
 
@@ -104,7 +106,7 @@ def load_run_key(run_dir: Path) -> RunKey:
                           "and batches, and a new key would not continue this run: restore the file from "
                           "where it was kept, or start the run again with --overwrite")
     try:
-        fields = dict(line.split(": ", 1) for line in path.read_text("ascii").splitlines()
+        fields = dict(line.split(": ", 1) for line in path.read_text("utf-8").splitlines()
                       if line and not line.startswith("#"))
         material = bytes.fromhex(fields["key"].strip())
         mode = fields["mode"].strip()

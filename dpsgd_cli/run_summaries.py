@@ -210,6 +210,18 @@ def summary_row(run: RunInfo, keys: Sequence[str] = ()) -> dict[str, Any]:
     return row
 
 
+def report_notes(runs: Sequence[RunInfo]) -> list[str]:
+    """What a reader of a comparison must know beyond the numbers: runs whose ε rests on a secret seed
+    (reproducible mode), and that choosing among private runs spends privacy of its own."""
+    notes = [f"{run.name}: trained in reproducible mode (privacy.reproducible: true): its noise and batches "
+             "derive from its seed, so its ε holds only while the seed and the config stay secret"
+             for run in runs if run.private and run.settings.get("privacy.reproducible")]
+    if sum(run.private for run in runs) > 1:
+        notes.append("choosing hyper-parameters (or a run) by these runs' accuracy on the private data "
+                     "spends privacy beyond each run's ε")
+    return notes
+
+
 def summary_text(runs: Sequence[RunInfo], keys: Sequence[str]) -> str:
     """The summary CSV of `runs`: columns run, the varied keys, then SUMMARY_COLUMNS."""
     columns = ["run", *keys, *SUMMARY_COLUMNS]

@@ -67,7 +67,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     ckpt = checkpoint.load(run_dir) if resume else None
     key = load_run_key(run_dir) if resume else run_key or new_run_key(
-        reproducible=cfg.privacy.reproducible, seed=cfg.seed, name=cfg.name)
+        reproducible=cfg.privacy.reproducible, seed=cfg.seed)
     _check_key_mode(key, cfg, run_dir)
     dataset = load_dataset(cfg.data.dataset, resolved_data_dir(cfg), cfg.data.train_size, cfg.data.test_size)
     real_examples = len(dataset.y_train)

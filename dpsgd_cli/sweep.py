@@ -26,6 +26,7 @@ import yaml
 from dpsgd_cli.config import ExperimentConfig, flatten, load_config, replace
 from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
 from dpsgd_cli.run_dir import FINISHED
+from dpsgd_cli.run_key import RunKey, new_run_key
 from dpsgd_cli.run_summaries import NOT_SETTINGS, value_text, write_summary
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
@@ -191,6 +192,13 @@ class SweepOutcome:
     summary_path: Path | None = None
 
 
+def point_key(planned: PlannedRun) -> RunKey:
+    """The run key of one sweep point: a fresh secret key, or in reproducible mode the key of (seed, the
+    point's name), so that no two points of a sweep share noise or batches."""
+    cfg = planned.cfg
+    return new_run_key(reproducible=cfg.privacy.reproducible, seed=cfg.seed, label=planned.name)
+
+
 def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[..., Any] | None = None,
               on_run_start: RunStartCallback | None = None, on_run_end: RunEndCallback | None = None,
               on_step: Callable | None = None, on_epoch: Callable | None = None) -> SweepOutcome:
@@ -217,7 +225,8 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[...,
             if on_run_start:
                 on_run_start(index, len(todo), planned)
             try:
-                result = run_fn(planned.cfg, on_step=on_step, on_epoch=on_epoch, overwrite=True)
+                result = run_fn(planned.cfg, on_step=on_step, on_epoch=on_epoch, overwrite=True,
+                                run_key=point_key(planned))
             except TrainingError as exc:
                 outcome.failed.append((planned, str(exc)))
                 result = exc

@@ -85,13 +85,42 @@ def test_large_sigma_canary_bound_stays_below_the_accountant(noisy_run):
     assert 0 <= c["correct"] <= c["guesses"]
     assert 0 <= c["epsilon_lower_bound"] <= eps
     assert s["membership_inference"]["epsilon_lower_bound"] <= eps
-    assert "≤ accountant ε" in s["verdict"]
+    canary_verdict = s["verdict"].split("; ")[0]  # the canary half itself, not the heuristic half
+    assert canary_verdict == f"canary ε lower bound {c['epsilon_lower_bound']:.3g} ≤ accountant ε {eps:.3g}"
     # members: the 128 real examples minus the 64 whose image was copied into a canary
     assert s["membership_inference"]["n_members"] == 2 * TRAIN - 64
     canary_set = canaries.load_canaries(noisy_run)
     np.testing.assert_array_equal(report.canary_included, canary_set.included)
     doc = yaml.safe_load((noisy_run / "run.yaml").read_text())
-    assert doc["resolved"]["dataset_size"] == 2 * TRAIN + int(canary_set.included.sum())  # q counts them
+    # q = B/(n + m) counts all m canaries, never their secret inclusion coins
+    assert doc["resolved"]["dataset_size"] == 2 * TRAIN + 64
+    assert doc["resolved"]["sampling_rate"] == 32 / (2 * TRAIN + 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("noise_removed", [False, True])
+def test_the_canary_audit_notices_missing_noise(data_dir, tmp_path, monkeypatch, noise_removed):
+    """A run that claims σ = 20 for 240 steps: with its noise, the one-run canary bound stays below the
+    accountant's ε; with the noise patched away it memorises its canaries, the bound exceeds the
+    accountant's ε and the verdict's canary half says so."""
+    from dpsgd_cli import engine
+
+    if noise_removed:
+        monkeypatch.setattr(engine, "gaussian_noise",
+                            lambda variables, stddev, seed: [engine.tf.zeros_like(v) for v in variables])
+    run_dir = _train(data_dir, tmp_path, "claims-sigma-20", 2 * TRAIN, "privacy.noise_multiplier=20",
+                     "data.batch_size=32", "training.epochs=40", "training.learning_rate=0.005",
+                     "privacy.canaries=64")
+    s = audit.audit_run(run_dir).summary
+    eps, c = s["accountant_epsilon"]["pld"], s["canary_audit"]
+    bound = f"canary ε lower bound {c['epsilon_lower_bound']:.3g}"
+    assert eps < 1.0, eps
+    if noise_removed:
+        assert c["epsilon_lower_bound"] > eps, (eps, c)
+        assert s["verdict"].split("; ")[0].startswith(f"{bound} EXCEEDS accountant ε {eps:.3g}")
+    else:
+        assert c["epsilon_lower_bound"] <= eps, (eps, c)
+        assert s["verdict"].split("; ")[0] == f"{bound} ≤ accountant ε {eps:.3g}"
 
 
 def test_audit_json_is_written_atomically_and_strict(overfit_run):

@@ -11,6 +11,11 @@ from scipy import stats
 from dpsgd_cli import canaries
 from dpsgd_cli.data import Dataset
 from dpsgd_cli.errors import ConfigError, RunDirError
+from dpsgd_cli.run_key import new_run_key
+
+
+def _key(seed: int = 0, label: str = ""):
+    return new_run_key(reproducible=True, seed=seed, label=label)
 
 
 def _dataset(n: int = 1000, seed: int = 0) -> Dataset:
@@ -22,34 +27,41 @@ def _dataset(n: int = 1000, seed: int = 0) -> Dataset:
                    y_test=rng.integers(0, 10, 50).astype(np.int32))
 
 
-def test_same_seed_same_canaries_other_seed_other_draw():
+def test_images_come_from_the_seed_and_coins_from_the_key():
     data = _dataset()
-    a = canaries.make_canaries(data.x_train, data.y_train, 200, seed=3)
-    b = canaries.make_canaries(data.x_train, data.y_train, 200, seed=3)
-    c = canaries.make_canaries(data.x_train, data.y_train, 200, seed=4)
+    a = canaries.make_canaries(data.x_train, data.y_train, 200, 3, _key(1))
+    b = canaries.make_canaries(data.x_train, data.y_train, 200, 3, _key(1))
     for field in ("x", "y", "included", "source_index"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
-    assert not np.array_equal(a.included, c.included)
-    assert not np.array_equal(a.source_index, c.source_index)
+    other_key = canaries.make_canaries(data.x_train, data.y_train, 200, 3, _key(2))
+    np.testing.assert_array_equal(a.source_index, other_key.source_index)  # the seed is not secret
+    np.testing.assert_array_equal(a.y, other_key.y)
+    assert not np.array_equal(a.included, other_key.included)  # the coins are
+    other_seed = canaries.make_canaries(data.x_train, data.y_train, 200, 4, _key(1))
+    assert not np.array_equal(a.source_index, other_seed.source_index)
+
+
+def test_coins_of_secret_keys_cannot_be_recomputed_from_the_seed():
+    """Two default-mode runs with the same seed toss different coins (equal with probability 2⁻²⁰⁰)."""
+    data = _dataset()
+    draws = [canaries.make_canaries(data.x_train, data.y_train, 200, 0,
+                                    new_run_key(reproducible=False, seed=0)).included
+             for _ in range(2)]
+    assert not np.array_equal(*draws)
 
 
 def test_inclusion_rate_is_one_half():
     data = _dataset(n=5000)
-    included = np.concatenate([canaries.make_canaries(data.x_train, data.y_train, 5000, seed=s).included
+    included = np.concatenate([canaries.make_canaries(data.x_train, data.y_train, 5000, 0, _key(s)).included
                                for s in range(4)])
     # 20000 fair coins: a two-sided binomial test would reject a correct draw with probability 1e-4.
     assert stats.binomtest(int(included.sum()), included.size, 0.5).pvalue > 1e-4
     assert abs(included.mean() - 0.5) < 0.02
 
 
-def test_inclusion_stream_differs_from_the_samplers():
-    # the sampler draws epoch e from default_rng([seed, e]); the canary stream must not be one of those
-    assert canaries.CANARY_STREAM > 10**6
-
-
 def test_canaries_are_mislabelled_copies_of_distinct_training_images():
     data = _dataset()
-    c = canaries.make_canaries(data.x_train, data.y_train, 300, seed=0)
+    c = canaries.make_canaries(data.x_train, data.y_train, 300, 0, _key())
     assert c.m == 300 and len(np.unique(c.source_index)) == 300
     np.testing.assert_array_equal(c.x, data.x_train[c.source_index])
     assert np.all(c.y != data.y_train[c.source_index])
@@ -61,7 +73,7 @@ def test_canaries_are_mislabelled_copies_of_distinct_training_images():
 
 def test_add_canaries_appends_exactly_the_included_ones_and_keeps_the_real_data():
     data = _dataset()
-    grown, c = canaries.add_canaries(data, 100, seed=1)
+    grown, c = canaries.add_canaries(data, 100, 1, _key(1))
     k = int(c.included.sum())
     assert 0 < k < 100
     assert len(grown.y_train) == len(data.y_train) + k
@@ -76,12 +88,12 @@ def test_add_canaries_appends_exactly_the_included_ones_and_keeps_the_real_data(
 def test_too_many_canaries_is_a_config_error():
     data = _dataset(n=50)
     with pytest.raises(ConfigError, match="privacy.canaries"):
-        canaries.add_canaries(data, 51, seed=0)
+        canaries.add_canaries(data, 51, 0, _key())
 
 
 def test_saved_file_round_trips(tmp_path):
     data = _dataset()
-    _, c = canaries.add_canaries(data, 64, seed=2)
+    _, c = canaries.add_canaries(data, 64, 2, _key(2))
     path = canaries.save_canaries(c, tmp_path)
     assert path == tmp_path / canaries.CANARY_FILE
     assert [p.name for p in tmp_path.iterdir()] == [canaries.CANARY_FILE]  # no temporary file left

@@ -171,24 +171,19 @@ def test_config_with_target_epsilon_calibrates_like_the_run(tmp_path):
     assert out["epsilon_pld"] <= 2.0
 
 
-def test_config_counts_included_canaries_like_the_run(tmp_path, data_dir):
-    from dpsgd_cli import canaries
-    from dpsgd_cli.data import load_dataset
-
-    config = _write(tmp_path / "canaries.yaml", f"""\
+def test_config_counts_all_canaries_like_the_run(tmp_path):
+    """q = B/(n + m) with all m canaries, included or not: the mechanism never depends on the secret
+    inclusion coins, and `dpsgd epsilon --config` needs no data to know it."""
+    config = _write(tmp_path / "canaries.yaml", """\
         name: c
         seed: 3
-        data: {{batch_size: 32, train_size: 500, data_dir: {data_dir}}}
-        training: {{epochs: 2}}
-        privacy: {{noise_multiplier: 1.0, canaries: 40}}
+        data: {batch_size: 32, train_size: 500}
+        training: {epochs: 2}
+        privacy: {noise_multiplier: 1.0, canaries: 40}
         """)
-    cfg = load_config(config)
-    dataset = load_dataset(cfg.data.dataset, data_dir, cfg.data.train_size, cfg.data.test_size)
-    grown, _ = canaries.add_canaries(dataset, 40, cfg.seed)  # what runner.run does before plan_privacy
-    plan = plan_privacy(cfg, len(grown.y_train))
     out = run_json("epsilon", "--config", config)
-    assert out["dataset_size"] == len(grown.y_train) > 500
-    assert out["sampling_rate"] == plan.sampling_rate and out["steps"] == plan.total_steps
+    assert out["dataset_size"] == 540
+    assert out["sampling_rate"] == 32 / 540 and out["steps"] == math.ceil(2 * 540 / 32)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])

@@ -15,6 +15,7 @@ from dpsgd_cli import checkpoint, trainer
 from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
 from dpsgd_cli.results import write_yaml
+from dpsgd_cli.run_key import KEY_FILE, load_run_key, new_run_key, save_run_key
 
 MISSING_DATA = "/nonexistent/dpsgd-test-data"
 
@@ -28,6 +29,7 @@ def make_run_dir(run_dir: Path, status: str, *, epochs: int = 3, epochs_done: in
                              f"name={run_dir.name}"])
     run_dir.mkdir(parents=True, exist_ok=True)
     write_yaml({"status": status, "config": cfg.to_dict()}, run_dir / "run.yaml")
+    save_run_key(new_run_key(reproducible=False, seed=cfg.seed), run_dir)
     if epochs_done is not None:
         records = [{"epoch": e, "step": 10 * e} for e in range(1, epochs_done + 1)]
         state = {"epochs_done": epochs_done, "epochs": epochs, "steps_done": 10 * epochs_done,
@@ -148,7 +150,8 @@ def _tiny_args(data_dir, out: Path, name: str, epochs: int = 2) -> list[str]:
 
 
 def test_train_writes_checkpoint_refuses_rerun_then_overwrites(data_dir, tmp_path):
-    args = _tiny_args(data_dir, tmp_path, "t")
+    """In reproducible mode the replacing run repeats the first one exactly."""
+    args = [*_tiny_args(data_dir, tmp_path, "t"), "--set", "privacy.reproducible=true"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "t"
@@ -203,3 +206,66 @@ def test_diverging_run_is_one_line_exit_1(data_dir, tmp_path):
     assert result.exit_code == 1
     assert "training diverged; lower training.learning_rate (now 1e+06)" in line and "epoch 1" in line
     assert yaml.safe_load((tmp_path / "nan" / "run.yaml").read_text())["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------------
+# The secret run key
+# ------------------------------------------------------------------------------------------------
+def key_representations(material: bytes) -> list[bytes]:
+    """Every way the key could leak into a file or a log: raw, hex, base64, its integer and its halves."""
+    import base64
+
+    whole = int.from_bytes(material, "big")
+    halves = [int.from_bytes(material[i:i + 8], "big", signed=signed) for i in (0, 8) for signed in (0, 1)]
+    texts = [material.hex(), material.hex().upper(), base64.b64encode(material).decode(), str(whole),
+             *(str(h) for h in halves if abs(h) >= 10**6)]
+    return [material, *(t.encode() for t in texts)]
+
+
+@pytest.mark.parametrize("damage", ["missing", "damaged"])
+def test_resume_without_a_good_key_file_is_one_line_exit_2_and_changes_nothing(tmp_path, damage):
+    run_dir = make_run_dir(tmp_path / "r", "interrupted", epochs=3, epochs_done=1)
+    key = load_run_key(run_dir)
+    if damage == "missing":
+        (run_dir / KEY_FILE).unlink()
+    else:
+        text = (run_dir / KEY_FILE).read_text()
+        (run_dir / KEY_FILE).write_text(text.replace(key.material.hex(), "00" * 16))
+    before = tree(tmp_path)
+    result = invoke("train", "--resume", run_dir)
+    line = error_line(result)
+    assert result.exit_code == 2 and f"run.key: {damage}" in line and "--overwrite" in line
+    assert key.material.hex() not in result.output
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_the_key_is_only_in_its_0600_file_and_never_printed(data_dir, tmp_path):
+    """A default-mode run with canaries, then audit, plot and export: no file but run.key holds the key
+    in any encoding, run.key is 0600, and nothing printed shows it."""
+    out = tmp_path / "results"
+    result = invoke("train", "--set", f"data.data_dir={data_dir}", "--set", "data.train_size=512",
+                    "--set", "data.test_size=100", "--set", "data.batch_size=64", "--epochs", "1",
+                    "--sigma", "1.1", "--set", "privacy.canaries=16", "--set", f"output_dir={out}",
+                    "--name", "r")
+    assert result.exit_code == 0, result.output
+    run_dir = out / "r"
+    key = load_run_key(run_dir)
+    assert key.mode == "secret" and (run_dir / KEY_FILE).stat().st_mode & 0o777 == 0o600
+    outputs = [result.output]
+    for args in (["audit", run_dir, "--json"], ["plot", run_dir], ["report", run_dir],
+                 ["export", run_dir, tmp_path / "published"]):
+        step = invoke(*args)
+        assert step.exit_code == 0, step.output
+        outputs.append(step.output)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != run_dir / KEY_FILE]
+    names = {p.name for p in files}
+    assert {"run.yaml", "metrics.csv", "checkpoint.ckpt", "canaries.npz", "audit.json"} <= names
+    for needle in key_representations(key.material):
+        for path in files:
+            assert needle not in path.read_bytes(), (path, needle[:4])
+        assert all(needle.decode("latin-1") not in text for text in outputs)
+    said = " ".join(result.output.split())
+    assert "secret 128-bit key" in said and "does not cover train_loss" in said
+    published = sorted(p.name for p in (tmp_path / "published").iterdir())
+    assert not {KEY_FILE, "checkpoint.ckpt", "canaries.npz"} & set(published)

@@ -74,14 +74,18 @@ def test_microbatches_are_accounted_with_half_sigma_and_shuffle_is_flagged(tiny_
     assert "optimistic" in result.statement and "σ/2" in result.statement
 
 
-def test_same_seed_same_metrics_and_nonprivate_baseline(tiny_overrides):
-    first = run(_tiny(tiny_overrides, "name=a", "training.epochs=1"))
-    second = run(_tiny(tiny_overrides, "name=b", "training.epochs=1"))
+def test_same_seed_same_metrics_in_reproducible_mode_only_and_nonprivate_baseline(tiny_overrides):
+    first = run(_tiny(tiny_overrides, "name=a", "training.epochs=1", "privacy.reproducible=true"))
+    second = run(_tiny(tiny_overrides, "name=b", "training.epochs=1", "privacy.reproducible=true"))
     a = pd.DataFrame(first.records).drop(columns="elapsed_s")
     b = pd.DataFrame(second.records).drop(columns="elapsed_s")
     pd.testing.assert_frame_equal(a, b)
-    other = run(_tiny(tiny_overrides, "name=c", "training.epochs=1", "seed=1"))
+    assert "Reproducible mode" in first.statement and "stay secret" in first.statement
+    other = run(_tiny(tiny_overrides, "name=c", "training.epochs=1", "seed=1", "privacy.reproducible=true"))
     assert other.records[-1]["train_loss"] != first.records[-1]["train_loss"]
+    secret = run(_tiny(tiny_overrides, "name=s", "training.epochs=1"))  # default: a fresh secret key
+    assert secret.records[-1]["train_loss"] != first.records[-1]["train_loss"]
+    assert "secret 128-bit key" in secret.statement
     plain = run(_tiny(tiny_overrides, "name=d", "training.epochs=1", "privacy.enabled=false",
                       "privacy.noise_multiplier=null"))
     assert math.isinf(plain.records[-1]["epsilon_rdp"]) and "No differential privacy" in plain.statement

@@ -26,6 +26,7 @@ from dpsgd_cli.config import load_config
 from dpsgd_cli.data import write_idx
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
 from dpsgd_cli.run_dir import check_run_dir, resume_config
+from dpsgd_cli.run_key import load_run_key
 
 # 1024 examples / batch 64 = 16 steps an epoch: long enough that a kill right after the first checkpoint
 # lands inside epoch 2.
@@ -57,22 +58,29 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """The uninterrupted run, started in the background so that the kill tests overlap with it."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = subprocess.Popen(_cmd(data_dir, out, "ref"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env())
+_UNINTERRUPTED = """
+import sys
+from pathlib import Path
+from dpsgd_cli import runner
+from dpsgd_cli.config import load_config
+from dpsgd_cli.run_key import load_run_key
+*sets, keyed = sys.argv[1:]
+runner.run(load_config(None, sets), run_key=load_run_key(Path(keyed)))
+"""
 
-    def metrics() -> Path:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-2000:]
-        return out / "ref" / "metrics.csv"
 
-    yield metrics
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+def _start_uninterrupted_with_key_of(run_dir: Path, data_dir, out: Path) -> subprocess.Popen:
+    """The same run, uninterrupted, with the (secret) key of `run_dir`, in the background: a resumed
+    default-mode run must equal the uninterrupted run of the same key."""
+    sets = [f"data.data_dir={data_dir}", *TINY, f"output_dir={out}", f"name={run_dir.name}"]
+    return subprocess.Popen([sys.executable, "-c", _UNINTERRUPTED, *sets, str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def _finished_metrics(proc: subprocess.Popen, out: Path, name: str) -> Path:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return out / name / "metrics.csv"
 
 
 def _stopped_after_first_checkpoint(data_dir, out: Path, name: str, sig: int) -> tuple[Path, int, str]:
@@ -94,27 +102,31 @@ def _resume(run_dir: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_metrics(data_dir, tmp_path, reference):
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_metrics(data_dir, tmp_path):
+    """Default (secret-key) mode: the resumed run equals the uninterrupted run of the same key."""
     run_dir, code, _ = _stopped_after_first_checkpoint(data_dir, tmp_path, "killed", signal.SIGKILL)
+    reference = _start_uninterrupted_with_key_of(run_dir, data_dir, tmp_path / "reference")
     assert code == -signal.SIGKILL
     assert checkpoint.load(run_dir).epochs_done == 1  # killed inside epoch 2
     assert yaml.safe_load((run_dir / "run.yaml").read_text())["status"] == "running"
 
     resumed = _resume(run_dir)
     assert f"resuming {run_dir} after epoch 1 of 3" in resumed.stdout
-    assert _without_elapsed(run_dir / "metrics.csv") == _without_elapsed(reference())
+    assert _without_elapsed(run_dir / "metrics.csv") == _without_elapsed(
+        _finished_metrics(reference, tmp_path / "reference", "killed"))
     rows = csv.DictReader(io.StringIO((run_dir / "metrics.csv").read_text()))
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == sorted(elapsed)  # the clock continued from the time already spent
     doc = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert doc["status"] == "finished" and doc["resumed_at_epochs"] == [1] and doc["final"]["step"] == 48
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.ckpt", "metrics.csv", "model.weights.h5",
-                                                        "run.yaml"]
+                                                        "run.key", "run.yaml"]
 
 
 @pytest.mark.slow
-def test_sigint_stops_cleanly_says_how_to_resume_and_resume_matches(data_dir, tmp_path, reference):
+def test_sigint_stops_cleanly_says_how_to_resume_and_resume_matches(data_dir, tmp_path):
     run_dir, code, err = _stopped_after_first_checkpoint(data_dir, tmp_path, "stopped", signal.SIGINT)
+    reference = _start_uninterrupted_with_key_of(run_dir, data_dir, tmp_path / "reference")
     assert code == 130 and "Traceback" not in err, err[-2000:]
     done = checkpoint.load(run_dir).epochs_done
     assert f"interrupted: {done} of 3 epochs are saved in {run_dir}; continue with: dpsgd train --resume " \
@@ -124,7 +136,8 @@ def test_sigint_stops_cleanly_says_how_to_resume_and_resume_matches(data_dir, tm
     assert len(_without_elapsed(run_dir / "metrics.csv")) - 1 == done
 
     _resume(run_dir)
-    assert _without_elapsed(run_dir / "metrics.csv") == _without_elapsed(reference())
+    assert _without_elapsed(run_dir / "metrics.csv") == _without_elapsed(
+        _finished_metrics(reference, tmp_path / "reference", "stopped"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,8 +158,8 @@ def test_resume_continues_weights_optimizer_and_epsilon(data_dir, tmp_path):
             raise KeyboardInterrupt
 
     cfg = _cfg(data_dir, tmp_path, "part")
-    with pytest.raises(runner.RunInterrupted) as stop:
-        runner.run(cfg, on_epoch=stop_after_epoch_1)
+    with pytest.raises(runner.RunInterrupted) as stop:  # the same secret key: the same batches and noise
+        runner.run(cfg, on_epoch=stop_after_epoch_1, run_key=load_run_key(full.run_dir))
     assert (stop.value.epochs_done, stop.value.epochs) == (1, 3)
     with pytest.raises(RunDirError, match="holds an unfinished run"):
         runner.run(cfg)

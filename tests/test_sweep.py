@@ -116,11 +116,13 @@ class FakeRunner:
 
     def __init__(self, fail_on: str | None = None):
         self.calls: list[str] = []
+        self.keys: list = []
         self.fail_on = fail_on
 
-    def __call__(self, cfg, *, on_step=None, on_epoch=None, overwrite=False):
+    def __call__(self, cfg, *, on_step=None, on_epoch=None, overwrite=False, run_key=None):
         assert overwrite, "a sweep must replace what an earlier attempt left"
         self.calls.append(cfg.name)
+        self.keys.append(run_key)
         run_dir = cfg.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml({"status": "running", "config": cfg.to_dict()}, run_dir / "run.yaml")
@@ -162,6 +164,20 @@ def test_rerun_skips_finished_and_replaces_unfinished(sets, tmp_path):
     outcome = run_sweep(plan, run_fn=again)
     assert again.calls == [NAMES[2]] and len(outcome.skipped) == 3
     assert len(_read_summary(tmp_path / "grid" / "summary.csv")) == 4
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_every_point_gets_its_own_key(sets, reproducible):
+    """No two points of a sweep share noise or batches, in either mode; reproducible keys repeat."""
+    fake = FakeRunner()
+    extra = [f"privacy.reproducible={str(reproducible).lower()}"]
+    run_sweep(plan_sweep(None, sets + extra, GRID, name="grid"), run_fn=fake)
+    materials = [k.material for k in fake.keys]
+    assert len(set(materials)) == len(NAMES) == len(materials)
+    assert {k.mode for k in fake.keys} == {"reproducible" if reproducible else "secret"}
+    again = FakeRunner()
+    run_sweep(plan_sweep(None, sets + extra, GRID, name="grid"), run_fn=again, overwrite=True)
+    assert ([k.material for k in again.keys] == materials) is reproducible
 
 
 def test_changed_config_is_refused_unless_overwrite(sets):

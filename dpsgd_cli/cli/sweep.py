@@ -154,6 +154,8 @@ def report(paths: PathsArgument) -> None:
     Columns name only the settings that differ between the runs; the title names the shared ones."""
     runs, keys = _summaries().load_runs(paths)
     console.print(report_table(runs, keys))
+    for note in _summaries().report_notes(runs):
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 RESULT_COLUMNS = ("σ", "epochs", "final acc", "best acc (epoch)", "ε PLD", "ε RDP", "δ", "time", "status")
