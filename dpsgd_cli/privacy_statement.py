@@ -88,7 +88,8 @@ def _randomness_sentences(f: PrivacyFacts) -> list[str]:
     run = f.source == "run"
     if f.randomness == "reproducible":
         said = ("Reproducible mode (privacy.reproducible: true): the noise and the batches "
-                + ("were" if run else "will be") + " derived from the seed and the run name in the config, "
+                + ("were" if run else "will be")
+                + " derived from the seed in the config (and a sweep point's name), "
                 "so this ε holds only while the seed and the config stay secret; whoever knows them can "
                 "regenerate the noise and the batches, and then ε = ∞.")
     else:

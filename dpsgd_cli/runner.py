@@ -176,8 +176,9 @@ def _check_continues(ckpt: checkpoint.Checkpoint, cfg: ExperimentConfig, plan: P
 RANDOMNESS = {
     False: "secret: noise, batches and canary coins from a 128-bit key drawn from OS entropy, kept only in "
            "run.key (mode 0600; never share it)",
-    True: "reproducible: noise, batches and canary coins derived from seed and name (privacy.reproducible: "
-          "true); whoever knows them can regenerate the noise, so ε holds only while they stay secret",
+    True: "reproducible: noise, batches and canary coins derived from seed (and a sweep point's name; "
+          "privacy.reproducible: true); whoever knows it can regenerate the noise, so ε holds only while "
+          "seed and config stay secret",
 }
 
 
