@@ -127,6 +127,14 @@ class SweepPlan:
     def to_train(self, overwrite: bool = False) -> list[PlannedRun]:
         return [r for r in self.runs if overwrite or r.state != FINISHED]
 
+    def only(self, index: int) -> SweepPlan:
+        """The plan reduced to grid point `index` (0-based, in `--list` order): one job of a cluster
+        array runs one point. Raises ConfigError when out of range."""
+        if not 0 <= index < len(self.runs):
+            raise ConfigError(f"--index: {index} is not a point of this sweep; use 0..{len(self.runs) - 1} "
+                              "(see dpsgd sweep --list)")
+        return SweepPlan(self.name, self.sweep_dir, self.axes, (self.runs[index],))
+
 
 def plan_sweep(config: str | Path | None, overrides: Sequence[str] = (), grid: Sequence[str] = (),
                name: str | None = None) -> SweepPlan:
@@ -201,8 +209,10 @@ def point_key(planned: PlannedRun) -> RunKey:
 
 def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[..., Any] | None = None,
               on_run_start: RunStartCallback | None = None, on_run_end: RunEndCallback | None = None,
-              on_step: Callable | None = None, on_epoch: Callable | None = None) -> SweepOutcome:
-    """Train the plan's unfinished points one after another, then rewrite the sweep's summary.csv.
+              on_step: Callable | None = None, on_epoch: Callable | None = None,
+              summary: bool = True) -> SweepOutcome:
+    """Train the plan's unfinished points one after another, then (if `summary`) rewrite the sweep's
+    summary.csv. Jobs of a cluster array pass `summary=False` and one last job calls `summarize`.
 
     `overwrite`: re-train finished points too. A point that finished with a different config raises
     RunDirError before anything trains (unless `overwrite`). A run that diverges (TrainingError) is
@@ -235,6 +245,13 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[...,
             if on_run_end:
                 on_run_end(index, len(todo), planned, result)
     finally:
-        if plan.sweep_dir.is_dir():
+        if summary and plan.sweep_dir.is_dir():
             outcome.summary_path = write_summary(plan.sweep_dir, plan.keys)
     return outcome
+
+
+def summarize(plan: SweepPlan) -> Path:
+    """Rebuild the sweep's summary.csv from the runs in its directory, training nothing."""
+    if not plan.sweep_dir.is_dir():
+        raise RunDirError(f"{plan.sweep_dir}: no such sweep directory; nothing to summarize")
+    return write_summary(plan.sweep_dir, plan.keys)

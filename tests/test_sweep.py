@@ -16,7 +16,7 @@ from dpsgd_cli.cli import app
 from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
 from dpsgd_cli.results import METRIC_COLUMNS, write_metrics, write_yaml
 from dpsgd_cli.run_summaries import SUMMARY_COLUMNS, load_runs, varied_keys, write_summary
-from dpsgd_cli.sweep import grid_points, parse_grid, plan_sweep, run_name, run_sweep
+from dpsgd_cli.sweep import grid_points, parse_grid, plan_sweep, run_name, run_sweep, summarize
 
 GRID = ["privacy.noise_multiplier=1.1,1.2", "data.batch_size=64,128"]
 NAMES = ["noise_multiplier=1.1_batch_size=64", "noise_multiplier=1.1_batch_size=128",
@@ -178,6 +178,39 @@ def test_every_point_gets_its_own_key(sets, reproducible):
     again = FakeRunner()
     run_sweep(plan_sweep(None, sets + extra, GRID, name="grid"), run_fn=again, overwrite=True)
     assert ([k.material for k in again.keys] == materials) is reproducible
+
+
+def test_cluster_array_one_point_per_job_then_one_summary(sets, tmp_path):
+    """`--index K` trains point K only and leaves summary.csv alone; `summarize` writes it once at the
+    end. Every point is run by exactly one index."""
+    plan = plan_sweep(None, sets, GRID, name="grid")
+    fakes = []
+    for k in range(len(plan.runs)):
+        fake = FakeRunner()
+        outcome = run_sweep(plan_sweep(None, sets, GRID, name="grid").only(k), run_fn=fake, summary=False)
+        assert fake.calls == [NAMES[k]] and outcome.summary_path is None
+        assert not (tmp_path / "grid" / "summary.csv").exists()
+        fakes.append(fake)
+    path = summarize(plan_sweep(None, sets, GRID, name="grid"))
+    assert len(_read_summary(path)) == len(NAMES)
+    with pytest.raises(ConfigError, match=r"--index: 4 is not a point of this sweep; use 0\.\.3"):
+        plan.only(4)
+
+
+def test_cli_list_index_and_summary_only(sets, tmp_path):
+    args = ["sweep", *[a for s in sets for a in ("--set", s)], *[a for g in GRID for a in ("--grid", g)],
+            "--name", "grid"]
+    listed = CliRunner().invoke(app, [*args, "--list"])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.splitlines() == [f"{k}\t{name}\tnew" for k, name in enumerate(NAMES)]
+    bad = CliRunner().invoke(app, [*args, "--index", "9"])
+    assert bad.exit_code == 2 and "--index: 9 is not a point" in bad.output and "Traceback" not in bad.output
+    both = CliRunner().invoke(app, [*args, "--index", "1", "--list"])
+    assert both.exit_code == 2 and "exclude each other" in both.output
+    assert not (tmp_path / "grid").exists()  # nothing written by any of these
+    run_sweep(plan_sweep(None, sets, GRID, name="grid"), run_fn=FakeRunner(), summary=False)
+    rebuilt = CliRunner().invoke(app, [*args, "--summary-only"])
+    assert rebuilt.exit_code == 0 and len(_read_summary(tmp_path / "grid" / "summary.csv")) == 4
 
 
 def test_changed_config_is_refused_unless_overwrite(sets):

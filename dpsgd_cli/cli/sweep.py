@@ -11,6 +11,7 @@ from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, err_console, user_errors
 from dpsgd_cli.cli.train import ConfigOption, SetOption, _epoch_line, _progress
+from dpsgd_cli.errors import ConfigError
 
 PathsArgument = Annotated[list[Path], typer.Argument(
     help="Run directories (holding run.yaml) or sweep directories (holding runs).", show_default=False)]
@@ -48,20 +49,45 @@ def sweep(
     overwrite: Annotated[bool, typer.Option(help="Re-train runs that already finished.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the runs and their state; train nothing.")]
     = False,
+    list_runs: Annotated[bool, typer.Option(
+        "--list", help="Print the planned runs, one per line: index, name, state (tab-separated); train "
+                       "nothing. The index is what --index takes.")] = False,
+    index: Annotated[int | None, typer.Option(
+        "--index", metavar="K", help="Train grid point K only (0-based, in --list order), e.g. "
+        "$SLURM_ARRAY_TASK_ID or $JOB_COMPLETION_INDEX; does not rewrite summary.csv (see --summary-only).")]
+    = None,
+    summary_only: Annotated[bool, typer.Option(
+        "--summary-only", help="Rebuild summary.csv from the finished runs in the sweep directory; train "
+                               "nothing (the last job of a cluster sweep).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Run every combination of the --grid values as its own run; skip runs that already finished.
 
     Each run goes to results/<sweep>/<run>/, named after its grid values (e.g. noise_multiplier=1.1);
-    results/<sweep>/summary.csv gets one row per finished run in the sweep directory."""
+    results/<sweep>/summary.csv gets one row per finished run in the sweep directory. On a cluster: one
+    job per point with --index K, then one job with --summary-only."""
+    modes = [flag for flag, on in (("--list", list_runs), ("--summary-only", summary_only),
+                                    ("--index", index is not None)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} exclude each other: --list shows the points, --index K "
+                          "trains one, --summary-only rebuilds summary.csv")
     sweeps = _sweeps()
     items = list(overrides or []) + ([f"training.epochs={epochs}"] if epochs is not None else [])
     plan = sweeps.plan_sweep(config, items, grid or [], name)
+    if list_runs:
+        for i, planned in enumerate(plan.runs):
+            typer.echo(f"{i}\t{planned.name}\t{planned.state}")  # plain text for scripts (rich expands tabs)
+        return
+    if summary_only:
+        console.print(f"wrote {sweeps.summarize(plan)}", highlight=False, markup=False)
+        return
+    if index is not None:
+        plan = plan.only(index)
     console.print(f"[bold]sweep {plan.name}[/]: {_plan_counts(plan, overwrite)}", highlight=False)
     if dry_run:
         console.print(_plan_table(plan, overwrite))
         return
-    outcome = sweeps.run_sweep(plan, overwrite=overwrite, **_callbacks(quiet))
+    outcome = sweeps.run_sweep(plan, overwrite=overwrite, summary=index is None, **_callbacks(quiet))
     if outcome.summary_path is not None:
         runs, keys = _summaries().load_runs([plan.sweep_dir], plan.keys)
         console.print(report_table(runs, keys))
