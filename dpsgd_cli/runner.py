@@ -7,7 +7,7 @@ Nothing finished is lost: after every epoch the run writes `checkpoint.ckpt` (se
 metrics.csv, so metrics.csv never holds an epoch the checkpoint lacks. `run(cfg, resume=True)` continues
 from that checkpoint: sampling is keyed by (run key, epoch) and noise by (run key, step), and the key is
 read back from the run's 0600 `run.key` (see `run_key`), so with the weights, the optimizer state and the
-privacy ledger restored (replayed epoch by epoch, as the first attempt advanced it) the resumed run
+privacy ledger restored (replaying the steps each recorded epoch executed) the resumed run
 repeats the uninterrupted one exactly, ε included.
 """
 

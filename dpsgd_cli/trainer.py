@@ -94,6 +94,7 @@ class Trainer:
                 extra = [tf.add_n(list(p)) for p in zip(*parts)]
             out = self.step_fn(self.data.x_train[idx], self.data.y_train[idx], mask, extra,
                                self.key.noise_seed(batch.step))
+            self._account(1)  # the ledger composes the steps that ran, not a formula
             step_loss, step_correct, step_count = (float(v) for v in out)
             if overflow:  # the overflow chunks' examples are trained on but not in the running stats
                 step_count = float(mask.sum())
@@ -106,9 +107,12 @@ class Trainer:
             if on_step:
                 on_step({"epoch": epoch, "step_in_epoch": i, "steps_in_epoch": total,
                          "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)})
-        if self.cfg.privacy.enabled:
-            self.ledger.advance(total)
         return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
+
+    def _account(self, steps: int) -> None:
+        """Compose `steps` executed steps into the privacy ledger (private runs only)."""
+        if self.cfg.privacy.enabled:
+            self.ledger.advance(steps)
 
     def evaluate(self) -> dict[str, Any]:
         """Test loss, accuracy and per-class accuracy on the whole test split."""
@@ -185,10 +189,10 @@ class Trainer:
                      ckpt.model_weights, ckpt.state.get("model_variables"))
         self._assign(where, "optimizer", self.optimizer.variables, self._optimizer_names(),
                      ckpt.optimizer_variables, ckpt.state.get("optimizer_variables"))
-        b, sampling = self.cfg.data.batch_size, self.cfg.data.sampling
-        for epoch in range(1, ckpt.epochs_done + 1):  # the ledger calls of the first attempt, in order
-            if self.cfg.privacy.enabled:
-                self.ledger.advance(steps_in_epoch(epoch, b, self.n, sampling))
+        done = 0
+        for record in ckpt.records:  # the steps the first attempt executed, epoch by epoch, as recorded
+            self._account(int(record["step"]) - done)
+            done = int(record["step"])
             replayed = self._epsilons()
         self.steps_done = ckpt.steps_done
         if self.cfg.privacy.enabled and ckpt.records:

@@ -109,3 +109,27 @@ def test_default_mode_same_seed_same_start_different_batches_and_noise(data_dir,
     noise_std = LR * SIGMA * CLIP / BATCH
     # two independent noise draws: their difference has std √2·σC·lr/B per weight
     assert abs(np.std(ua - ub) / (np.sqrt(2) * noise_std) - 1) < 0.05
+
+
+def test_the_ledger_composes_the_steps_that_ran(data_dir, tmp_path):
+    """Count the compiled step's executions over two epochs; the ledger holds exactly that many steps, and
+    its ε equals dp-accounting's RDP accountant called directly for that count."""
+    import dp_accounting
+
+    trainer = _trainer(data_dir, tmp_path, reproducible=True)
+    calls = []
+    step_fn = trainer.step_fn
+
+    def counted(*args):
+        calls.append(1)
+        return step_fn(*args)
+
+    trainer.step_fn = counted
+    for epoch in (1, 2):
+        trainer.train_epoch(epoch, None)
+        assert trainer.ledger.steps == len(calls) == trainer.steps_done
+    assert len(calls) == 16  # ⌈2 · 256 / 32⌉
+    rdp = dp_accounting.rdp.RdpAccountant()
+    rdp.compose(dp_accounting.PoissonSampledDpEvent(BATCH / 256, dp_accounting.GaussianDpEvent(SIGMA)),
+                len(calls))
+    assert trainer.ledger.epsilon("rdp") == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-9)
