@@ -37,13 +37,11 @@ import numpy as np
 from dpsgd_cli import audit_bounds as ab
 from dpsgd_cli.atomic import atomic_write_bytes, atomic_write_text
 from dpsgd_cli.canaries import CanarySet, load_canaries
-from dpsgd_cli.config import ExperimentConfig, config_from_dict, resolved_data_dir
+from dpsgd_cli.config import ExperimentConfig, resolved_data_dir
 from dpsgd_cli.data import load_dataset
 from dpsgd_cli.errors import ConfigError, RunDirError
-from dpsgd_cli.results import read_yaml
+from dpsgd_cli.run_dir import AUDIT_FILE, FINISHED, WEIGHTS_FILE, RunDir
 
-AUDIT_FILE = "audit.json"
-WEIGHTS_FILE = "model.weights.h5"
 GUESS_FRACTION = 0.2  # of m canaries guessed "in", and as many guessed "out"; fixed before looking
 LOW_FPRS = (0.01, 0.001)
 EVAL_BATCH = 1000
@@ -76,27 +74,17 @@ class _Run:
 
 def load_run(run_dir: Path) -> _Run:
     """Read and check run.yaml of a finished run that saved its final weights."""
-    run_dir = Path(run_dir)
-    path = run_dir / "run.yaml"
-    if not path.is_file():
-        raise RunDirError(f"{run_dir}: not a run directory (no run.yaml); run `dpsgd train` first")
-    try:
-        doc = read_yaml(path)
-    except Exception as exc:  # yaml errors come in many types
-        raise RunDirError(f"{path}: cannot read ({exc.__class__.__name__})") from None
-    if not isinstance(doc, dict) or "config" not in doc:
-        raise RunDirError(f"{path}: holds no config; is it a dpsgd run?")
-    if doc.get("status") != "finished":
-        raise RunDirError(f"{run_dir}: the run is not finished (status {doc.get('status')!r}); "
+    rd = RunDir(run_dir)
+    if not rd.has_run_file():
+        raise RunDirError(f"{rd.path}: not a run directory (no run.yaml); run `dpsgd train` first")
+    doc = rd.document()
+    if doc.get("status") != FINISHED:
+        raise RunDirError(f"{rd.path}: the run is not finished (status {doc.get('status')!r}); "
                           "audit a finished run")
-    if not (run_dir / WEIGHTS_FILE).is_file():
-        raise RunDirError(f"{run_dir}: no {WEIGHTS_FILE} (runs before dpsgd saved its final model "
+    if not rd.weights_file.is_file():
+        raise RunDirError(f"{rd.path}: no {WEIGHTS_FILE} (runs before dpsgd saved its final model "
                           "cannot be audited; train it again)")
-    try:
-        cfg = config_from_dict(doc["config"])
-    except ConfigError as exc:
-        raise RunDirError(f"{path}: its config no longer loads ({exc})") from None
-    return _Run(run_dir, doc, cfg)
+    return _Run(rd.path, doc, rd.config())
 
 
 def load_model(run: _Run):

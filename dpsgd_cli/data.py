@@ -21,6 +21,7 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
+NUM_CLASSES = 10  # both datasets: labels 0..9
 IMAGE_MAGIC = 0x00000803
 LABEL_MAGIC = 0x00000801
 CLASS_NAMES = {

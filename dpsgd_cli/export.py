@@ -17,10 +17,9 @@ import tempfile
 from pathlib import Path
 
 from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
-from dpsgd_cli.results import read_yaml
-from dpsgd_cli.run_dir import FINISHED, METRICS_FILE, RUN_FILE, WEIGHTS_FILE
+from dpsgd_cli.run_dir import AUDIT_FILE, FINISHED, METRICS_FILE, RUN_FILE, WEIGHTS_FILE, RunDir
 
-COPIED = (RUN_FILE, WEIGHTS_FILE, "audit.json")
+COPIED = (RUN_FILE, WEIGHTS_FILE, AUDIT_FILE)
 UNCOVERED_COLUMNS = ("train_loss", "train_accuracy")
 
 
@@ -59,14 +58,8 @@ def export_run(run_dir: Path, dest: Path, *, allow_reproducible: bool = False) -
 
 
 def _finished_run(run_dir: Path) -> dict:
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        raise RunDirError(f"{run_dir}: not a run directory (no {RUN_FILE}); nothing to export")
-    try:
-        doc = read_yaml(path)
-    except Exception as exc:  # yaml and I/O errors come in many types
-        raise RunDirError(f"{path}: unreadable ({exc.__class__.__name__}); cannot export") from None
-    if not isinstance(doc, dict) or doc.get("status") != FINISHED:
+    doc = RunDir(run_dir).document()
+    if doc.get("status") != FINISHED:
         raise RunDirError(f"{run_dir}: the run is not finished; export a finished run")
     return doc
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import keras
 
+from dpsgd_cli.data import NUM_CLASSES
+
 ARCHITECTURES = ("tfp_cnn",)
 ACTIVATIONS = ("relu", "tanh")
 INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 
 
 def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: int = 0) -> keras.Model:

@@ -7,31 +7,84 @@ run.yaml, readers see the old file or the new one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dpsgd_cli.atomic import atomic_write_text
+from dpsgd_cli.data import NUM_CLASSES
 
 if TYPE_CHECKING:
     import pandas as pd
 
-NUM_CLASSES = 10
+
+@dataclass(frozen=True, kw_only=True)
+class EpochRecord(Mapping):
+    """One row of metrics.csv: the state of a run after `epoch` epochs (`step` steps in all).
+
+    Losses are mean softmax cross-entropy in nats; accuracies fractions in [0, 1]; train_* are averages
+    over the epoch's steps of the examples each step trained on, before its update (computed on the
+    private batches without noise: not covered by ε); test_* on the whole test split after the epoch;
+    ε at `delta` by each accountant (inf for a non-private run); `elapsed_s` wall seconds since the start.
+    Also a read-only mapping from the CSV column names (`METRIC_COLUMNS`) to values."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    epsilon_rdp: float
+    epsilon_pld: float
+    delta: float
+    noise_multiplier: float
+    l2_norm_clip: float
+    batch_size: int
+    learning_rate: float
+    elapsed_s: float
+    test_accuracy_per_class: tuple[float, ...] = ()
+
+    def row(self) -> dict[str, Any]:
+        """The CSV row: the scalar fields, then `test_accuracy_class_<k>` for each class."""
+        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != _PER_CLASS}
+        per_class = {f"test_accuracy_class_{k}": v for k, v in enumerate(self.test_accuracy_per_class)}
+        return {**scalars, **per_class}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> EpochRecord:
+        """Inverse of `row` (e.g. a record kept in a checkpoint)."""
+        scalars = {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name != _PER_CLASS}
+        per_class = tuple(row[f"test_accuracy_class_{k}"] for k in range(NUM_CLASSES)
+                          if f"test_accuracy_class_{k}" in row)
+        return cls(**scalars, test_accuracy_per_class=per_class)
+
+    def __getitem__(self, column: str) -> Any:
+        return self.row()[column]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.row())
+
+    def __len__(self) -> int:
+        return len(self.row())
+
+
+_PER_CLASS = "test_accuracy_per_class"
 METRIC_COLUMNS = (
-    "epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-    "epsilon_rdp", "epsilon_pld", "delta", "noise_multiplier", "l2_norm_clip", "batch_size",
-    "learning_rate", "elapsed_s",
+    *(f.name for f in dataclasses.fields(EpochRecord) if f.name != _PER_CLASS),
     *(f"test_accuracy_class_{k}" for k in range(NUM_CLASSES)),
 )
 
 
-def metrics_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Records (one per epoch) as a DataFrame whose columns are exactly METRIC_COLUMNS."""
+def metrics_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Records (one per epoch: EpochRecord or a mapping of columns) as a DataFrame whose columns are
+    exactly METRIC_COLUMNS."""
     import pandas as pd  # imported when first needed: reading run.yaml alone does not need it
 
-    frame = pd.DataFrame(list(records))
+    frame = pd.DataFrame([dict(r) for r in records])
     missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
     if frame.empty:
         return pd.DataFrame(columns=list(METRIC_COLUMNS))
@@ -40,7 +93,7 @@ def metrics_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return frame.loc[:, list(METRIC_COLUMNS)]
 
 
-def write_metrics(records: Iterable[dict[str, Any]], path: Path) -> None:
+def write_metrics(records: Iterable[Mapping[str, Any]], path: Path) -> None:
     """Write the per-epoch metrics CSV atomically (floats printed with full round-trip precision)."""
     atomic_write_text(path, metrics_frame(records).to_csv(index=False))
 

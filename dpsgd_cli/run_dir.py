@@ -1,25 +1,116 @@
 """The run directory: what it holds, and whether a run may be started in it, replace it or resume it.
 
-A run directory holds run.yaml (config, status, versions), metrics.csv, checkpoint.ckpt and, once finished,
-the model weights. Everything here reads only, except `prepare_run_dir`, which empties the directory for a
-new run after `check_run_dir` allowed it.
+A run directory holds run.yaml (config, status, versions), run.key (the secret key, 0600),
+metrics.csv, checkpoint.ckpt and, once finished, the model weights; `RunDir` names them all and is the
+one reader of run.yaml and of the checkpoint. Everything here reads only, except `prepare_run_dir`, which
+empties the directory for a new run after `check_run_dir` allowed it.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dpsgd_cli import checkpoint
 from dpsgd_cli.config import ExperimentConfig, config_from_dict, replace
 from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
 from dpsgd_cli.results import read_yaml
+from dpsgd_cli.run_key import KEY_FILE
 
 RUN_FILE = "run.yaml"
 METRICS_FILE = "metrics.csv"
 WEIGHTS_FILE = "model.weights.h5"
+CANARIES_FILE = "canaries.npz"
+AUDIT_FILE = "audit.json"
 FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory: the names of its files and the one way each is read.
+
+    `document()` reads run.yaml (every failure one RunDirError naming the file), `config()` the config it
+    records, placed at this directory (so a moved run still works), `checkpoint()` the checkpoint,
+    verified once per version of the file in this process, however many readers ask."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def weights_file(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def key_file(self) -> Path:
+        return self.path / KEY_FILE
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return checkpoint.path_in(self.path)
+
+    @property
+    def canaries_file(self) -> Path:
+        return self.path / CANARIES_FILE
+
+    @property
+    def audit_file(self) -> Path:
+        return self.path / AUDIT_FILE
+
+    def has_run_file(self) -> bool:
+        return self.run_file.is_file()
+
+    def document(self) -> dict[str, Any]:
+        """run.yaml as a mapping; RunDirError if it is missing, unreadable or not a run description."""
+        if not self.has_run_file():
+            raise RunDirError(f"{self.path}: not a run directory (no {RUN_FILE})")
+        try:
+            doc = read_yaml(self.run_file)
+        except Exception as exc:  # yaml, I/O and decoding errors come in many types
+            raise RunDirError(f"{self.run_file}: unreadable ({exc.__class__.__name__})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+            raise RunDirError(f"{self.run_file}: not a dpsgd run description (no config)")
+        return doc
+
+    def status(self) -> str:
+        return str(self.document().get("status", "unknown"))
+
+    def config(self) -> ExperimentConfig:
+        """The recorded config, with output_dir and name pointing at this directory."""
+        try:
+            cfg = config_from_dict(self.document()["config"])
+            return replace(cfg, output_dir=str(self.path.parent), name=self.path.name)
+        except ConfigError as exc:
+            raise RunDirError(f"{self.run_file}: its config no longer loads ({exc})") from None
+
+    def checkpoint(self) -> checkpoint.Checkpoint | None:
+        """The verified checkpoint, or None; RunDirError if damaged (verified once per file version)."""
+        try:
+            stat = os.stat(self.checkpoint_file)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return checkpoint.load(self.path)  # let the loader say what is wrong
+        version = (str(self.checkpoint_file.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if _VERIFIED.get("version") != version:
+            _VERIFIED.clear()
+            _VERIFIED.update(version=version, checkpoint=checkpoint.load(self.path))
+        return _VERIFIED["checkpoint"]
+
+
+_VERIFIED: dict[str, Any] = {}  # the last checkpoint verified in this process, by file version
 
 
 @dataclass(frozen=True)
@@ -41,21 +132,23 @@ class RunDirState:
 
 def inspect_run_dir(run_dir: Path) -> RunDirState | None:
     """The state of the run in `run_dir`, or None if it holds no dpsgd run (no run.yaml, no checkpoint)."""
-    run_dir = Path(run_dir)
-    has_doc, has_ckpt = (run_dir / RUN_FILE).is_file(), checkpoint.exists(run_dir)
+    rd = RunDir(run_dir)
+    has_doc, has_ckpt = rd.has_run_file(), rd.checkpoint_file.is_file()
     if not (has_doc or has_ckpt):
         return None
     status, epochs, problem = "unreadable", None, None
     if has_doc:
         try:
-            doc = read_yaml(run_dir / RUN_FILE)
+            doc = rd.document()
             status = str(doc.get("status", "unknown"))
             epochs = int(doc["config"]["training"]["epochs"])
-        except Exception as exc:  # yaml, I/O and shape errors come in many types
+        except RunDirError:
+            status, problem = "unreadable", f"{RUN_FILE} is unreadable"
+        except Exception as exc:  # a run.yaml of the wrong shape
             status, problem = "unreadable", f"{RUN_FILE} is unreadable ({exc.__class__.__name__})"
     epochs_done = None
     try:
-        ckpt = checkpoint.load(run_dir)
+        ckpt = rd.checkpoint()
         epochs_done = ckpt.epochs_done if ckpt else 0
         epochs = epochs if epochs is not None or ckpt is None else ckpt.state.get("epochs")
     except RunDirError as exc:
@@ -127,14 +220,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 def resume_config(run_dir: Path) -> ExperimentConfig:
     """The config a run in `run_dir` was started with (from its run.yaml), placed at `run_dir` (so a
     moved or renamed run directory resumes where it now is)."""
-    run_dir = Path(run_dir)
-    _check_resumable_dir(run_dir)
-    path = run_dir / RUN_FILE
+    _check_resumable_dir(Path(run_dir))
     try:
-        raw = read_yaml(path).get("config")
-        cfg = config_from_dict(raw)
-        return replace(cfg, output_dir=str(run_dir.parent), name=run_dir.name)
-    except ConfigError as exc:
-        raise RunDirError(f"{path}: its config no longer loads ({exc})") from None
-    except Exception as exc:  # yaml and I/O errors come in many types
-        raise RunDirError(f"{path}: unreadable ({exc.__class__.__name__}); cannot resume") from None
+        return RunDir(run_dir).config()
+    except RunDirError as exc:
+        raise RunDirError(f"{exc}; cannot resume") from None

@@ -19,11 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dpsgd_cli.config import flatten
 from dpsgd_cli.errors import RunDirError
-from dpsgd_cli.run_dir import FINISHED
+from dpsgd_cli.run_dir import FINISHED, RunDir
 
 SUMMARY_FILE = "summary.csv"
 LOCK_FILE = ".summary.lock"
@@ -85,20 +83,14 @@ class RunInfo:
 
 def read_run(run_dir: Path) -> RunInfo:
     """Read run.yaml and metrics.csv of one run. Raises RunDirError if run.yaml is unreadable."""
-    from dpsgd_cli.results import read_metrics, read_yaml
+    from dpsgd_cli.results import read_metrics
 
-    run_dir = Path(run_dir)
-    try:
-        doc = read_yaml(run_dir / "run.yaml")
-    except (OSError, yaml.YAMLError) as exc:
-        raise RunDirError(f"{run_dir / 'run.yaml'}: cannot read ({exc.__class__.__name__})") from None
-    if not isinstance(doc, dict):
-        raise RunDirError(f"{run_dir / 'run.yaml'}: not a run description")
-    metrics_path = run_dir / "metrics.csv"
-    metrics = read_metrics(metrics_path) if metrics_path.is_file() else None
+    rd = RunDir(run_dir)
+    doc = rd.document()
+    metrics = read_metrics(rd.metrics_file) if rd.metrics_file.is_file() else None
     if metrics is not None and metrics.empty:
         metrics = None
-    return RunInfo(run_dir, doc, metrics)
+    return RunInfo(rd.path, doc, metrics)
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -106,10 +98,10 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     Raises RunDirError for a path that is neither."""
     found: list[Path] = []
     for path in map(Path, paths):
-        if (path / "run.yaml").is_file():
+        if RunDir(path).has_run_file():
             candidates = [path]
         elif path.is_dir():
-            candidates = sorted(p for p in path.iterdir() if (p / "run.yaml").is_file())
+            candidates = sorted(p for p in path.iterdir() if RunDir(p).has_run_file())
             if not candidates:
                 raise RunDirError(f"{path}: no runs here (no run.yaml in it or in its subdirectories)")
         else:
@@ -250,7 +242,7 @@ def write_summary(sweep_dir: Path, preferred: Sequence[str] = ()) -> Path:
     sweep_dir = Path(sweep_dir)
     path = sweep_dir / SUMMARY_FILE
     with _locked(sweep_dir / LOCK_FILE):
-        dirs = [p for p in sorted(sweep_dir.iterdir()) if (p / "run.yaml").is_file()]
+        dirs = [p for p in sorted(sweep_dir.iterdir()) if RunDir(p).has_run_file()]
         runs, keys = load_runs(dirs, preferred, finished_only=True) if dirs else ([], list(preferred))
         atomic_write_text(path, summary_text(runs, keys))
     return path

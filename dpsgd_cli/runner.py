@@ -25,13 +25,21 @@ from dpsgd_cli.data import data_fingerprint, load_dataset
 from dpsgd_cli.errors import DpsgdError, RunDirError
 from dpsgd_cli.privacy_plan import PrivacyPlan, plan_privacy
 from dpsgd_cli.privacy_statement import privacy_statement
-from dpsgd_cli.results import write_metrics, write_yaml
-from dpsgd_cli.run_dir import FINISHED, METRICS_FILE, RUN_FILE, WEIGHTS_FILE, check_run_dir, prepare_run_dir
+from dpsgd_cli.results import EpochRecord, write_metrics, write_yaml
+from dpsgd_cli.run_dir import (
+    FINISHED,
+    METRICS_FILE,
+    RUN_FILE,
+    WEIGHTS_FILE,
+    RunDir,
+    check_run_dir,
+    prepare_run_dir,
+)
 from dpsgd_cli.run_key import RunKey, load_run_key, new_run_key, save_run_key
 from dpsgd_cli.sampling import steps_after_epochs
 from dpsgd_cli.trainer import StepCallback, Trainer, library_versions
 
-EpochCallback = Callable[[dict[str, Any]], None]
+EpochCallback = Callable[[EpochRecord], None]
 # Keys of the config that may differ between a checkpoint and run.yaml: where the run lives and where the
 # data are read from (the data themselves are compared by fingerprint).
 _RELOCATABLE = ("name", "output_dir", "data.data_dir")
@@ -40,7 +48,7 @@ _RELOCATABLE = ("name", "output_dir", "data.data_dir")
 @dataclass
 class RunResult:
     run_dir: Path
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[EpochRecord] = field(default_factory=list)
     statement: str = ""
     noise_multiplier: float | None = None
 
@@ -65,7 +73,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     Ctrl-C, TrainingError on a non-finite loss (the last checkpoint and metrics.csv stay as they were)."""
     run_dir = cfg.run_dir
     check_run_dir(run_dir, overwrite=overwrite, resume=resume)
-    ckpt = checkpoint.load(run_dir) if resume else None
+    ckpt = RunDir(run_dir).checkpoint() if resume else None
     key = load_run_key(run_dir) if resume else run_key or new_run_key(
         reproducible=cfg.privacy.reproducible, seed=cfg.seed)
     _check_key_mode(key, cfg, run_dir)
@@ -93,7 +101,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:
         trainer.restore(ckpt)
-        result.records = list(ckpt.records)
+        result.records = [EpochRecord.from_row(r) for r in ckpt.records]
         write_metrics(result.records, run_dir / METRICS_FILE)  # as the checkpoint has it
     write_yaml(_run_document(cfg, plan, trainer, "running", result), run_dir / RUN_FILE)
     _train_epochs(cfg, trainer, plan, result, on_step, on_epoch, ckpt.elapsed_s if ckpt else 0.0)
@@ -122,10 +130,10 @@ def _train_epochs(cfg, trainer: Trainer, plan: PrivacyPlan, result: RunResult, o
     except KeyboardInterrupt:
         # Ctrl-C may land between the checkpoint and metrics.csv: what is saved is what the checkpoint holds
         try:
-            saved = checkpoint.load(run_dir)
+            saved = RunDir(run_dir).checkpoint()
         except RunDirError:
             saved = None
-        result.records = list(saved.records) if saved else []
+        result.records = [EpochRecord.from_row(r) for r in saved.records] if saved else []
         _record_stop(cfg, plan, trainer, result, "interrupted", None)
         raise RunInterrupted(run_dir, len(result.records), epochs) from None
     except DpsgdError as exc:

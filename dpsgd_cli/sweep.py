@@ -25,7 +25,7 @@ import yaml
 
 from dpsgd_cli.config import ExperimentConfig, flatten, load_config, replace
 from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
-from dpsgd_cli.run_dir import FINISHED
+from dpsgd_cli.run_dir import FINISHED, RunDir
 from dpsgd_cli.run_key import RunKey, new_run_key
 from dpsgd_cli.run_summaries import NOT_SETTINGS, value_text, write_summary
 
@@ -166,16 +166,14 @@ def plan_sweep(config: str | Path | None, overrides: Sequence[str] = (), grid: S
 
 def run_state(cfg: ExperimentConfig) -> tuple[str, tuple[str, ...]]:
     """(state, differing keys) of the run directory `cfg` would write; see PlannedRun."""
-    from dpsgd_cli.results import read_yaml
-
-    path = cfg.run_dir / "run.yaml"
-    if not path.is_file():
+    rd = RunDir(cfg.run_dir)
+    if not rd.has_run_file():
         return "new", ()
     try:
-        doc = read_yaml(path)
-    except (OSError, yaml.YAMLError):
+        doc = rd.document()
+    except RunDirError:
         return "unfinished", ()
-    if not isinstance(doc, dict) or doc.get("status") != FINISHED:
+    if doc.get("status") != FINISHED:
         return "unfinished", ()
     stored = flatten(doc.get("config") or {})
     planned = flatten(cfg.to_dict())

@@ -16,10 +16,11 @@ import numpy as np
 
 from dpsgd_cli import __version__, accounting, checkpoint
 from dpsgd_cli.config import ExperimentConfig
-from dpsgd_cli.data import Dataset
+from dpsgd_cli.data import NUM_CLASSES, Dataset
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
 from dpsgd_cli.privacy_plan import PrivacyPlan
 from dpsgd_cli.privacy_statement import PrivacyFacts
+from dpsgd_cli.results import EpochRecord
 from dpsgd_cli.run_key import RunKey
 from dpsgd_cli.sampling import Sampler, steps_in_epoch
 
@@ -130,12 +131,12 @@ class Trainer:
         losses = per_example_loss(logits, y).numpy()
         hits = logits.argmax(axis=1) == y
         per_class = {f"test_accuracy_class_{k}": float(hits[y == k].mean()) if (y == k).any() else math.nan
-                     for k in range(10)}
+                     for k in range(NUM_CLASSES)}
         return {"test_loss": float(losses.mean()), "test_accuracy": float(hits.mean()), **per_class}
 
-    def epoch_record(self, epoch: int, train_stats: dict[str, float], elapsed: float) -> dict[str, Any]:
+    def epoch_record(self, epoch: int, train_stats: dict[str, float], elapsed: float) -> EpochRecord:
         private = self.cfg.privacy.enabled
-        return {
+        return EpochRecord.from_row({
             "epoch": epoch, "step": self.steps_done, **train_stats, **self.evaluate(),
             **self._epsilons(),
             "delta": self.cfg.privacy.delta,
@@ -144,7 +145,7 @@ class Trainer:
             "batch_size": self.cfg.data.batch_size,
             "learning_rate": self.cfg.training.learning_rate,
             "elapsed_s": round(elapsed, 3),
-        }
+        })
 
     def _epsilons(self) -> dict[str, float]:
         """ε so far by each accountant (inf for a non-private run)."""
@@ -161,7 +162,7 @@ class Trainer:
             epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"),
             randomness=self.key.mode)
 
-    def snapshot(self, epoch: int, records: list[dict[str, Any]], elapsed: float) -> checkpoint.Checkpoint:
+    def snapshot(self, epoch: int, records: list[EpochRecord], elapsed: float) -> checkpoint.Checkpoint:
         """The checkpoint after `epoch`; TrainingError if the weights or the test loss are not finite (a
         diverged model is never checkpointed over the last good one)."""
         weights = self.model.get_weights()
@@ -173,7 +174,7 @@ class Trainer:
                                 f"lower training.learning_rate (now {self.cfg.training.learning_rate:g})")
         state = {
             "epochs_done": epoch, "epochs": self.cfg.training.epochs, "steps_done": self.steps_done,
-            "ledger_steps": self.ledger.steps, "elapsed_s": elapsed, "records": records,
+            "ledger_steps": self.ledger.steps, "elapsed_s": elapsed, "records": [r.row() for r in records],
             "config": self.cfg.to_dict(), "noise_multiplier": self.plan.noise_multiplier,
             "dataset_size": self.n, "data_fingerprint": self.fingerprint,
             "model_variables": [v.path for v in self.model.weights],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from test_cli_train import error_line, invoke, tree
 
 from dpsgd_cli.config import load_config
@@ -54,7 +55,8 @@ def test_export_refusals(tmp_path):
         export_run(run_dir, run_dir / "pub")
     with pytest.raises(RunDirError, match="no run.yaml"):
         export_run(tmp_path / "full", tmp_path / "pub")
-    write_yaml({"status": "running"}, run_dir / "run.yaml")
+    doc = yaml.safe_load((run_dir / "run.yaml").read_text())
+    write_yaml({**doc, "status": "running"}, run_dir / "run.yaml")
     with pytest.raises(RunDirError, match="not finished"):
         export_run(run_dir, tmp_path / "pub")
     reproducible = _finished_run(tmp_path / "runs" / "seeded", "privacy.reproducible=true")
