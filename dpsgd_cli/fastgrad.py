@@ -76,6 +76,11 @@ def _weight_layer_problem(layer) -> str | None:
     return None
 
 
+def fast_path_problem(model: keras.Model) -> str | None:
+    """What keeps `model` off the fast path (a phrase, e.g. "LayerNormalization layer 'ln'"), or None."""
+    return _unsupported_layer(model)
+
+
 def supports_fast_path(model: keras.Model) -> bool:
     """True when `fast_clipped_gradient_sum` handles every layer and every trainable variable of `model`."""
     return _unsupported_layer(model) is None
