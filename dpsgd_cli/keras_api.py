@@ -142,7 +142,7 @@ class DPModel(keras.Model):
                                   "the privacy analysis); leave it at its default")
         if kwargs:
             raise TypeError(f"fit() got unexpected arguments: {', '.join(kwargs)}")
-        if self.optimizer is None or getattr(self, "loss", None) is None:
+        if getattr(self, "optimizer", None) is None or getattr(self, "loss", None) is None:
             raise ConfigError("DPModel: call compile(optimizer=…, loss=…) before fit")
         x, y, batch_size = self._as_arrays(x, y, batch_size)
         self._prepare(x, y, batch_size or 32)
