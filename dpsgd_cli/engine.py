@@ -114,7 +114,7 @@ class StepSettings:
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
                     grad_sum_fn: GradSumFn | None = None, forward_fn=None, *,
-                    loss_fn: LossFn = per_example_loss, metrics_fn=None):
+                    loss_fn: LossFn = per_example_loss, return_logits: bool = False):
     """Build the compiled step `step(x, y, mask, extra_sums, noise_seed) -> (loss_sum, correct, count)`.
 
     `noise_seed` [2] int64 keys this step's noise (`run_key.RunKey.noise_seed(step)`); it is an input of
@@ -125,8 +125,8 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     Returned sums are over the real (mask = 1) examples only. `forward_fn(model, x, tape) -> logits`
     replaces `model(x, training=True)` in the non-private step (e.g. `fastgrad.forward`).
     `loss_fn(logits, labels)`: the per-example loss (default softmax cross-entropy on class indices).
-    `metrics_fn(labels, logits, mask)`, if given, runs inside the step (e.g. to update Keras metrics on
-    the real examples); its result is ignored.
+    `return_logits`: the step also returns the logits [capacity, classes] (e.g. for Keras metrics on the
+    real examples), as a fourth output.
     """
     variables = model.trainable_variables
     grad_sum_fn = grad_sum_fn or vmap_clipped_gradient_sum
@@ -153,10 +153,9 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
             sums = [g + n for g, n in zip(sums, noise)]
         grads = [g / s.denominator for g in sums]
         optimizer.apply(grads, variables)
-        if metrics_fn is not None:
-            metrics_fn(y, logits, mask)
         correct = correct_predictions(logits, y)
-        return tf.reduce_sum(losses * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+        sums = (tf.reduce_sum(losses * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask))
+        return (*sums, logits) if return_logits else sums
 
     def chunk_sum(x, y, mask):
         return gradient_sum(x, y, mask)[0]

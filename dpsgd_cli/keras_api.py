@@ -181,8 +181,10 @@ class DPModel(keras.Model):
             if batch.step != self.steps_done:
                 raise RuntimeError(f"step numbering out of order ({batch.step} != {self.steps_done})")
             cbs.on_train_batch_begin(i)
-            step_loss, _, step_count = take_step(step_fn, chunk_fn, zeros, x, y, batch,
-                                                 self._run_key.noise_seed(batch.step))
+            step_loss, _, step_count, (logits,) = take_step(step_fn, chunk_fn, zeros, x, y, batch,
+                                                            self._run_key.noise_seed(batch.step))
+            idx, mask = batch.chunks[0]
+            self._update_metrics(y[idx], logits, mask)
             self.steps_done += 1
             self.ledger.advance(1)  # accounted as soon as taken
             if not math.isfinite(step_loss):
@@ -286,15 +288,18 @@ class DPModel(keras.Model):
             private=True, noise_multiplier=self.noise_multiplier, l2_norm_clip=self.l2_norm_clip,
             microbatch_size=k, denominator=float(batch_size // k), jit_compile=jit)
         loss_fn = per_example_loss_fn(self.loss)
-        ones = np.ones(len(x0), np.float32)
-        self.compute_metrics(x0, y0, self.model(x0, training=False), sample_weight=ones)
-        self.reset_metrics()  # the metrics' variables now exist outside the compiled step
+        self.compute_metrics(x0, y0, self.model(x0, training=False))
+        self.reset_metrics()  # the metrics' variables now exist, outside any tf.function
 
-        def metrics_fn(labels, logits, mask):
-            self.compute_metrics(None, labels, logits, sample_weight=mask)
+        def update_metrics(labels, logits, mask):
+            """Keras metrics (unweighted by design) on the real examples only: padded slots dropped."""
+            real = mask > 0
+            self.compute_metrics(None, tf.boolean_mask(labels, real), tf.boolean_mask(logits, real))
+            return tf.constant(0)
 
+        self._update_metrics = tf.function(update_metrics)  # never XLA: the real examples vary in number
         step_fn, chunk_fn = engine.make_train_step(self.model, self.optimizer, settings, grad_fn,
-                                                   loss_fn=loss_fn, metrics_fn=metrics_fn)
+                                                   loss_fn=loss_fn, return_logits=True)
         self._step = (step_fn, chunk_fn, [tf.zeros_like(v) for v in self.model.trainable_variables])
 
     def _as_arrays(self, x, y, batch_size):

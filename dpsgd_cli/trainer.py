@@ -41,12 +41,13 @@ def library_versions() -> dict[str, str]:
 
 
 def take_step(step_fn, chunk_fn, zeros, x_train: np.ndarray, y_train: np.ndarray, batch: Batch,
-              noise_seed: np.ndarray) -> tuple[float, float, float]:
+              noise_seed: np.ndarray) -> tuple[float, float, float, Any]:
     """Run the compiled DP step (`engine.make_train_step`) on one sampled `batch` of `x_train`/`y_train`.
 
     An oversized Poisson batch's overflow chunks are summed by `chunk_fn` and added before the noise, so
     no sampled example is dropped. Returns (loss sum, correct, count) over the first chunk's real
-    examples: the overflow chunks' examples are trained on but not in these running statistics."""
+    examples (the overflow chunks' examples are trained on but not in these running statistics), and the
+    step's further outputs (the first chunk's logits with `return_logits`, else an empty tuple)."""
     import tensorflow as tf
 
     (idx, mask), *overflow = batch.chunks
@@ -55,10 +56,10 @@ def take_step(step_fn, chunk_fn, zeros, x_train: np.ndarray, y_train: np.ndarray
         parts = [chunk_fn(x_train[j], y_train[j], m) for j, m in overflow]
         extra = [tf.add_n(list(p)) for p in zip(*parts)]
     out = step_fn(x_train[idx], y_train[idx], mask, extra, noise_seed)
-    step_loss, step_correct, step_count = (float(v) for v in out)
+    step_loss, step_correct, step_count = (float(v) for v in out[:3])
     if overflow:
         step_count = float(mask.sum())
-    return step_loss, step_correct, step_count
+    return step_loss, step_correct, step_count, tuple(out[3:])
 
 
 class Trainer:
@@ -108,7 +109,7 @@ class Trainer:
         total = steps_in_epoch(epoch, self.cfg.data.batch_size, self.n, self.cfg.data.sampling)
         loss_sum = correct = count = 0.0
         for i, batch in enumerate(self.sampler.epoch(epoch), start=1):
-            step_loss, step_correct, step_count = take_step(
+            step_loss, step_correct, step_count, _ = take_step(
                 self.step_fn, self.chunk_fn, self.zeros, self.data.x_train, self.data.y_train, batch,
                 self.key.noise_seed(batch.step))
             if not math.isfinite(step_loss):

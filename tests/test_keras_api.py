@@ -60,7 +60,7 @@ def test_fit_equals_the_cli_trainer_with_the_same_config_and_key(data_dir, sampl
     data = load_dataset("fashion_mnist", data_dir, 600, 100)
     key = new_run_key(reproducible=True, seed=cfg.seed, name=cfg.name)
     trainer = Trainer(cfg, data, plan_privacy(cfg, 600), key)
-    trainer.train_epoch(1, None)
+    train_stats = trainer.train_epoch(1, None)
 
     model = model_from_config(cfg.model, cfg.seed)
     dp_model = DPModel(model, l2_norm_clip=0.8, noise_multiplier=1.1, num_microbatches=microbatches,
@@ -75,6 +75,9 @@ def test_fit_equals_the_cli_trainer_with_the_same_config_and_key(data_dir, sampl
     assert dp_model.steps_done == trainer.steps_done == {"poisson": 10, "shuffle": 9}[sampling]
     np.testing.assert_allclose(_weights(model), _weights(trainer.model), rtol=1e-5, atol=1e-6)
     assert not np.allclose(_weights(model), _weights(model_from_config(cfg.model, cfg.seed)))  # it trained
+    # Keras' metrics count the real examples only, as the trainer's running statistics do
+    assert history.history["accuracy"][-1] == pytest.approx(train_stats["train_accuracy"], rel=1e-6)
+    assert history.history["loss"][-1] == pytest.approx(train_stats["train_loss"], rel=1e-6)
     facts = trainer.facts()
     assert history.history["epsilon_pld"][-1] == pytest.approx(facts.epsilon_pld, rel=1e-12)
     assert history.history["epsilon_rdp"][-1] == pytest.approx(facts.epsilon_rdp, rel=1e-12)
