@@ -52,7 +52,7 @@ from dpsgd_cli.trainer import take_step
 
 __all__ = ["COVERAGE", "KEY_LOCATION", "DPModel"]
 
-KEY_LOCATION = "the memory of the Python process that trained it (never written anywhere)"
+KEY_LOCATION = "the memory of the Python process that trained the model, never written anywhere,"
 COVERAGE = ("It covers the model weights after every epoch and at the end, and what is computed from them "
             "alone (validation loss and metrics); it does not cover `loss` and the training metrics of "
             "the fit logs (progress bar, History, CSVLogger), which are computed on the private batches "
@@ -113,6 +113,8 @@ class DPModel(keras.Model):
         self.target_accountant = target_accountant
         self.gradient_path_setting = gradient_path
         self.jit_compile_setting = jit_compile
+        self._reproducible_from = ("the seed passed as DPModel(reproducible_seed=…)"
+                                   if reproducible_seed is not None else "the run_key given to DPModel")
         if run_key is None:
             run_key = new_run_key(reproducible=reproducible_seed is not None, seed=reproducible_seed or 0,
                                   name=_REPRODUCIBLE_NAME)
@@ -236,7 +238,8 @@ class DPModel(keras.Model):
             accounting_noise_multiplier=self.ledger.noise_multiplier, l2_norm_clip=self.l2_norm_clip,
             sampling_rate=b / n, steps=self.ledger.steps, delta=self.delta, sampling=self.sampling,
             microbatch_size=k, epsilon_rdp=self.epsilon("rdp"), epsilon_pld=self.epsilon("pld"),
-            source="run", randomness=self._run_key.mode, key_location=KEY_LOCATION, coverage=COVERAGE)
+            source="run", randomness=self._run_key.mode, key_location=KEY_LOCATION, coverage=COVERAGE,
+            reproducible_from=self._reproducible_from)
 
     def privacy_statement(self) -> str:
         """The (ε, δ) guarantee of the training so far in words, with every assumption it rests on."""

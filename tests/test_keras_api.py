@@ -155,6 +155,7 @@ def test_epsilon_in_the_epoch_logs_equals_dp_accounting_and_reaches_csv_logger(t
     assert {"loss", "accuracy"} <= set(history.history)
     statement = dp_model.privacy_statement()
     assert "for 20 steps" in statement and "q = 0.1" in statement and "secret 128-bit key" in statement
+    assert "memory of the Python process" in statement and "not cover `loss`" in statement
 
 
 @pytest.mark.slow
@@ -202,7 +203,8 @@ def test_default_key_is_secret_and_two_models_draw_different_noise():
     assert a._run_key.mode == "secret" and not np.array_equal(a._run_key.noise_seed(0),
                                                               b._run_key.noise_seed(0))
     c = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, reproducible_seed=4)
-    assert c._run_key.mode == "reproducible"
+    d = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, reproducible_seed=4)
+    assert c._run_key.mode == "reproducible" and c._run_key == d._run_key
 
 
 @pytest.mark.parametrize("kwargs,message", [
