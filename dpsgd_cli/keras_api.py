@@ -130,6 +130,14 @@ class DPModel(keras.Model):
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 
+    def train_step(self, data):
+        raise ConfigError("DPModel trains only through fit(): Keras' train_step would skip the clipping, "
+                          "the noise and the accounting")
+
+    def train_on_batch(self, *args, **kwargs):
+        raise ConfigError("DPModel trains only through fit(): train_on_batch would skip the clipping, the "
+                          "noise and the accounting (and a batch you choose is not Poisson-sampled)")
+
     # ------------------------------------------------------------------------------------------------
     # fit
 

@@ -238,6 +238,8 @@ def test_microbatches_need_shuffle_and_fit_needs_compile():
         dp_model.fit(x, y, batch_size=10)
     with pytest.raises(ConfigError, match="validation_split"):
         dp_model.fit(x, y, batch_size=10, validation_split=0.1)
+    with pytest.raises(ConfigError, match="only through fit"):  # no way around the clipping and noise
+        dp_model.train_on_batch(x[:10], y[:10])
 
 
 def _docs_example() -> str:
