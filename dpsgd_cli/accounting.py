@@ -156,22 +156,24 @@ class PrivacyLedger:
         if steps > 0:
             self.steps += steps
 
-    def epsilon(self, accountant: str) -> float:
+    def epsilon(self, accountant: str, steps: int | None = None) -> float:
+        """ε after the steps accounted so far, or after `steps` steps (e.g. to look one epoch ahead)."""
         check_accountant(accountant)
-        if self.steps == 0:
+        steps = self.steps if steps is None else int(steps)
+        if steps == 0:
             return 0.0
         if self.noise_multiplier == 0:
             return math.inf
-        key = (accountant, self.steps)
+        key = (accountant, steps)
         if key not in self._cache:
             if accountant == "rdp":
-                value = _rdp_epsilons(self.noise_multiplier, self.sampling_rate, [self.steps], self.delta)[0]
+                value = _rdp_epsilons(self.noise_multiplier, self.sampling_rate, [steps], self.delta)[0]
             else:
                 try:
                     if self._pld is None:
                         self._pld = PldComposer(self.noise_multiplier, self.sampling_rate)
-                        self._pld.reserve(max(self.steps, self._total_steps or 0))
-                    value = self._pld.epsilon(self.steps, self.delta)
+                        self._pld.reserve(max(steps, self._total_steps or 0))
+                    value = self._pld.epsilon(steps, self.delta)
                 except PldTooLargeError:  # σ so small that only the (huge) RDP ε is computable
                     value = math.inf
             self._cache[key] = value

@@ -88,10 +88,10 @@ def load_run(run_dir: Path) -> _Run:
 
 
 def load_model(run: _Run):
-    """The run's CNN with its final weights."""
-    from dpsgd_cli.model import build_model
+    """The run's model (built-in CNN or `model.builder`) with its final weights."""
+    from dpsgd_cli.model import model_from_config
 
-    model = build_model(run.cfg.model.architecture, run.cfg.model.activation, seed=run.cfg.seed)
+    model = model_from_config(run.cfg.model, run.cfg.seed)
     try:
         model.load_weights(run.run_dir / WEIGHTS_FILE)
     except Exception as exc:  # h5py/keras raise many types

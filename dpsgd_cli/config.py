@@ -28,6 +28,7 @@ JIT_CHOICES = ("auto", True, False)
 GRADIENT_PATHS = ("auto", "fast", "vectorized_map")
 DATASET_SIZES = {"fashion_mnist": 60000, "mnist": 60000}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+_BUILDER_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,8 +45,13 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """The built-in `architecture` (with `activation`), or `builder`: "package.module:function", a function
+    called as `function(input_shape=(28, 28, 1), num_classes=10)` that returns an un-compiled Keras model
+    whose outputs are logits; when given, it replaces `architecture` and `activation`."""
+
     architecture: str = "tfp_cnn"
     activation: str = "relu"
+    builder: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,6 +270,8 @@ def validate(cfg: ExperimentConfig) -> None:
                f"data.batch_size: {d.batch_size} is larger than data.train_size {d.train_size}")
     _choice("model.architecture", m.architecture, ARCHITECTURES)
     _choice("model.activation", m.activation, ACTIVATIONS)
+    _check(m.builder is None or bool(_BUILDER_RE.match(m.builder)),
+           f"model.builder: {m.builder!r} must name a function as \"package.module:function\"")
     _check(t.epochs >= 1, f"training.epochs: must be ≥ 1, got {t.epochs}")
     _choice("training.optimizer", t.optimizer, OPTIMIZERS)
     _choice("training.gradient_path", t.gradient_path, GRADIENT_PATHS)

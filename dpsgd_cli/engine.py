@@ -1,8 +1,12 @@
 """The DP-SGD step: per-example gradients → clip → mask → sum → noise → normalise → optimizer.
 
 Everything here runs inside one `tf.function` (optionally XLA-compiled) whose input shapes never change,
-so it is traced once per run. Shapes: `x` [capacity, 28, 28, 1] float32, `y` [capacity] int32,
+so it is traced once per run. Shapes: `x` [capacity, *input shape] float32 (the CLI's datasets:
+[capacity, 28, 28, 1]), `y` [capacity, *label shape] (class indices [capacity] int32 by default),
 `mask` [capacity] float32 (1 = a real example, 0 = a padded slot that must not influence anything).
+
+The loss is softmax cross-entropy from logits and integer labels (`per_example_loss`) unless a `loss_fn`
+is given: any `loss_fn(logits, labels) -> [batch]` per-example loss (e.g. a Keras loss, `keras_api`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import keras
 import tensorflow as tf
 
 GradSumFn = Callable[..., tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]]
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (logits, labels) -> per-example loss [batch]
 
 
 def per_example_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
@@ -21,7 +26,17 @@ def per_example_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32), logits=logits)
 
 
-def per_unit_gradients(model: keras.Model, x: tf.Tensor, y: tf.Tensor, microbatch_size: int = 1):
+def correct_predictions(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """1.0 where argmax(logits) is the label, else 0.0, shape [batch]. Labels are class indices [batch]
+    or one-hot / probability rows [batch, classes] (compared by their argmax)."""
+    if labels.shape.rank is not None and labels.shape.rank > 1:
+        labels = tf.argmax(labels, axis=-1, output_type=tf.int32)
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
+
+
+def per_unit_gradients(model: keras.Model, x: tf.Tensor, y: tf.Tensor, microbatch_size: int = 1,
+                       loss_fn: LossFn = per_example_loss):
     """Gradients of each unit's mean loss, vectorized with `tf.vectorized_map` (the general reference path).
 
     A unit is one example (`microbatch_size` = 1) or `microbatch_size` consecutive examples (TensorFlow
@@ -31,13 +46,13 @@ def per_unit_gradients(model: keras.Model, x: tf.Tensor, y: tf.Tensor, microbatc
     variables = model.trainable_variables
     units = x.shape[0] // microbatch_size
     xu = tf.reshape(x, [units, microbatch_size, *x.shape[1:]])
-    yu = tf.reshape(y, [units, microbatch_size])
+    yu = tf.reshape(y, [units, microbatch_size, *y.shape[1:]])
 
     def unit_grad(args):
         xi, yi = args
         with tf.GradientTape() as tape:
             logits = model(xi, training=True)
-            losses = per_example_loss(logits, yi)
+            losses = loss_fn(logits, yi)
             loss = tf.reduce_mean(losses)
         return tape.gradient(loss, variables), losses, logits
 
@@ -56,13 +71,14 @@ def clip_factors(norms: tf.Tensor, l2_norm_clip: float) -> tf.Tensor:
     return l2_norm_clip / tf.maximum(norms, l2_norm_clip)
 
 
-def vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1):
+def vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1,
+                              loss_fn: LossFn = per_example_loss):
     """Σ_units mask_u · clip(g_u) for every trainable variable, via `per_unit_gradients`.
 
     `mask` is per example; a unit's weight is the mask of its first example (microbatches never hold
     padding: the sampler only pads per-example batches). Returns (sums, per-example loss, logits).
     """
-    grads, losses, logits = per_unit_gradients(model, x, y, microbatch_size)
+    grads, losses, logits = per_unit_gradients(model, x, y, microbatch_size, loss_fn)
     unit_mask = mask[::microbatch_size]
     weights = clip_factors(global_norms(grads), l2_norm_clip) * unit_mask
     sums = [tf.tensordot(weights, g, axes=1) for g in grads]
@@ -97,7 +113,8 @@ class StepSettings:
 
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
-                    grad_sum_fn: GradSumFn | None = None, forward_fn=None):
+                    grad_sum_fn: GradSumFn | None = None, forward_fn=None, *,
+                    loss_fn: LossFn = per_example_loss, return_logits: bool = False):
     """Build the compiled step `step(x, y, mask, extra_sums, noise_seed) -> (loss_sum, correct, count)`.
 
     `noise_seed` [2] int64 keys this step's noise (`run_key.RunKey.noise_seed(step)`); it is an input of
@@ -107,6 +124,9 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     before the noise, so a Poisson batch larger than the capacity is never truncated.
     Returned sums are over the real (mask = 1) examples only. `forward_fn(model, x, tape) -> logits`
     replaces `model(x, training=True)` in the non-private step (e.g. `fastgrad.forward`).
+    `loss_fn(logits, labels)`: the per-example loss (default softmax cross-entropy on class indices).
+    `return_logits`: the step also returns the logits [capacity, classes] (e.g. for Keras metrics on the
+    real examples), as a fourth output.
     """
     variables = model.trainable_variables
     grad_sum_fn = grad_sum_fn or vmap_clipped_gradient_sum
@@ -114,12 +134,12 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     optimizer.build(variables)  # create its slots now, so the compiled step is traced exactly once
 
     def private_sum(x, y, mask):
-        return grad_sum_fn(model, x, y, mask, s.l2_norm_clip, s.microbatch_size)
+        return grad_sum_fn(model, x, y, mask, s.l2_norm_clip, s.microbatch_size, loss_fn=loss_fn)
 
     def plain_sum(x, y, mask):
         with tf.GradientTape() as tape:
             logits = forward_fn(model, x, tape) if forward_fn else model(x, training=True)
-            losses = per_example_loss(logits, y)
+            losses = loss_fn(logits, y)
             total = tf.reduce_sum(losses * mask)
         return tape.gradient(total, variables), losses, logits
 
@@ -133,9 +153,9 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
             sums = [g + n for g, n in zip(sums, noise)]
         grads = [g / s.denominator for g in sums]
         optimizer.apply(grads, variables)
-        correct = tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), tf.cast(y, tf.int32)),
-                          tf.float32)
-        return tf.reduce_sum(losses * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)
+        correct = correct_predictions(logits, y)
+        sums = (tf.reduce_sum(losses * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask))
+        return (*sums, logits) if return_logits else sums
 
     def chunk_sum(x, y, mask):
         return gradient_sum(x, y, mask)[0]

@@ -76,6 +76,11 @@ def _weight_layer_problem(layer) -> str | None:
     return None
 
 
+def fast_path_problem(model: keras.Model) -> str | None:
+    """What keeps `model` off the fast path (a phrase, e.g. "LayerNormalization layer 'ln'"), or None."""
+    return _unsupported_layer(model)
+
+
 def supports_fast_path(model: keras.Model) -> bool:
     """True when `fast_clipped_gradient_sum` handles every layer and every trainable variable of `model`."""
     return _unsupported_layer(model) is None
@@ -252,13 +257,14 @@ def _layer_terms(layer, a_u, d_u, strategy: str):
     return (sq if bias is None else sq + tf.reduce_sum(tf.square(bias), axis=1)), grads, bias
 
 
-def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str):
+def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str,
+                    loss_fn: engine.LossFn = engine.per_example_loss):
     """Per-unit squared gradient norms [units], per-layer terms for the weighted sum, losses, logits."""
     k = microbatch_size
     units = x.shape[0] // k
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         logits, records = _forward(model, x, tape)
-        losses = engine.per_example_loss(logits, y)
+        losses = loss_fn(logits, y)
         total = tf.reduce_sum(losses)
     dzs = tape.gradient(total, [z for _, _, z, _ in records])
     terms, sq_norms = [], []
@@ -285,22 +291,25 @@ def _weighted_sums(model, terms, weights: tf.Tensor) -> list[tf.Tensor]:
     return [sums[id(v)] for v in model.trainable_variables]
 
 
-def per_unit_norms(model, x, y, microbatch_size: int = 1, strategy: str = "auto") -> tf.Tensor:
+def per_unit_norms(model, x, y, microbatch_size: int = 1, strategy: str = "auto",
+                   loss_fn: engine.LossFn = engine.per_example_loss) -> tf.Tensor:
     """Global L2 norm of each unit's gradient (of its mean loss), shape [capacity / microbatch_size]."""
-    return tf.sqrt(_per_unit_terms(model, x, y, microbatch_size, strategy)[0])
+    return tf.sqrt(_per_unit_terms(model, x, y, microbatch_size, strategy, loss_fn)[0])
 
 
-def _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, strategy="auto"):
+def _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, strategy="auto",
+                 loss_fn: engine.LossFn = engine.per_example_loss):
     """`fast_clipped_gradient_sum` with the per-layer norm strategy: "auto", "ghost" or "materialize"."""
-    sq_norms, terms, losses, logits = _per_unit_terms(model, x, y, microbatch_size, strategy)
+    sq_norms, terms, losses, logits = _per_unit_terms(model, x, y, microbatch_size, strategy, loss_fn)
     weights = engine.clip_factors(tf.sqrt(sq_norms), l2_norm_clip) * mask[::microbatch_size]
     return _weighted_sums(model, terms, weights), losses, logits
 
 
-def fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1):
+def fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1,
+                              loss_fn: engine.LossFn = engine.per_example_loss):
     """Σ_units mask_u · clip(g_u) per trainable variable; same contract as `engine.vmap_clipped_gradient_sum`.
 
     Requires `supports_fast_path(model)`. Returns (sums aligned with `model.trainable_variables`,
     per-example loss [capacity], logits [capacity, classes]).
     """
-    return _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size)
+    return _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size, loss_fn=loss_fn)

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 class PrivacyFacts:
     """What an ε number assumes; rendered by `privacy_statement`.
 
-    `epsilon_rdp` / `epsilon_pld`: None when that accountant was not asked. `l2_norm_clip`: None when
+    `epsilon_rdp` / `epsilon_pld`: None when that accountant was not asked. `key_location`: where a secret
+    key is kept (the CLI's run.key; the Python API's process memory); `reproducible_from`: what a
+    reproducible key came from (default: the CLI's seed and sweep point); `coverage`: the sentence saying
+    which outputs a run's guarantee covers (default `COVERAGE`, the CLI's outputs). `l2_norm_clip`: None when
     unknown (a question asked on the command line). `source`: what the numbers describe — "run" (a
     finished training run), "config" (an experiment file, before running it) or "options" (numbers typed
     on the command line).
@@ -28,6 +31,9 @@ class PrivacyFacts:
     epsilon_pld: float | None
     source: str = "run"
     randomness: str | None = None
+    key_location: str = "the run's run.key"
+    reproducible_from: str | None = None  # where a reproducible key came from; None = the CLI's wording
+    coverage: str | None = None  # which outputs the guarantee covers (a run's); None = COVERAGE
 
 
 def _fmt(eps: float) -> str:
@@ -86,7 +92,11 @@ def _randomness_sentences(f: PrivacyFacts) -> list[str]:
     if f.randomness is None:
         return []
     run = f.source == "run"
-    if f.randomness == "reproducible":
+    if f.randomness == "reproducible" and f.reproducible_from:
+        said = (f"Reproducible mode: the noise and the batches were derived from {f.reproducible_from}, so "
+                "this ε holds only while it stays secret; whoever knows it can regenerate the noise and the "
+                "batches, and then ε = ∞.")
+    elif f.randomness == "reproducible":
         said = ("Reproducible mode (privacy.reproducible: true): the noise and the batches "
                 + ("were" if run else "will be")
                 + " derived from the seed in the config (and a sweep point's name), "
@@ -94,6 +104,6 @@ def _randomness_sentences(f: PrivacyFacts) -> list[str]:
                 "regenerate the noise and the batches, and then ε = ∞.")
     else:
         said = ("The noise and the batch selection " + ("came" if run else "will come") + " from a secret "
-                "128-bit key drawn from the operating system's entropy and kept only in the run's run.key "
+                f"128-bit key drawn from the operating system's entropy and kept only in {f.key_location} "
                 "(never share it: with it the noise can be subtracted).")
-    return [said, COVERAGE] if run else [said]
+    return [said, f.coverage or COVERAGE] if run else [said]

@@ -89,6 +89,9 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     fingerprint = data_fingerprint(dataset)
     if ckpt:
         _check_continues(ckpt, cfg, plan, fingerprint)
+    from dpsgd_cli.model import model_from_config
+
+    model = model_from_config(cfg.model, cfg.seed)  # a builder's errors come before the run dir changes
     if resume:
         checkpoint.remove_temporaries(run_dir)
     else:
@@ -97,7 +100,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         write_yaml(_run_document(cfg, plan, None, "running", None), run_dir / RUN_FILE)
     if canary_set is not None:  # deterministic in (seed, key): a resumed run writes the same file again
         canaries.save_canaries(canary_set, run_dir)
-    trainer = Trainer(cfg, dataset, plan, key, fingerprint)
+    trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:
         trainer.restore(ckpt)

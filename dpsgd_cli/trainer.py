@@ -22,7 +22,7 @@ from dpsgd_cli.privacy_plan import PrivacyPlan
 from dpsgd_cli.privacy_statement import PrivacyFacts
 from dpsgd_cli.results import EpochRecord
 from dpsgd_cli.run_key import RunKey
-from dpsgd_cli.sampling import Sampler, steps_in_epoch
+from dpsgd_cli.sampling import Batch, Sampler, steps_in_epoch
 
 StepCallback = Callable[[dict[str, Any]], None]
 EVAL_BATCH = 1000  # test examples per forward pass in `evaluate`
@@ -41,26 +41,49 @@ def library_versions() -> dict[str, str]:
             **{name: installed(name) for name in ("tensorflow", "keras", "dp-accounting", "numpy")}}
 
 
+def take_step(step_fn, chunk_fn, zeros, x_train: np.ndarray, y_train: np.ndarray, batch: Batch,
+              noise_seed: np.ndarray) -> tuple[float, float, float, Any]:
+    """Run the compiled DP step (`engine.make_train_step`) on one sampled `batch` of `x_train`/`y_train`.
+
+    An oversized Poisson batch's overflow chunks are summed by `chunk_fn` and added before the noise, so
+    no sampled example is dropped. Returns (loss sum, correct, count) over the first chunk's real
+    examples (the overflow chunks' examples are trained on but not in these running statistics), and the
+    step's further outputs (the first chunk's logits with `return_logits`, else an empty tuple)."""
+    import tensorflow as tf
+
+    (idx, mask), *overflow = batch.chunks
+    extra = zeros
+    if overflow:
+        parts = [chunk_fn(x_train[j], y_train[j], m) for j, m in overflow]
+        extra = [tf.add_n(list(p)) for p in zip(*parts)]
+    out = step_fn(x_train[idx], y_train[idx], mask, extra, noise_seed)
+    step_loss, step_correct, step_count = (float(v) for v in out[:3])
+    if overflow:
+        step_count = float(mask.sum())
+    return step_loss, step_correct, step_count, tuple(out[3:])
+
+
 class Trainer:
     """Holds the model, the compiled step, the sampler and the privacy ledger of one run."""
 
     def __init__(self, cfg: ExperimentConfig, dataset: Dataset, plan: PrivacyPlan, key: RunKey,
-                 fingerprint: str = ""):
-        """`key`: the run's key (secret or reproducible), which keys the batches and the noise."""
+                 fingerprint: str = "", model=None):
+        """`key`: the run's key (secret or reproducible), which keys the batches and the noise. `model`:
+        the un-compiled model of `cfg` (`model.model_from_config`), built here when not given."""
         import keras
         import tensorflow as tf
 
         from dpsgd_cli import engine
-        from dpsgd_cli.model import build_model
+        from dpsgd_cli.model import model_from_config
 
         self.tf = tf
         self.cfg, self.data, self.plan = cfg, dataset, plan
         self.n = plan.dataset_size  # n of q = B/n (counts all canaries; see privacy_plan)
         self.key = key
-        keras.utils.set_random_seed(cfg.seed)  # not secret: initial weights
         self.sampler = Sampler(sampling=cfg.data.sampling, batch_size=cfg.data.batch_size,
                                dataset_size=self.n, population=len(dataset.y_train), key=key)
-        self.model = build_model(cfg.model.architecture, cfg.model.activation, seed=cfg.seed)
+        self.model = model if model is not None else model_from_config(cfg.model, cfg.seed)
+        keras.utils.set_random_seed(cfg.seed)  # not secret (initial weights are seeded in model_from_config)
         self.optimizer = engine.make_optimizer(cfg.training.optimizer, cfg.training.learning_rate,
                                                cfg.training.momentum)
         private = cfg.privacy.enabled
@@ -84,21 +107,13 @@ class Trainer:
         self.resumed_at: list[int] = []
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
-        tf = self.tf
         total = steps_in_epoch(epoch, self.cfg.data.batch_size, self.n, self.cfg.data.sampling)
         loss_sum = correct = count = 0.0
         for i, batch in enumerate(self.sampler.epoch(epoch), start=1):
-            (idx, mask), *overflow = batch.chunks
-            extra = self.zeros
-            if overflow:
-                parts = [self.chunk_fn(self.data.x_train[j], self.data.y_train[j], m) for j, m in overflow]
-                extra = [tf.add_n(list(p)) for p in zip(*parts)]
-            out = self.step_fn(self.data.x_train[idx], self.data.y_train[idx], mask, extra,
-                               self.key.noise_seed(batch.step))
+            step_loss, step_correct, step_count, _ = take_step(
+                self.step_fn, self.chunk_fn, self.zeros, self.data.x_train, self.data.y_train, batch,
+                self.key.noise_seed(batch.step))
             self._account(1)  # the ledger composes the steps that ran, not a formula
-            step_loss, step_correct, step_count = (float(v) for v in out)
-            if overflow:  # the overflow chunks' examples are trained on but not in the running stats
-                step_count = float(mask.sum())
             if not math.isfinite(step_loss):
                 raise TrainingError(f"loss is {step_loss} at epoch {epoch}, step {batch.step + 1}: training "
                                     f"diverged; lower training.learning_rate "

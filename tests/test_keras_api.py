@@ -1,0 +1,268 @@
+"""keras_api.DPModel against independent references: the CLI trainer (same config and key), a per-example
+GradientTape loop plus the noise regenerated from the key, dp-accounting called directly; the docs example
+runs; bad arguments are one-line ConfigErrors."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import dp_accounting
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from dp_accounting import pld, rdp
+
+from dpsgd_cli import engine
+from dpsgd_cli.config import load_config
+from dpsgd_cli.data import load_dataset
+from dpsgd_cli.errors import ConfigError
+from dpsgd_cli.keras_api import DPModel
+from dpsgd_cli.model import model_from_config
+from dpsgd_cli.privacy_plan import plan_privacy
+from dpsgd_cli.run_key import new_run_key
+from dpsgd_cli.trainer import Trainer
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "keras_api.md"
+
+
+def _weights(model) -> np.ndarray:
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+
+
+def _small_model(seed: int = 0, extra: keras.layers.Layer | None = None, inputs: int = 6, classes: int = 3):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((inputs,)), keras.layers.Dense(8, activation="tanh")]
+    if extra is not None:
+        layers.append(extra)
+    return keras.Sequential([*layers, keras.layers.Dense(classes)])
+
+
+def _sparse_ce():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling,microbatches", [("poisson", None), ("shuffle", 16)])
+def test_fit_equals_the_cli_trainer_with_the_same_config_and_key(data_dir, sampling, microbatches):
+    """One epoch (10 Poisson steps, or 9 shuffled batches) of the tutorial CNN on 600 Fashion-MNIST
+    images: DPModel.fit and the CLI's Trainer, same config and reproducible key, end with the same
+    weights and the same ε."""
+    cfg = load_config(None, [f"data.data_dir={data_dir}", "data.train_size=600", "data.test_size=100",
+                             "data.batch_size=64", f"data.sampling={sampling}", "training.epochs=1",
+                             "training.optimizer=momentum", "training.learning_rate=0.05",
+                             "privacy.noise_multiplier=1.1", "privacy.l2_norm_clip=0.8",
+                             f"privacy.num_microbatches={'null' if microbatches is None else microbatches}",
+                             "privacy.reproducible=true", "seed=3"])
+    data = load_dataset("fashion_mnist", data_dir, 600, 100)
+    key = new_run_key(reproducible=True, seed=cfg.seed)
+    trainer = Trainer(cfg, data, plan_privacy(cfg, 600), key)
+    train_stats = trainer.train_epoch(1, None)
+
+    model = model_from_config(cfg.model, cfg.seed)
+    dp_model = DPModel(model, l2_norm_clip=0.8, noise_multiplier=1.1, num_microbatches=microbatches,
+                       sampling=sampling, run_key=key)
+    dp_model.compile(optimizer=engine.make_optimizer("momentum", 0.05, 0.9), loss=_sparse_ce(),
+                     metrics=["accuracy"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = dp_model.fit(data.x_train, data.y_train, epochs=1, batch_size=64, verbose=0)
+
+    assert dp_model.gradient_path == trainer.gradient_path == "fast"
+    assert dp_model.steps_done == trainer.steps_done == {"poisson": 10, "shuffle": 9}[sampling]
+    np.testing.assert_allclose(_weights(model), _weights(trainer.model), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(_weights(model), _weights(model_from_config(cfg.model, cfg.seed)))  # it trained
+    # Keras' metrics count the real examples only, as the trainer's running statistics do
+    assert history.history["accuracy"][-1] == pytest.approx(train_stats["train_accuracy"], rel=1e-6)
+    assert history.history["loss"][-1] == pytest.approx(train_stats["train_loss"], rel=1e-6)
+    facts = trainer.facts()
+    assert history.history["epsilon_pld"][-1] == pytest.approx(facts.epsilon_pld, rel=1e-12)
+    assert history.history["epsilon_rdp"][-1] == pytest.approx(facts.epsilon_rdp, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_unsupported_layer_trains_through_vectorized_map_and_equals_a_tape_loop():
+    """A LayerNormalization layer keeps the model off the fast path: fit says so once and uses
+    tf.vectorized_map. With q = 1 (every example in the one step) and SGD at rate 1, the update must be
+    (Σ_i clip(g_i) from a GradientTape loop + the noise regenerated from the key) / B."""
+    n, sigma = 16, 0.7
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=n).astype(np.int32)
+    model = _small_model(seed=2, extra=keras.layers.LayerNormalization())
+    before = [v.numpy() for v in model.trainable_variables]
+
+    per_example = []
+    for i in range(n):
+        with tf.GradientTape() as tape:
+            loss = _sparse_ce()(y[i:i + 1], model(x[i:i + 1], training=True))
+        per_example.append([g.numpy() for g in tape.gradient(loss, model.trainable_variables)])
+    norms = [np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads)) for grads in per_example]
+    clip = float(np.median(norms))  # half the examples are clipped
+    loop_sum = [sum(grads[j] * min(1.0, clip / norm) for grads, norm in zip(per_example, norms))
+                for j in range(len(before))]
+
+    key = new_run_key(reproducible=True, seed=5, label="vmap-test")
+    dp_model = DPModel(model, l2_norm_clip=clip, noise_multiplier=sigma, run_key=key)
+    dp_model.compile(optimizer=keras.optimizers.SGD(1.0), loss=_sparse_ce())
+    with pytest.warns(UserWarning, match="vectorized_map.*LayerNormalization") as caught:
+        dp_model.fit(x, y, epochs=2, batch_size=n, verbose=0)
+    assert sum("vectorized_map" in str(w.message) for w in caught) == 1  # said once, not per epoch
+    assert dp_model.gradient_path == "vectorized_map" and dp_model.steps_done == 2
+
+    # replay the first step on a fresh copy, from the reference sum and the key's noise
+    noise = engine.gaussian_noise(model.trainable_variables, sigma * clip, key.noise_seed(0))
+    expected = [w - (s + z.numpy()) / n for w, s, z in zip(before, loop_sum, noise)]
+    again = _small_model(seed=2, extra=keras.layers.LayerNormalization())
+    dp_again = DPModel(again, l2_norm_clip=clip, noise_multiplier=sigma, run_key=key)
+    dp_again.compile(optimizer=keras.optimizers.SGD(1.0), loss=_sparse_ce())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp_again.fit(x, y, epochs=1, batch_size=n, verbose=0)
+    for got, want in zip(again.trainable_variables, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    without_noise = [w - s / n for w, s in zip(before, loop_sum)]
+    assert not all(np.allclose(g.numpy(), w, atol=1e-3) for g, w in zip(again.trainable_variables,
+                                                                         without_noise))
+
+
+def _library_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
+    return float(acc.compose(event).get_epsilon(delta))
+
+
+@pytest.mark.slow
+def test_epsilon_in_the_epoch_logs_equals_dp_accounting_and_reaches_csv_logger(tmp_path):
+    n, b, sigma, delta = 300, 30, 1.0, 1e-5
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(n, 6)).astype(np.float32), rng.integers(0, 3, size=n)
+    dp_model = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=sigma, delta=delta)
+    dp_model.compile(optimizer="adam", loss=_sparse_ce(), metrics=["accuracy"])
+    csv = tmp_path / "log.csv"
+    history = dp_model.fit(x, y, epochs=2, batch_size=b, verbose=0,
+                           callbacks=[keras.callbacks.CSVLogger(csv)])
+    assert dp_model.steps_done == 20
+    for accountant in ("rdp", "pld"):
+        logged = history.history[f"epsilon_{accountant}"]
+        expected = [_library_epsilon(sigma, b / n, steps, delta, accountant) for steps in (10, 20)]
+        np.testing.assert_allclose(logged, expected, rtol=1e-6)
+        np.testing.assert_allclose(pd.read_csv(csv)[f"epsilon_{accountant}"], expected, rtol=1e-6)
+    assert {"loss", "accuracy"} <= set(history.history)
+    statement = dp_model.privacy_statement()
+    assert "for 20 steps" in statement and "q = 0.1" in statement and "secret 128-bit key" in statement
+    assert "memory of the Python process" in statement and "not cover `loss`" in statement
+
+
+@pytest.mark.slow
+def test_target_epsilon_stops_before_the_epoch_that_would_exceed_it():
+    n, b, sigma, delta = 300, 30, 1.0, 1e-5
+    after_one, after_two = (_library_epsilon(sigma, b / n, s, delta, "pld") for s in (10, 20))
+    target = (after_one + after_two) / 2
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(n, 6)).astype(np.float32), rng.integers(0, 3, size=n)
+    dp_model = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=sigma, delta=delta,
+                       target_epsilon=target)
+    dp_model.compile(optimizer="sgd", loss=_sparse_ce())
+    with pytest.warns(UserWarning, match="stopped before epoch 2"):
+        history = dp_model.fit(x, y, epochs=5, batch_size=b, verbose=0)
+    assert len(history.history["loss"]) == 1 and dp_model.steps_done == 10
+    assert dp_model.epsilon("pld") == pytest.approx(after_one, rel=1e-6) and after_one <= target
+    with pytest.warns(UserWarning, match="stopped before epoch 2"):  # a second fit takes no step either
+        dp_model.fit(x, y, epochs=1, batch_size=b, verbose=0)
+    assert dp_model.steps_done == 10
+
+
+@pytest.mark.slow
+def test_a_tf_data_dataset_is_materialized_and_sampled_like_the_arrays():
+    n, b = 120, 20
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(n, 6)).astype(np.float32), rng.integers(0, 3, size=n).astype(np.int32)
+    key = new_run_key(reproducible=True, seed=1, label="dataset")
+    results = []
+    for source in ("arrays", "dataset"):
+        model = _small_model(seed=7)
+        dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0, run_key=key)
+        dp_model.compile(optimizer="sgd", loss=_sparse_ce())
+        if source == "arrays":
+            dp_model.fit(x, y, epochs=1, batch_size=b, verbose=0)
+        else:
+            with pytest.warns(UserWarning, match="materialized .* 120 examples.*batching is ignored"):
+                dp_model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(b), epochs=1, verbose=0)
+        results.append(_weights(model))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+def test_default_key_is_secret_and_two_models_draw_different_noise():
+    a = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0)
+    b = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0)
+    assert a._run_key.mode == "secret" and not np.array_equal(a._run_key.noise_seed(0),
+                                                              b._run_key.noise_seed(0))
+    c = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, reproducible_seed=4)
+    d = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, reproducible_seed=4)
+    assert c._run_key.mode == "reproducible" and c._run_key == d._run_key
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(l2_norm_clip=0.0), "l2_norm_clip"),
+    (dict(noise_multiplier=-1.0), "noise_multiplier"),
+    (dict(sampling="random"), "sampling"),
+    (dict(delta=1.0), "delta"),
+    (dict(gradient_path="fastest"), "gradient_path"),
+])
+def test_bad_arguments_are_one_line_config_errors(kwargs, message):
+    args = dict(l2_norm_clip=1.0, noise_multiplier=1.0) | kwargs
+    with pytest.raises(ConfigError, match=message) as info:
+        DPModel(_small_model(), **args)
+    assert "\n" not in str(info.value)
+
+
+def test_batch_normalization_is_refused_with_the_reason():
+    model = _small_model(extra=keras.layers.BatchNormalization(name="bn"))
+    with pytest.raises(ConfigError, match="'bn' is BatchNormalization.*statistics of the whole batch.*"
+                                          "GroupNormalization"):
+        DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0)
+
+
+def test_microbatches_need_shuffle_and_fit_needs_compile():
+    x, y = np.zeros((40, 6), np.float32), np.zeros(40, np.int32)
+    dp_model = DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=5)
+    with pytest.raises(ConfigError, match="compile"):
+        dp_model.fit(x, y, batch_size=10)
+    dp_model.compile(optimizer="sgd", loss=_sparse_ce())
+    with pytest.raises(ConfigError, match="sampling='shuffle'"):
+        dp_model.fit(x, y, batch_size=10)
+    with pytest.raises(ConfigError, match="validation_split"):
+        dp_model.fit(x, y, batch_size=10, validation_split=0.1)
+    with pytest.raises(ConfigError, match="only through fit"):  # no way around the clipping and noise
+        dp_model.train_on_batch(x[:10], y[:10])
+
+
+def _docs_example() -> str:
+    text = DOCS.read_text(encoding="utf-8")
+    block = re.search(r"## Coming from TensorFlow Privacy.*?```python\n(.*?)```", text, re.S).group(1)
+    assert "EPOCHS = 60\n" in block and "TRAIN_SIZE = None" in block
+    return block
+
+
+@pytest.mark.slow
+def test_docs_example_runs(data_dir, monkeypatch, capsys):
+    """The "Coming from TensorFlow Privacy" example, as written, on 2000 images for one epoch."""
+    monkeypatch.setenv("DPSGD_DATA_DIR", data_dir)
+    code = _docs_example().replace("EPOCHS = 60\n", "EPOCHS = 1\n").replace("TRAIN_SIZE = None",
+                                                                              "TRAIN_SIZE = 2000")
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, str(DOCS), "exec"), namespace)
+    dp_model = namespace["dp_model"]
+    history = dp_model.history.history
+    assert dp_model.steps_done == 8 and dp_model.gradient_path == "fast"
+    assert 0 < history["epsilon_pld"][-1] < history["epsilon_rdp"][-1] < 10
+    assert 0.0 <= history["val_accuracy"][-1] <= 1.0
+    out = capsys.readouterr().out
+    assert "-DP by the PLD accountant" in out and "q = 0.125" in out
