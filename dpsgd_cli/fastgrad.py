@@ -189,32 +189,95 @@ def _max_pool_stride1(h: tf.Tensor, pool_size: tuple[int, int]) -> tf.Tensor:
     return pool(h)
 
 
-def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape):
-    """Logits and [(layer, input, pre-activation z, patches or None)] per Dense/Conv2D layer; z's watched.
+# weight layers: native | patches; stride-1 max pooling: native | slices
+FORWARDS = ("native", "patches", "slices")
+GRADS = ("materialize", "ghost", "depthwise")  # per-unit kernel gradients or norms of Dense/Conv2D layers
 
-    The first such layer's input needs no gradient, so a Conv2D there gets z from its patches.
-    """
+
+def default_formulation(model: keras.Model) -> dict[str, dict[str, str]]:
+    """The formulation used when none is given: the first Conv2D as patches × kernel (its patches are
+    needed for its per-example gradients anyway), every other weight layer native, stride-1 max pooling as
+    shifted slices, per-layer norms by `_prefer_ghost`'s operation count. A plan (`planner`) replaces it."""
+    out, first = {}, True
+    for layer in model.layers:
+        if type(layer) in _WEIGHT_LAYERS:
+            conv = isinstance(layer, keras.layers.Conv2D)
+            out[layer.name] = {"forward": "patches" if first and conv else "native", "grads": "auto"}
+            first = False
+        elif _is_stride1_max_pool(layer):
+            out[layer.name] = {"forward": "slices"}
+    return out
+
+
+def formulation_choices(layer, first: bool, private: bool) -> list[dict[str, str]]:
+    """Every formulation this module can run for `layer` (all tested equal to the GradientTape reference).
+
+    `first`: the layer is the first weight layer (its input needs no gradient). Empty for layers with
+    nothing to choose."""
+    if _is_stride1_max_pool(layer):
+        return [{"forward": "native"}, {"forward": "slices"}]
+    if type(layer) not in _WEIGHT_LAYERS:
+        return []
+    conv = isinstance(layer, keras.layers.Conv2D)
+    forwards = ("native", "patches") if conv else ("native",)
+    if not private:
+        return [{"forward": f} for f in forwards] if conv else []
+    grads = ["materialize", "ghost"]
+    choices = [{"forward": f, "grads": g} for f in forwards for g in grads]
+    if conv and layer.kernel.shape[2] == 1:
+        choices.append({"forward": "native", "grads": "depthwise"})
+    return choices
+
+
+def _choice(formulation, layer, default: dict[str, str]) -> dict[str, str]:
+    return {**default, **(formulation or {}).get(layer.name, {})}
+
+
+def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None):
+    """Logits and [(layer, input, pre-activation z, patches or None, choice)] per Dense/Conv2D layer, z's
+    watched. `formulation`: {layer name: {"forward": ..., "grads": ...}} (missing: `default_formulation`)."""
+    defaults = default_formulation(model)
     records, h = [], x
     for layer in model.layers:
         if type(layer) in _WEIGHT_LAYERS:
-            first_conv = not records and isinstance(layer, keras.layers.Conv2D)
-            patches = _patches(h, layer) if first_conv else None
+            choice = _choice(formulation, layer, defaults[layer.name])
+            conv = isinstance(layer, keras.layers.Conv2D)
+            patches = _patches(h, layer) if conv and choice["forward"] == "patches" else None
             z = _pre_activation(layer, h, patches)
             tape.watch(z)
-            records.append((layer, h, z, patches))
+            records.append((layer, h, z, patches, choice))
             h = layer.activation(z)
-        elif _is_stride1_max_pool(layer):
+        elif _is_stride1_max_pool(layer) and _choice(formulation, layer, defaults[layer.name])["forward"] \
+                == "slices":
             h = _max_pool_stride1(h, layer.pool_size)
         else:
             h = layer(h, training=True)
     return h, records
 
 
-def forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape) -> tf.Tensor:
-    """The model's training-mode logits computed with this module's faster ops (patches + matmul for the
-    first convolution, stride-1 max pooling by shifted slices): the same function as `model(x)`, for a
-    non-private step on the same formulation as the fast DP step. Call inside `tape`."""
-    return _forward(model, x, tape)[0]
+def forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None) -> tf.Tensor:
+    """The model's training-mode logits through `formulation` (default: `default_formulation`): the same
+    function as `model(x)`, for a non-private step. Native choices call the Keras layer itself, so an
+    all-native formulation is the plain Keras forward. Call inside `tape`."""
+    defaults = default_formulation(model)
+    h = x
+    for layer in model.layers:
+        forward_choice = _choice(formulation, layer, defaults.get(layer.name, {})).get("forward", "native")
+        if type(layer) in _WEIGHT_LAYERS and forward_choice == "patches":
+            h = layer.activation(_pre_activation(layer, h, _patches(h, layer)))
+        elif _is_stride1_max_pool(layer) and forward_choice == "slices":
+            h = _max_pool_stride1(h, layer.pool_size)
+        else:
+            h = layer(h, training=True)
+    return h
+
+
+def make_forward_fn(formulation):
+    """`forward_fn` for `engine.make_train_step` following `formulation` (None when it is all native: the
+    plain Keras step)."""
+    if not any(c.get("forward", "native") != "native" for c in formulation.values()):
+        return None
+    return lambda model, x, tape: forward(model, x, tape, formulation)
 
 
 def _unit_factors(layer, a, dz, patches, units: int, k: int):
@@ -252,21 +315,53 @@ def _layer_terms(layer, a_u, d_u, strategy: str):
     return (sq if bias is None else sq + tf.reduce_sum(tf.square(bias), axis=1)), grads, bias
 
 
-def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str):
+def _depthwise_unit_grads(layer, a, dz, units: int, k: int) -> tf.Tensor:
+    """Per-unit kernel gradients [units, kh·kw, c] of a Conv2D with one input channel, by one native op.
+
+    The batch becomes the channels of one image: input [1, H, W, B], output-gradients [1, oh, ow, B·c];
+    the gradient of a depthwise convolution's filter is then every example's own kernel gradient."""
+    (kh, kw), (b, h, w, _), c = layer.kernel_size, a.shape, dz.shape[-1]
+    image = tf.reshape(tf.transpose(tf.reshape(a, [b, h, w]), [1, 2, 0]), [1, h, w, b])
+    out_backprop = tf.reshape(tf.transpose(dz, [1, 2, 0, 3]), [1, dz.shape[1], dz.shape[2], b * c])
+    grads = tf.nn.depthwise_conv2d_backprop_filter(image, [kh, kw, b, c], out_backprop,
+                                                   [1, *layer.strides, 1], layer.padding.upper())
+    grads = tf.reshape(tf.transpose(grads, [2, 0, 1, 3]), [b, kh * kw, c])
+    return grads if k == 1 else tf.reduce_sum(tf.reshape(grads, [units, k, kh * kw, c]), axis=1) / k
+
+
+def _record_terms(record, dz, units: int, k: int, strategy: str = "auto"):
+    """(squared norms [units], weighted-sum term) of one weight layer under its formulation choice."""
+    layer, a, _, patches, choice = record
+    grads_choice = choice.get("grads", "auto")
+    if grads_choice == "depthwise":
+        grads = _depthwise_unit_grads(layer, a, dz, units, k)
+        sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
+        bias = None
+        if layer.use_bias:
+            bias = tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1) / k
+            sq += tf.reduce_sum(tf.square(bias), axis=1)
+        return sq, (layer, None, None, grads, bias)
+    if strategy == "auto" and grads_choice != "auto":
+        strategy = grads_choice
+    a_u, d_u = _unit_factors(layer, a, dz, patches, units, k)
+    sq, grads, bias = _layer_terms(layer, a_u, d_u, strategy)
+    return sq, (layer, a_u, d_u, grads, bias)
+
+
+def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str, formulation=None):
     """Per-unit squared gradient norms [units], per-layer terms for the weighted sum, losses, logits."""
     k = microbatch_size
     units = x.shape[0] // k
     with tf.GradientTape(watch_accessed_variables=False) as tape:
-        logits, records = _forward(model, x, tape)
+        logits, records = _forward(model, x, tape, formulation)
         losses = engine.per_example_loss(logits, y)
         total = tf.reduce_sum(losses)
-    dzs = tape.gradient(total, [z for _, _, z, _ in records])
+    dzs = tape.gradient(total, [r[2] for r in records])
     terms, sq_norms = [], []
-    for (layer, a, _, patches), dz in zip(records, dzs):
-        a_u, d_u = _unit_factors(layer, a, dz, patches, units, k)
-        sq, grads, bias = _layer_terms(layer, a_u, d_u, strategy)
+    for record, dz in zip(records, dzs):
+        sq, term = _record_terms(record, dz, units, k, strategy)
         sq_norms.append(sq)
-        terms.append((layer, a_u, d_u, grads, bias))
+        terms.append(term)
     return tf.add_n(sq_norms), terms, losses, logits
 
 
@@ -285,22 +380,32 @@ def _weighted_sums(model, terms, weights: tf.Tensor) -> list[tf.Tensor]:
     return [sums[id(v)] for v in model.trainable_variables]
 
 
-def per_unit_norms(model, x, y, microbatch_size: int = 1, strategy: str = "auto") -> tf.Tensor:
+def per_unit_norms(model, x, y, microbatch_size: int = 1, strategy: str = "auto",
+                   formulation=None) -> tf.Tensor:
     """Global L2 norm of each unit's gradient (of its mean loss), shape [capacity / microbatch_size]."""
-    return tf.sqrt(_per_unit_terms(model, x, y, microbatch_size, strategy)[0])
+    return tf.sqrt(_per_unit_terms(model, x, y, microbatch_size, strategy, formulation)[0])
 
 
-def _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, strategy="auto"):
-    """`fast_clipped_gradient_sum` with the per-layer norm strategy: "auto", "ghost" or "materialize"."""
-    sq_norms, terms, losses, logits = _per_unit_terms(model, x, y, microbatch_size, strategy)
+def _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, strategy="auto", formulation=None):
+    """`fast_clipped_gradient_sum` with the per-layer norm strategy: "auto" (each layer's formulation
+    choice, else `_prefer_ghost`), "ghost" or "materialize" (for every layer that is not "depthwise")."""
+    sq_norms, terms, losses, logits = _per_unit_terms(model, x, y, microbatch_size, strategy, formulation)
     weights = engine.clip_factors(tf.sqrt(sq_norms), l2_norm_clip) * mask[::microbatch_size]
     return _weighted_sums(model, terms, weights), losses, logits
 
 
-def fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1):
+def fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, formulation=None):
     """Σ_units mask_u · clip(g_u) per trainable variable; same contract as `engine.vmap_clipped_gradient_sum`.
 
-    Requires `supports_fast_path(model)`. Returns (sums aligned with `model.trainable_variables`,
-    per-example loss [capacity], logits [capacity, classes]).
+    Requires `supports_fast_path(model)`. `formulation`: per-layer choices (see `formulation_choices`;
+    default `default_formulation`); every formulation computes the same sums, only the speed differs.
+    Returns (sums aligned with `model.trainable_variables`, per-example loss [capacity], logits).
     """
-    return _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size)
+    return _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size, formulation=formulation)
+
+
+def make_grad_sum_fn(formulation) -> engine.GradSumFn:
+    """`grad_sum_fn` for `engine.make_train_step` that follows `formulation`."""
+    def grad_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1):
+        return fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size, formulation)
+    return grad_sum
