@@ -365,18 +365,25 @@ def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str, formulatio
     return tf.add_n(sq_norms), terms, losses, logits
 
 
+def _term_sums(term, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """(Σ_u weights_u · kernel gradient_u, Σ_u weights_u · bias gradient_u or None) of one layer's term."""
+    layer, a_u, d_u, grads, bias = term
+    if grads is None:
+        rows = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1])  # [p, units·T]
+        kernel = tf.matmul(rows, tf.reshape(d_u * weights[:, None, None], [rows.shape[1], -1]))
+    else:
+        kernel = tf.tensordot(weights, grads, axes=1)
+    return tf.reshape(kernel, layer.kernel.shape), (None if bias is None else tf.tensordot(weights, bias, 1))
+
+
 def _weighted_sums(model, terms, weights: tf.Tensor) -> list[tf.Tensor]:
     """Σ_u weights_u · g_u for every trainable variable, in `model.trainable_variables` order."""
     sums = {}
-    for layer, a_u, d_u, grads, bias in terms:
-        if grads is None:
-            rows = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1])  # [p, units·T]
-            kernel = tf.matmul(rows, tf.reshape(d_u * weights[:, None, None], [rows.shape[1], -1]))
-        else:
-            kernel = tf.tensordot(weights, grads, axes=1)
-        sums[id(layer.kernel)] = tf.reshape(kernel, layer.kernel.shape)
+    for term in terms:
+        layer = term[0]
+        sums[id(layer.kernel)], bias = _term_sums(term, weights)
         if bias is not None:
-            sums[id(layer.bias)] = tf.tensordot(weights, bias, axes=1)
+            sums[id(layer.bias)] = bias
     return [sums[id(v)] for v in model.trainable_variables]
 
 
