@@ -5,6 +5,8 @@ from `engine.make_train_step` (the very step `dpsgd train` uses), then records:
 - `compile_s`: wall time of the first call (tracing + compilation + one step);
 - `step_s`: median wall time of `steps` further calls (after `warmup` untimed ones), each call forced to
   finish (its outputs read back), on a fixed random batch of 28×28×1 inputs, every slot a real example;
+  the rows' calls are interleaved (round i times call i of every row), so load from other jobs on a
+  shared machine falls on all rows alike;
 - `examples_per_s` = batch / step_s, and `ratio` = step_s / step_s of the non-private row with the same
   batch size and jit setting;
 - `peak_rss_mb`: the process's peak resident memory while the row ran, minus its resident memory just
@@ -110,8 +112,8 @@ def _build_step(case: BenchCase, seed: int):
     return step_fn, zeros, jit, step_plan
 
 
-def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
-    """Measure one configuration (see the module docstring for the fields)."""
+def _prepare(case: BenchCase, warmup: int, seed: int) -> tuple[dict[str, Any], Callable[[int], None]]:
+    """Build and compile one case, run its warm-up calls; (row without timings, timed call)."""
     import tensorflow as tf
 
     capacity = case.capacity or case.batch_size
@@ -124,23 +126,26 @@ def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0
     key = new_run_key(reproducible=False, seed=seed, name="bench")
     with _PeakRss() as memory:
         step_fn, zeros, jit, step_plan = _build_step(case, seed)
+
+        def call(i: int) -> None:
+            [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i))]
+
         start = time.perf_counter()
-        [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(0))]
+        call(0)
         compile_s = time.perf_counter() - start
-        times = []
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i + 1))]
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    row = {"path": case.path, "batch_size": case.batch_size, "capacity": capacity,
-           "jit_compile": jit, "compile_s": compile_s, "step_s": step_s,
-           "examples_per_s": case.batch_size / step_s, "peak_rss_mb": memory.peak - memory.start,
-           "traces": step_fn.experimental_get_tracing_count()}
+        for i in range(warmup):
+            call(i + 1)
+    row = {"path": case.path, "batch_size": case.batch_size, "capacity": capacity, "jit_compile": jit,
+           "compile_s": compile_s, "peak_rss_mb": memory.peak - memory.start,
+           "traces": lambda: step_fn.experimental_get_tracing_count()}
     if step_plan is not None:
         row.update(plan=step_plan.describe(), planning_s=step_plan.planning_s)
-    return row
+    return row, call
+
+
+def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Measure one configuration alone (see the module docstring for the fields)."""
+    return run_benchmark([case], steps=steps, warmup=warmup, seed=seed)[0]
 
 
 def planned_cases(batch_sizes: Iterable[int] = (64, 256, 1024),
@@ -164,12 +169,27 @@ def default_cases(batch_sizes: Iterable[int] = (64, 256, 1024), jit: Iterable[bo
     return cases
 
 
-def run_benchmark(cases: list[BenchCase], *, steps: int = 30, warmup: int = 3,
-                  on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Measure every case in this process and add each row's ratio to its non-private counterpart."""
-    rows = []
+def run_benchmark(cases: list[BenchCase], *, steps: int = 30, warmup: int = 3, seed: int = 0,
+                  on_row: Callable[[dict[str, Any]], None] | None = None,
+                  on_compiled: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every case in this process, interleaved: all cases are built and compiled first, then each
+    of the `steps` rounds times one call of every case, so a change in the machine's load (other jobs on
+    a shared CPU) hits every row alike and the ratios stay fair. Adds each row's ratios (`add_ratios`)."""
+    prepared = []
     for case in cases:
-        row = run_case(case, steps=steps, warmup=warmup)
+        row, call = _prepare(case, warmup, seed)
+        prepared.append((row, call, []))
+        if on_compiled:
+            on_compiled(row)
+    for i in range(steps):
+        for _, call, times in prepared:
+            start = time.perf_counter()
+            call(warmup + 1 + i)
+            times.append(time.perf_counter() - start)
+    rows = []
+    for row, _, times in prepared:
+        step_s = statistics.median(times)
+        row.update(step_s=step_s, examples_per_s=row["batch_size"] / step_s, traces=row["traces"]())
         rows.append(row)
         if on_row:
             on_row(row)

@@ -1,29 +1,30 @@
-"""Fast per-example clipping for Sequential models of Dense and Conv2D layers (issue 4).
+"""Fast per-example clipping for Sequential models of Dense and Conv2D layers (issues 4 and 14).
 
 Same contract as `engine.vmap_clipped_gradient_sum`. One forward pass keeps each Dense/Conv2D layer's input
 and pre-activation output z; one backward pass of the *summed* loss w.r.t. the z's gives every example's
 output-gradient dz (example i's loss depends on example i's activations only: no BatchNorm). A unit's
 (example's, or microbatch's) kernel gradient is A_u·D_u with A_u [p, T] its inputs (Conv2D: image patches,
-p = kh·kw·cin, T = output positions × k) and D_u [T, c] its dz / k; bias gradient Σ_T D_u. Per layer,
-the squared norms come from materialized A_u·D_u or, when cheaper (`_prefer_ghost`: Dense layers here),
-from Gram matrices Σ (A_uᵀA_u) ⊙ (D_u D_uᵀ) ("ghost norms", Li et al. 2022) plus one weighted GEMM.
+p = kh·kw·cin, T = output positions × k) and D_u [T, c] its dz / k; bias gradient Σ_T D_u.
 
-CPU choices, measured on this 2-core machine: patches from slices of a stride-phase view (few input
-channels) or a gather (many), never `tf.image.extract_patches` (3x slower); the first conv's z as a GEMM
-on those patches (8×8 stride-2 `tf.nn.conv2d` with one input channel is slow); stride-1 max pooling as a
-max of shifted slices whose gradient is cheap, routed like TensorFlow's (XLA's select-and-scatter and
-MaxPoolGrad dominate the non-private step's backward pass).
-
-Seconds per `engine.make_train_step` step, tutorial CNN (relu), batch 256, 2 threads, other jobs sharing
-the CPU (load ≈ 2; minima over 7×8 interleaved steps; ratios are within one run):
-                                     graph (jit off)    XLA (jit on)
-    non-private Keras step               36 ms             59 ms
-    DP, vectorized_map                   48 ms (1.31×)    110 ms (1.88×)
-    DP, fast (this module)               32 ms (0.88×)     51 ms (0.86×)
-      … with Keras MaxPooling2D          38 ms (1.05×)     71 ms (1.21×)
-      … materializing every layer        42 ms             57 ms
-      … ghost norms for every layer     115 ms             96 ms
-Ratios are to the non-private step, which would gain the same from the pooling above.
+Each layer can be computed several ways ("formulations", `formulation_choices`), all equal to the
+per-example GradientTape reference (tests/test_fastgrad.py), so choosing one changes speed only:
+- forward of a Conv2D: `native` (tf.nn.conv2d) or `patches` (image patches × reshaped kernel, one GEMM);
+  patches come from slices of a stride-phase view (few input channels) or a gather (many);
+- per-unit gradients or norms: `materialize` (A_u·D_u, then squared), `ghost` (norms from Gram matrices
+  Σ (A_uᵀA_u) ⊙ (D_u D_uᵀ), Li et al. 2022, and the clipped sum as one weighted GEMM), or, for a Conv2D with
+  one input channel, `depthwise` (the batch becomes the channels of one image, input [1, H, W, B] and
+  output-gradients [1, oh, ow, B·c]: one depthwise filter-gradient op gives every example's kernel gradient);
+- stride-1 max pooling: `native` (Keras MaxPooling2D) or `slices` (a max of shifted slices with a cheap
+  custom gradient routed like TensorFlow's: first maximum of each window in row-major order).
+Which is fastest depends on the device, the TensorFlow build (oneDNN or not) and XLA, so it is measured
+(`planner`), never assumed. Two examples, tutorial CNN, batch 256–288, per-layer time alone:
+- on one 2-core AMD EPYC (TF 2.21, oneDNN on, other jobs sharing the CPU): without XLA, the native
+  conv1 forward took 2.3 ms vs 10.5 ms as patches, native pooling forward+backward 1.3 ms vs 9.9 ms as
+  slices, conv1's per-example gradients 4.7 ms by `depthwise` vs 8.4 ms from patches; under XLA the order
+  flips for pooling (slices 0.9 ms, native 30 ms) and `depthwise` takes seconds;
+- on the 2-core machine of issue 4, patches and slices were the faster forms (see README, Speed).
+`default_formulation` (used when no plan is given) is the issue-4 choice: first conv as patches, stride-1
+pooling as slices, `_prefer_ghost` by operation count.
 """
 
 from __future__ import annotations

@@ -60,8 +60,11 @@ def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path) -> None:
     console.print(f"{len(cases)} step rows{' and 2 whole-epoch rows' if epochs else ''}, {steps} timed steps "
                   f"each, on {platform.machine()} ({_cpu_name()}, load average {_load()}); this takes a few "
                   "minutes", highlight=False)
-    rows = harness.run_benchmark(cases, steps=steps, warmup=warmup,
-                         on_row=lambda r: console.print(_row_line(r), highlight=False))
+    rows = harness.run_benchmark(
+        cases, steps=steps, warmup=warmup,
+        on_compiled=lambda r: console.print(f"  compiled {_case_name(r)} in {r['compile_s']:.1f} s",
+                                            highlight=False),
+        on_row=lambda r: console.print(_row_line(r), highlight=False))
     if epochs:
         for row in harness.epoch_rows():
             console.print(_row_line(row), highlight=False)
@@ -116,6 +119,10 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def _case_name(r: dict[str, Any]) -> str:
+    return f"{r['path']} batch {r['batch_size']} (capacity {r['capacity']}) jit {r['jit_compile']}"
 
 
 def _row_line(r: dict[str, Any]) -> str:
