@@ -5,6 +5,8 @@ from `engine.make_train_step` (the very step `dpsgd train` uses), then records:
 - `compile_s`: wall time of the first call (tracing + compilation + one step);
 - `step_s`: median wall time of `steps` further calls (after `warmup` untimed ones), each call forced to
   finish (its outputs read back), on a fixed random batch of 28×28×1 inputs, every slot a real example;
+  the rows' calls are interleaved (round i times call i of every row), so load from other jobs on a
+  shared machine falls on all rows alike;
 - `examples_per_s` = batch / step_s, and `ratio` = step_s / step_s of the non-private row with the same
   batch size and jit setting;
 - `peak_rss_mb`: the process's peak resident memory while the row ran, minus its resident memory just
@@ -17,6 +19,17 @@ tf.vectorized_map, the general path), `fast` (fastgrad: per-example gradients of
 layer inputs and output gradients). All DP rows clip per example (microbatches = batch). Ratios are given
 to both non-private rows: `ratio_to_nonprivate` (the Keras step) and `ratio_to_nonprivate_fast` (the
 cost of privacy alone on one formulation).
+
+Planned rows (`PLANNED_PATHS`): `nonprivate_planned` and `planned` (DP) run the step `dpsgd train` runs,
+as `planner.plan_step` chose it for this device (formulation per layer and XLA; cached, see `planner`);
+`plan` describes the choice. `ratio_to_fastest_nonprivate` = step_s / the fastest non-private row (any
+path, any XLA setting) of the same batch size: the honest cost of privacy.
+
+Whole-epoch rows (`epoch_rows`): one full epoch of Fashion-MNIST (60,000 examples, Poisson sampling,
+batch 256) through `Trainer.train_epoch`, DP and non-private, each after an untimed first epoch (tracing),
+timed epochs of the two alternating; `epoch_s` the median wall time of an epoch, `examples_per_s` =
+60,000 / epoch_s, `step_s` = epoch_s / steps, `eval_s` the test set evaluation and ε by both accountants
+after it.
 """
 
 from __future__ import annotations
@@ -33,13 +46,14 @@ import numpy as np
 from dpsgd_cli.run_key import new_run_key
 
 PATHS = ("nonprivate", "nonprivate_fast", "vectorized_map", "fast")
+PLANNED_PATHS = ("nonprivate_planned", "planned")
 
 
 @dataclass(frozen=True, kw_only=True)
 class BenchCase:
     path: str
     batch_size: int
-    jit_compile: bool
+    jit_compile: bool | None  # None: the planner's choice (planned paths)
     capacity: int | None = None  # slots of the compiled step; > batch_size models Poisson padding
 
 
@@ -80,18 +94,27 @@ def _build_step(case: BenchCase, seed: int):
 
     model = build_model(seed=seed)
     private = not case.path.startswith("nonprivate")
-    grad_fn = {"vectorized_map": engine.vmap_clipped_gradient_sum,
-               "fast": fastgrad.fast_clipped_gradient_sum}.get(case.path)
-    forward_fn = fastgrad.forward if case.path == "nonprivate_fast" else None
+    step_plan = None
+    if case.path in PLANNED_PATHS:
+        from dpsgd_cli import planner
+
+        step_plan = planner.plan_step(model, capacity=case.capacity or case.batch_size, private=private)
+        grad_fn, forward_fn = step_plan.functions(private)
+        jit = step_plan.jit_compile
+    else:
+        grad_fn = {"vectorized_map": engine.vmap_clipped_gradient_sum,
+                   "fast": fastgrad.fast_clipped_gradient_sum}.get(case.path)
+        forward_fn = fastgrad.forward if case.path == "nonprivate_fast" else None
+        jit = case.jit_compile
     settings = engine.StepSettings(private=private, noise_multiplier=1.1, l2_norm_clip=1.0, microbatch_size=1,
-                                   denominator=float(case.batch_size), jit_compile=case.jit_compile)
+                                   denominator=float(case.batch_size), jit_compile=jit)
     step_fn, _ = engine.make_train_step(model, keras.optimizers.SGD(0.01), settings, grad_fn, forward_fn)
     zeros = [tf.zeros_like(v) for v in model.trainable_variables]
-    return step_fn, zeros
+    return step_fn, zeros, jit, step_plan
 
 
-def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
-    """Measure one configuration (see the module docstring for the fields)."""
+def _prepare(case: BenchCase, warmup: int, seed: int) -> tuple[dict[str, Any], Callable[[int], None]]:
+    """Build and compile one case, run its warm-up calls; (row without timings, timed call)."""
     import tensorflow as tf
 
     capacity = case.capacity or case.batch_size
@@ -103,21 +126,33 @@ def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0
     mask = tf.constant(mask)
     key = new_run_key(reproducible=False, seed=seed)
     with _PeakRss() as memory:
-        step_fn, zeros = _build_step(case, seed)
+        step_fn, zeros, jit, step_plan = _build_step(case, seed)
+
+        def call(i: int) -> None:
+            [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i))]
+
         start = time.perf_counter()
-        [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(0))]
+        call(0)
         compile_s = time.perf_counter() - start
-        times = []
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i + 1))]
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    return {"path": case.path, "batch_size": case.batch_size, "capacity": capacity,
-            "jit_compile": case.jit_compile, "compile_s": compile_s, "step_s": step_s,
-            "examples_per_s": case.batch_size / step_s, "peak_rss_mb": memory.peak - memory.start,
-            "traces": step_fn.experimental_get_tracing_count()}
+        for i in range(warmup):
+            call(i + 1)
+    row = {"path": case.path, "batch_size": case.batch_size, "capacity": capacity, "jit_compile": jit,
+           "compile_s": compile_s, "peak_rss_mb": memory.peak - memory.start,
+           "traces": lambda: step_fn.experimental_get_tracing_count()}
+    if step_plan is not None:
+        row.update(plan=step_plan.describe(), planning_s=step_plan.planning_s)
+    return row, call
+
+
+def run_case(case: BenchCase, *, steps: int = 30, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Measure one configuration alone (see the module docstring for the fields)."""
+    return run_benchmark([case], steps=steps, warmup=warmup, seed=seed)[0]
+
+
+def planned_cases(batch_sizes: Iterable[int] = (64, 256, 1024),
+                  paths: Iterable[str] = PLANNED_PATHS) -> list[BenchCase]:
+    """The planner's non-private and DP steps per batch size (capacity = batch)."""
+    return [BenchCase(path=p, batch_size=b, jit_compile=None) for b in batch_sizes for p in paths]
 
 
 def default_cases(batch_sizes: Iterable[int] = (64, 256, 1024), jit: Iterable[bool] = (False, True),
@@ -135,19 +170,97 @@ def default_cases(batch_sizes: Iterable[int] = (64, 256, 1024), jit: Iterable[bo
     return cases
 
 
-def run_benchmark(cases: list[BenchCase], *, steps: int = 30, warmup: int = 3,
-                  on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Measure every case in this process and add each row's ratio to its non-private counterpart."""
-    rows = []
+def run_benchmark(cases: list[BenchCase], *, steps: int = 30, warmup: int = 3, seed: int = 0,
+                  on_row: Callable[[dict[str, Any]], None] | None = None,
+                  on_compiled: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every case in this process, interleaved: all cases are built and compiled first, then each
+    of the `steps` rounds times one call of every case, so a change in the machine's load (other jobs on
+    a shared CPU) hits every row alike and the ratios stay fair. Adds each row's ratios (`add_ratios`)."""
+    prepared = []
     for case in cases:
-        row = run_case(case, steps=steps, warmup=warmup)
+        row, call = _prepare(case, warmup, seed)
+        prepared.append((row, call, []))
+        if on_compiled:
+            on_compiled(row)
+    for i in range(steps):
+        for _, call, times in prepared:
+            start = time.perf_counter()
+            call(warmup + 1 + i)
+            times.append(time.perf_counter() - start)
+    rows = []
+    for row, _, times in prepared:
+        step_s = statistics.median(times)
+        row.update(step_s=step_s, examples_per_s=row["batch_size"] / step_s, traces=row["traces"]())
         rows.append(row)
         if on_row:
             on_row(row)
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """ratio_to_nonprivate(_fast): to that path's row of the same batch and XLA setting;
+    ratio_to_fastest_nonprivate: to the fastest non-private step row of the same batch size."""
     for name in ("nonprivate", "nonprivate_fast"):
         baseline = {(r["batch_size"], r["jit_compile"]): r["step_s"] for r in rows
                     if r["path"] == name and r["capacity"] == r["batch_size"]}
         for row in rows:
             base = baseline.get((row["batch_size"], row["jit_compile"]))
             row[f"ratio_to_{name}"] = row["step_s"] / base if base else float("nan")
+    fastest: dict[int, float] = {}
+    for r in rows:
+        if r["path"].startswith("nonprivate") and r["capacity"] == r["batch_size"]:
+            fastest[r["batch_size"]] = min(r["step_s"], fastest.get(r["batch_size"], float("inf")))
+    for row in rows:
+        base = fastest.get(row["batch_size"]) if not row["path"].startswith("epoch") else None
+        row["ratio_to_fastest_nonprivate"] = row["step_s"] / base if base else float("nan")
+
+
+def epoch_rows(batch_size: int = 256, data_dir: str | None = None, seed: int = 0,
+               train_size: int | None = None, rounds: int = 2) -> list[dict[str, Any]]:
+    """Whole-epoch rows (see the module docstring), non-private and DP: both trainers are built and train
+    an untimed first epoch, then `rounds` timed epochs each, alternating (median reported).
+    `train_size`: the first examples only (tests)."""
+    import os
+
+    from dpsgd_cli.config import config_from_dict
+    from dpsgd_cli.data import load_dataset
+    from dpsgd_cli.privacy_plan import plan_privacy
+    from dpsgd_cli.sampling import steps_in_epoch
+    from dpsgd_cli.trainer import Trainer
+
+    data_dir = data_dir or os.environ.get("DPSGD_DATA_DIR") or None
+    dataset = load_dataset("fashion_mnist", data_dir, train_size, 1000 if train_size else None)
+    trainers, first_s = [], []
+    for private in (False, True):
+        privacy = {"enabled": private, "noise_multiplier": 1.1 if private else None}
+        cfg = config_from_dict({"name": "bench_epoch", "seed": seed, "privacy": privacy,
+                                "data": {"batch_size": batch_size, "sampling": "poisson"}})
+        trainer = Trainer(cfg, dataset, plan_privacy(cfg, len(dataset.y_train)),
+                          new_run_key(reproducible=False, seed=seed))
+        start = time.perf_counter()
+        trainer.train_epoch(1, None)
+        first_s.append(time.perf_counter() - start)
+        trainers.append(trainer)
+    epoch_s: list[list[float]] = [[], []]
+    for r in range(rounds):
+        for trainer, times in zip(trainers, epoch_s):
+            start = time.perf_counter()
+            trainer.train_epoch(2 + r, None)
+            times.append(time.perf_counter() - start)
+    rows = []
+    for trainer, first, times in zip(trainers, first_s, epoch_s):
+        start = time.perf_counter()
+        trainer.evaluate()
+        trainer._epsilons()
+        eval_s = time.perf_counter() - start
+        seconds = statistics.median(times)
+        steps = steps_in_epoch(2, batch_size, trainer.n, "poisson")
+        private = trainer.cfg.privacy.enabled
+        rows.append({"path": "epoch_dp" if private else "epoch_nonprivate", "batch_size": batch_size,
+                     "capacity": trainer.sampler.capacity, "jit_compile": trainer.jit_compile,
+                     "compile_s": first - seconds, "step_s": seconds / steps,
+                     "examples_per_s": len(dataset.y_train) / seconds, "epoch_s": seconds, "eval_s": eval_s,
+                     "plan": trainer.step_plan.describe()})
+    rows[1]["ratio_to_epoch_nonprivate"] = rows[1]["epoch_s"] / rows[0]["epoch_s"]
     return rows

@@ -26,6 +26,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 SAMPLINGS = ("poisson", "shuffle")
 JIT_CHOICES = ("auto", True, False)
 GRADIENT_PATHS = ("auto", "fast", "vectorized_map")
+PLAN_CHOICES = {"forward": ("native", "patches", "slices"), "grads": ("materialize", "ghost", "depthwise")}
 DATASET_SIZES = {"fashion_mnist": 60000, "mnist": 60000}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 _BUILDER_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -62,6 +63,9 @@ class TrainingConfig:
     momentum: float = 0.9
     jit_compile: Any = "auto"
     gradient_path: str = "auto"
+    # auto: the planner times the formulations on this device (dpsgd_cli.planner); or fix some layers by
+    # hand, e.g. {conv1: {forward: native, grads: depthwise}, pool1: {forward: slices}}
+    plan: Any = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,9 +279,26 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.epochs >= 1, f"training.epochs: must be ≥ 1, got {t.epochs}")
     _choice("training.optimizer", t.optimizer, OPTIMIZERS)
     _choice("training.gradient_path", t.gradient_path, GRADIENT_PATHS)
+    _validate_plan(t.plan)
     _check(0 < t.learning_rate < math.inf, f"training.learning_rate: must be > 0, got {t.learning_rate}")
     _check(0 <= t.momentum < 1, f"training.momentum: must be in [0, 1), got {t.momentum}")
     _validate_privacy(p, d)
+
+
+def _validate_plan(plan: Any) -> None:
+    """`training.plan`: auto, or {layer name: {forward: …, grads: …}} (layer names are checked against the
+    model when the run starts)."""
+    if plan == "auto":
+        return
+    _check(isinstance(plan, dict) and plan, f"training.plan: must be auto or a mapping of layer names to "
+           f"choices, got {_describe(plan)}")
+    for layer, choice in plan.items():
+        _check(isinstance(choice, dict) and choice, f"training.plan.{layer}: must be a mapping such as "
+               f"{{forward: native, grads: depthwise}}, got {_describe(choice)}")
+        for key, value in choice.items():
+            _check(key in PLAN_CHOICES, f"training.plan.{layer}.{key}: unknown key; allowed here: "
+                   f"{', '.join(PLAN_CHOICES)}")
+            _choice(f"training.plan.{layer}.{key}", value, PLAN_CHOICES[key])
 
 
 def _validate_privacy(p: PrivacyConfig, d: DataConfig) -> None:

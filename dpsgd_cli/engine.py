@@ -113,7 +113,7 @@ class StepSettings:
 
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
-                    grad_sum_fn: GradSumFn | None = None, forward_fn=None, *,
+                    grad_sum_fn: GradSumFn | None = None, forward_fn=None, data=None, *,
                     loss_fn: LossFn = per_example_loss, return_logits: bool = False):
     """Build the compiled step `step(x, y, mask, extra_sums, noise_seed) -> (loss_sum, correct, count)`.
 
@@ -127,6 +127,10 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     `loss_fn(logits, labels)`: the per-example loss (default softmax cross-entropy on class indices).
     `return_logits`: the step also returns the logits [capacity, classes] (e.g. for Keras metrics on the
     real examples), as a fourth output.
+
+    `data` = (x_all, y_all) tensors kept on the device: then the steps take indices instead of examples,
+    `step(idx, mask, extra_sums, noise_seed)` and `chunk_sum(idx, mask)`, and gather inside the compiled
+    function (no host copy of the batch per step).
     """
     variables = model.trainable_variables
     grad_sum_fn = grad_sum_fn or vmap_clipped_gradient_sum
@@ -160,6 +164,16 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     def chunk_sum(x, y, mask):
         return gradient_sum(x, y, mask)[0]
 
+    if data is not None:
+        x_all, y_all = data
+        take_step, take_chunk = step, chunk_sum
+
+        def step(idx, mask, extra_sums, noise_seed):
+            return take_step(tf.gather(x_all, idx), tf.gather(y_all, idx), mask, extra_sums, noise_seed)
+
+        def chunk_sum(idx, mask):
+            return take_chunk(tf.gather(x_all, idx), tf.gather(y_all, idx), mask)
+
     return (tf.function(step, jit_compile=s.jit_compile, reduce_retracing=False),
             tf.function(chunk_sum, jit_compile=s.jit_compile))
 
@@ -173,20 +187,6 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> ke
     if name == "adam":
         return keras.optimizers.Adam(learning_rate)
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-def resolve_jit_compile(setting, *, private: bool = True, gradient_path: str = "fast") -> bool:
-    """`true`/`false` as given; `auto` picks what `dpsgd bench` measured faster for this CNN.
-
-    On a GPU: XLA. On CPU (2 cores, batch 64–256): XLA for the non-private step on the fast formulation
-    (27 vs 45 ms/step at batch 256), plain TensorFlow graphs for DP steps (fast path 52 vs 57 ms; the
-    vectorized_map path 76 vs 133 ms) and for the Keras non-private step (45 vs 73 ms).
-    """
-    if setting != "auto":
-        return bool(setting)
-    if tf.config.list_physical_devices("GPU"):
-        return True
-    return not private and gradient_path == "fast"
 
 
 def choose_gradient_path(model: keras.Model, gradient_path: str, private: bool):

@@ -1,29 +1,30 @@
-"""Fast per-example clipping for Sequential models of Dense and Conv2D layers (issue 4).
+"""Fast per-example clipping for Sequential models of Dense and Conv2D layers (issues 4 and 14).
 
 Same contract as `engine.vmap_clipped_gradient_sum`. One forward pass keeps each Dense/Conv2D layer's input
 and pre-activation output z; one backward pass of the *summed* loss w.r.t. the z's gives every example's
 output-gradient dz (example i's loss depends on example i's activations only: no BatchNorm). A unit's
 (example's, or microbatch's) kernel gradient is A_u·D_u with A_u [p, T] its inputs (Conv2D: image patches,
-p = kh·kw·cin, T = output positions × k) and D_u [T, c] its dz / k; bias gradient Σ_T D_u. Per layer,
-the squared norms come from materialized A_u·D_u or, when cheaper (`_prefer_ghost`: Dense layers here),
-from Gram matrices Σ (A_uᵀA_u) ⊙ (D_u D_uᵀ) ("ghost norms", Li et al. 2022) plus one weighted GEMM.
+p = kh·kw·cin, T = output positions × k) and D_u [T, c] its dz / k; bias gradient Σ_T D_u.
 
-CPU choices, measured on this 2-core machine: patches from slices of a stride-phase view (few input
-channels) or a gather (many), never `tf.image.extract_patches` (3x slower); the first conv's z as a GEMM
-on those patches (8×8 stride-2 `tf.nn.conv2d` with one input channel is slow); stride-1 max pooling as a
-max of shifted slices whose gradient is cheap, routed like TensorFlow's (XLA's select-and-scatter and
-MaxPoolGrad dominate the non-private step's backward pass).
-
-Seconds per `engine.make_train_step` step, tutorial CNN (relu), batch 256, 2 threads, other jobs sharing
-the CPU (load ≈ 2; minima over 7×8 interleaved steps; ratios are within one run):
-                                     graph (jit off)    XLA (jit on)
-    non-private Keras step               36 ms             59 ms
-    DP, vectorized_map                   48 ms (1.31×)    110 ms (1.88×)
-    DP, fast (this module)               32 ms (0.88×)     51 ms (0.86×)
-      … with Keras MaxPooling2D          38 ms (1.05×)     71 ms (1.21×)
-      … materializing every layer        42 ms             57 ms
-      … ghost norms for every layer     115 ms             96 ms
-Ratios are to the non-private step, which would gain the same from the pooling above.
+Each layer can be computed several ways ("formulations", `formulation_choices`), all equal to the
+per-example GradientTape reference (tests/test_fastgrad.py), so choosing one changes speed only:
+- forward of a Conv2D: `native` (tf.nn.conv2d) or `patches` (image patches × reshaped kernel, one GEMM);
+  patches come from slices of a stride-phase view (few input channels) or a gather (many);
+- per-unit gradients or norms: `materialize` (A_u·D_u, then squared), `ghost` (norms from Gram matrices
+  Σ (A_uᵀA_u) ⊙ (D_u D_uᵀ), Li et al. 2022, and the clipped sum as one weighted GEMM), or, for a Conv2D with
+  one input channel, `depthwise` (the batch becomes the channels of one image, input [1, H, W, B] and
+  output-gradients [1, oh, ow, B·c]: one depthwise filter-gradient op gives every example's kernel gradient);
+- stride-1 max pooling: `native` (Keras MaxPooling2D) or `slices` (a max of shifted slices with a cheap
+  custom gradient routed like TensorFlow's: first maximum of each window in row-major order).
+Which is fastest depends on the device, the TensorFlow build (oneDNN or not) and XLA, so it is measured
+(`planner`), never assumed. Two examples, tutorial CNN, batch 256–288, per-layer time alone:
+- on one 2-core AMD EPYC (TF 2.21, oneDNN on, other jobs sharing the CPU): without XLA, the native
+  conv1 forward took 2.3 ms vs 10.5 ms as patches, native pooling forward+backward 1.3 ms vs 9.9 ms as
+  slices, conv1's per-example gradients 4.7 ms by `depthwise` vs 8.4 ms from patches; under XLA the order
+  flips for pooling (slices 0.9 ms, native 30 ms) and `depthwise` takes seconds;
+- on the 2-core machine of issue 4, patches and slices were the faster forms (see README, Speed).
+`default_formulation` (used when no plan is given) is the issue-4 choice: first conv as patches, stride-1
+pooling as slices, `_prefer_ghost` by operation count.
 """
 
 from __future__ import annotations
@@ -194,32 +195,95 @@ def _max_pool_stride1(h: tf.Tensor, pool_size: tuple[int, int]) -> tf.Tensor:
     return pool(h)
 
 
-def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape):
-    """Logits and [(layer, input, pre-activation z, patches or None)] per Dense/Conv2D layer; z's watched.
+# weight layers: native | patches; stride-1 max pooling: native | slices
+FORWARDS = ("native", "patches", "slices")
+GRADS = ("materialize", "ghost", "depthwise")  # per-unit kernel gradients or norms of Dense/Conv2D layers
 
-    The first such layer's input needs no gradient, so a Conv2D there gets z from its patches.
-    """
+
+def default_formulation(model: keras.Model) -> dict[str, dict[str, str]]:
+    """The formulation used when none is given: the first Conv2D as patches × kernel (its patches are
+    needed for its per-example gradients anyway), every other weight layer native, stride-1 max pooling as
+    shifted slices, per-layer norms by `_prefer_ghost`'s operation count. A plan (`planner`) replaces it."""
+    out, first = {}, True
+    for layer in model.layers:
+        if type(layer) in _WEIGHT_LAYERS:
+            conv = isinstance(layer, keras.layers.Conv2D)
+            out[layer.name] = {"forward": "patches" if first and conv else "native", "grads": "auto"}
+            first = False
+        elif _is_stride1_max_pool(layer):
+            out[layer.name] = {"forward": "slices"}
+    return out
+
+
+def formulation_choices(layer, first: bool, private: bool) -> list[dict[str, str]]:
+    """Every formulation this module can run for `layer` (all tested equal to the GradientTape reference).
+
+    `first`: the layer is the first weight layer (its input needs no gradient). Empty for layers with
+    nothing to choose."""
+    if _is_stride1_max_pool(layer):
+        return [{"forward": "native"}, {"forward": "slices"}]
+    if type(layer) not in _WEIGHT_LAYERS:
+        return []
+    conv = isinstance(layer, keras.layers.Conv2D)
+    forwards = ("native", "patches") if conv else ("native",)
+    if not private:
+        return [{"forward": f} for f in forwards] if conv else []
+    grads = ["materialize", "ghost"]
+    choices = [{"forward": f, "grads": g} for f in forwards for g in grads]
+    if conv and layer.kernel.shape[2] == 1:
+        choices.append({"forward": "native", "grads": "depthwise"})
+    return choices
+
+
+def _choice(formulation, layer, default: dict[str, str]) -> dict[str, str]:
+    return {**default, **(formulation or {}).get(layer.name, {})}
+
+
+def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None):
+    """Logits and [(layer, input, pre-activation z, patches or None, choice)] per Dense/Conv2D layer, z's
+    watched. `formulation`: {layer name: {"forward": ..., "grads": ...}} (missing: `default_formulation`)."""
+    defaults = default_formulation(model)
     records, h = [], x
     for layer in model.layers:
         if type(layer) in _WEIGHT_LAYERS:
-            first_conv = not records and isinstance(layer, keras.layers.Conv2D)
-            patches = _patches(h, layer) if first_conv else None
+            choice = _choice(formulation, layer, defaults[layer.name])
+            conv = isinstance(layer, keras.layers.Conv2D)
+            patches = _patches(h, layer) if conv and choice["forward"] == "patches" else None
             z = _pre_activation(layer, h, patches)
             tape.watch(z)
-            records.append((layer, h, z, patches))
+            records.append((layer, h, z, patches, choice))
             h = layer.activation(z)
-        elif _is_stride1_max_pool(layer):
+        elif _is_stride1_max_pool(layer) and _choice(formulation, layer, defaults[layer.name])["forward"] \
+                == "slices":
             h = _max_pool_stride1(h, layer.pool_size)
         else:
             h = layer(h, training=True)
     return h, records
 
 
-def forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape) -> tf.Tensor:
-    """The model's training-mode logits computed with this module's faster ops (patches + matmul for the
-    first convolution, stride-1 max pooling by shifted slices): the same function as `model(x)`, for a
-    non-private step on the same formulation as the fast DP step. Call inside `tape`."""
-    return _forward(model, x, tape)[0]
+def forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None) -> tf.Tensor:
+    """The model's training-mode logits through `formulation` (default: `default_formulation`): the same
+    function as `model(x)`, for a non-private step. Native choices call the Keras layer itself, so an
+    all-native formulation is the plain Keras forward. Call inside `tape`."""
+    defaults = default_formulation(model)
+    h = x
+    for layer in model.layers:
+        forward_choice = _choice(formulation, layer, defaults.get(layer.name, {})).get("forward", "native")
+        if type(layer) in _WEIGHT_LAYERS and forward_choice == "patches":
+            h = layer.activation(_pre_activation(layer, h, _patches(h, layer)))
+        elif _is_stride1_max_pool(layer) and forward_choice == "slices":
+            h = _max_pool_stride1(h, layer.pool_size)
+        else:
+            h = layer(h, training=True)
+    return h
+
+
+def make_forward_fn(formulation):
+    """`forward_fn` for `engine.make_train_step` following `formulation` (None when it is all native: the
+    plain Keras step)."""
+    if not any(c.get("forward", "native") != "native" for c in formulation.values()):
+        return None
+    return lambda model, x, tape: forward(model, x, tape, formulation)
 
 
 def _unit_factors(layer, a, dz, patches, units: int, k: int):
@@ -257,59 +321,111 @@ def _layer_terms(layer, a_u, d_u, strategy: str):
     return (sq if bias is None else sq + tf.reduce_sum(tf.square(bias), axis=1)), grads, bias
 
 
-def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str,
+def _depthwise_unit_grads(layer, a, dz, units: int, k: int) -> tf.Tensor:
+    """Per-unit kernel gradients [units, kh·kw, c] of a Conv2D with one input channel, by one native op.
+
+    The batch becomes the channels of one image: input [1, H, W, B], output-gradients [1, oh, ow, B·c];
+    the gradient of a depthwise convolution's filter is then every example's own kernel gradient."""
+    (kh, kw), (b, h, w, _), c = layer.kernel_size, a.shape, dz.shape[-1]
+    image = tf.reshape(tf.transpose(tf.reshape(a, [b, h, w]), [1, 2, 0]), [1, h, w, b])
+    out_backprop = tf.reshape(tf.transpose(dz, [1, 2, 0, 3]), [1, dz.shape[1], dz.shape[2], b * c])
+    grads = tf.nn.depthwise_conv2d_backprop_filter(image, [kh, kw, b, c], out_backprop,
+                                                   [1, *layer.strides, 1], layer.padding.upper())
+    grads = tf.reshape(tf.transpose(grads, [2, 0, 1, 3]), [b, kh * kw, c])
+    return grads if k == 1 else tf.reduce_sum(tf.reshape(grads, [units, k, kh * kw, c]), axis=1) / k
+
+
+def _record_terms(record, dz, units: int, k: int, strategy: str = "auto"):
+    """(squared norms [units], weighted-sum term) of one weight layer under its formulation choice."""
+    layer, a, _, patches, choice = record
+    grads_choice = choice.get("grads", "auto")
+    if grads_choice == "depthwise":
+        grads = _depthwise_unit_grads(layer, a, dz, units, k)
+        sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
+        bias = None
+        if layer.use_bias:
+            bias = tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1) / k
+            sq += tf.reduce_sum(tf.square(bias), axis=1)
+        return sq, (layer, None, None, grads, bias)
+    if strategy == "auto" and grads_choice != "auto":
+        strategy = grads_choice
+    a_u, d_u = _unit_factors(layer, a, dz, patches, units, k)
+    sq, grads, bias = _layer_terms(layer, a_u, d_u, strategy)
+    return sq, (layer, a_u, d_u, grads, bias)
+
+
+def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str, formulation=None,
                     loss_fn: engine.LossFn = engine.per_example_loss):
     """Per-unit squared gradient norms [units], per-layer terms for the weighted sum, losses, logits."""
     k = microbatch_size
     units = x.shape[0] // k
     with tf.GradientTape(watch_accessed_variables=False) as tape:
-        logits, records = _forward(model, x, tape)
+        logits, records = _forward(model, x, tape, formulation)
         losses = loss_fn(logits, y)
         total = tf.reduce_sum(losses)
-    dzs = tape.gradient(total, [z for _, _, z, _ in records])
+    dzs = tape.gradient(total, [r[2] for r in records])
     terms, sq_norms = [], []
-    for (layer, a, _, patches), dz in zip(records, dzs):
-        a_u, d_u = _unit_factors(layer, a, dz, patches, units, k)
-        sq, grads, bias = _layer_terms(layer, a_u, d_u, strategy)
+    for record, dz in zip(records, dzs):
+        sq, term = _record_terms(record, dz, units, k, strategy)
         sq_norms.append(sq)
-        terms.append((layer, a_u, d_u, grads, bias))
+        terms.append(term)
     return tf.add_n(sq_norms), terms, losses, logits
+
+
+def _term_sums(term, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """(Σ_u weights_u · kernel gradient_u, Σ_u weights_u · bias gradient_u or None) of one layer's term."""
+    layer, a_u, d_u, grads, bias = term
+    if grads is None:
+        rows = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1])  # [p, units·T]
+        kernel = tf.matmul(rows, tf.reshape(d_u * weights[:, None, None], [rows.shape[1], -1]))
+    else:
+        kernel = tf.tensordot(weights, grads, axes=1)
+    return tf.reshape(kernel, layer.kernel.shape), (None if bias is None else tf.tensordot(weights, bias, 1))
 
 
 def _weighted_sums(model, terms, weights: tf.Tensor) -> list[tf.Tensor]:
     """Σ_u weights_u · g_u for every trainable variable, in `model.trainable_variables` order."""
     sums = {}
-    for layer, a_u, d_u, grads, bias in terms:
-        if grads is None:
-            rows = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1])  # [p, units·T]
-            kernel = tf.matmul(rows, tf.reshape(d_u * weights[:, None, None], [rows.shape[1], -1]))
-        else:
-            kernel = tf.tensordot(weights, grads, axes=1)
-        sums[id(layer.kernel)] = tf.reshape(kernel, layer.kernel.shape)
+    for term in terms:
+        layer = term[0]
+        sums[id(layer.kernel)], bias = _term_sums(term, weights)
         if bias is not None:
-            sums[id(layer.bias)] = tf.tensordot(weights, bias, axes=1)
+            sums[id(layer.bias)] = bias
     return [sums[id(v)] for v in model.trainable_variables]
 
 
 def per_unit_norms(model, x, y, microbatch_size: int = 1, strategy: str = "auto",
-                   loss_fn: engine.LossFn = engine.per_example_loss) -> tf.Tensor:
+                   formulation=None, loss_fn: engine.LossFn = engine.per_example_loss) -> tf.Tensor:
     """Global L2 norm of each unit's gradient (of its mean loss), shape [capacity / microbatch_size]."""
-    return tf.sqrt(_per_unit_terms(model, x, y, microbatch_size, strategy, loss_fn)[0])
+    return tf.sqrt(_per_unit_terms(model, x, y, microbatch_size, strategy, formulation, loss_fn)[0])
 
 
-def _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, strategy="auto",
+def _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, strategy="auto", formulation=None,
                  loss_fn: engine.LossFn = engine.per_example_loss):
-    """`fast_clipped_gradient_sum` with the per-layer norm strategy: "auto", "ghost" or "materialize"."""
-    sq_norms, terms, losses, logits = _per_unit_terms(model, x, y, microbatch_size, strategy, loss_fn)
+    """`fast_clipped_gradient_sum` with the per-layer norm strategy: "auto" (each layer's formulation
+    choice, else `_prefer_ghost`), "ghost" or "materialize" (for every layer that is not "depthwise")."""
+    sq_norms, terms, losses, logits = _per_unit_terms(model, x, y, microbatch_size, strategy, formulation,
+                                                      loss_fn)
     weights = engine.clip_factors(tf.sqrt(sq_norms), l2_norm_clip) * mask[::microbatch_size]
     return _weighted_sums(model, terms, weights), losses, logits
 
 
-def fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1,
+def fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, formulation=None,
                               loss_fn: engine.LossFn = engine.per_example_loss):
     """Σ_units mask_u · clip(g_u) per trainable variable; same contract as `engine.vmap_clipped_gradient_sum`.
 
-    Requires `supports_fast_path(model)`. Returns (sums aligned with `model.trainable_variables`,
-    per-example loss [capacity], logits [capacity, classes]).
+    Requires `supports_fast_path(model)`. `formulation`: per-layer choices (see `formulation_choices`;
+    default `default_formulation`); every formulation computes the same sums, only the speed differs.
+    Returns (sums aligned with `model.trainable_variables`, per-example loss [capacity], logits).
     """
-    return _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size, loss_fn=loss_fn)
+    return _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size, formulation=formulation,
+                        loss_fn=loss_fn)
+
+
+def make_grad_sum_fn(formulation) -> engine.GradSumFn:
+    """`grad_sum_fn` for `engine.make_train_step` that follows `formulation`."""
+    def grad_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1,
+                 loss_fn: engine.LossFn = engine.per_example_loss):
+        return fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size, formulation,
+                                         loss_fn=loss_fn)
+    return grad_sum

@@ -42,7 +42,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dpsgd_cli import accounting, engine, fastgrad
+from dpsgd_cli import accounting, engine, fastgrad, planner
 from dpsgd_cli.errors import ConfigError, TrainingError
 from dpsgd_cli.model import check_dp_model
 from dpsgd_cli.privacy_statement import PrivacyFacts, privacy_statement
@@ -286,15 +286,16 @@ class DPModel(keras.Model):
         self._plan = plan
 
     def _build_step(self, x0: np.ndarray, y0: np.ndarray, batch_size: int, k: int) -> None:
-        grad_fn, _, self.gradient_path = engine.choose_gradient_path(self.model, self.gradient_path_setting,
-                                                                     private=True)
+        step_plan = planner.plan_step(self.model, capacity=self._sampler.capacity, private=True,
+                                      microbatch_size=k, jit_compile=self.jit_compile_setting,
+                                      gradient_path=self.gradient_path_setting)
+        grad_fn, _ = step_plan.functions(private=True)
+        self.gradient_path, jit = step_plan.gradient_path, step_plan.jit_compile
         if self.gradient_path == "vectorized_map":
             why = fastgrad.fast_path_problem(self.model)
             if why:
                 warnings.warn(f"DPModel: per-example gradients by tf.vectorized_map (slower): the fast path "
                               f"does not support {why}", stacklevel=4)
-        jit = engine.resolve_jit_compile(self.jit_compile_setting, private=True,
-                                         gradient_path=self.gradient_path)
         settings = engine.StepSettings(
             private=True, noise_multiplier=self.noise_multiplier, l2_norm_clip=self.l2_norm_clip,
             microbatch_size=k, denominator=float(batch_size // k), jit_compile=jit)

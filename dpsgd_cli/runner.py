@@ -205,6 +205,14 @@ NONPRIVATE_STATEMENT = ("No differential privacy: privacy.enabled is false (non-
                         "no clipping, no noise).")
 
 
+def _plan_record(step_plan) -> dict[str, Any]:
+    """The step's plan for run.yaml: the formulation of each layer, how it was decided, and the timings."""
+    record = {"formulation": step_plan.formulation, "source": step_plan.source}
+    if step_plan.source == "measured":
+        record.update({"planning_s": step_plan.planning_s, "step_ms": step_plan.step_ms})
+    return record
+
+
 def _run_document(cfg, plan: PrivacyPlan, trainer: Trainer | None, status: str, result: RunResult | None):
     doc: dict[str, Any] = {
         "status": status,
@@ -221,7 +229,8 @@ def _run_document(cfg, plan: PrivacyPlan, trainer: Trainer | None, status: str, 
     }
     if trainer is not None:
         doc["resolved"].update({"dataset_size": trainer.n, "capacity": trainer.sampler.capacity,
-                                "jit_compile": trainer.jit_compile, "gradient_path": trainer.gradient_path})
+                                "jit_compile": trainer.jit_compile, "gradient_path": trainer.gradient_path,
+                                "plan": _plan_record(trainer.step_plan)})
         if trainer.resumed_at:
             doc["resumed_at_epochs"] = list(trainer.resumed_at)
     if result is not None and status != FINISHED:

@@ -26,6 +26,7 @@ from dpsgd_cli.sampling import Batch, Sampler, steps_in_epoch
 
 StepCallback = Callable[[dict[str, Any]], None]
 EVAL_BATCH = 1000  # test examples per forward pass in `evaluate`
+PROGRESS_EVERY = 20  # steps between `on_step` calls (each reads the running statistics from the device)
 
 
 def library_versions() -> dict[str, str]:
@@ -73,7 +74,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from dpsgd_cli import engine
+        from dpsgd_cli import engine, planner
         from dpsgd_cli.model import model_from_config
 
         self.tf = tf
@@ -87,16 +88,20 @@ class Trainer:
         self.optimizer = engine.make_optimizer(cfg.training.optimizer, cfg.training.learning_rate,
                                                cfg.training.momentum)
         private = cfg.privacy.enabled
-        grad_fn, forward_fn, self.gradient_path = engine.choose_gradient_path(
-            self.model, cfg.training.gradient_path, private)
-        self.jit_compile = engine.resolve_jit_compile(cfg.training.jit_compile, private=private,
-                                                      gradient_path=self.gradient_path)
+        self.step_plan = planner.plan_step(
+            self.model, capacity=self.sampler.capacity, private=private, microbatch_size=plan.microbatch_size,
+            jit_compile=cfg.training.jit_compile, gradient_path=cfg.training.gradient_path,
+            formulation=cfg.training.plan)
+        grad_fn, forward_fn = self.step_plan.functions(private)
+        self.gradient_path, self.jit_compile = self.step_plan.gradient_path, self.step_plan.jit_compile
         settings = engine.StepSettings(
             private=private, noise_multiplier=plan.noise_multiplier, l2_norm_clip=cfg.privacy.l2_norm_clip,
             microbatch_size=plan.microbatch_size,
             denominator=float(cfg.data.batch_size // plan.microbatch_size), jit_compile=self.jit_compile)
+        # the training set stays on the device; the step gathers its batch from the sampler's indices
+        on_device = (tf.constant(dataset.x_train), tf.constant(dataset.y_train))
         self.step_fn, self.chunk_fn = engine.make_train_step(self.model, self.optimizer, settings, grad_fn,
-                                                             forward_fn)
+                                                             forward_fn, data=on_device)
         self.predict = tf.function(lambda x: self.model(x, training=False), jit_compile=self.jit_compile)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
         self.ledger = accounting.PrivacyLedger(plan.accounting_noise_multiplier or 0.0, plan.sampling_rate,
@@ -107,22 +112,46 @@ class Trainer:
         self.resumed_at: list[int] = []
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
+        """Train one epoch. The step's statistics stay on the device and are read in one transfer every
+        `PROGRESS_EVERY` steps (for `on_step`) and at the end, so the host never waits for each step; a
+        non-finite loss stops the run with TrainingError at the end of the epoch, naming the first such
+        step. The ledger composes each step that ran."""
+        tf = self.tf
         total = steps_in_epoch(epoch, self.cfg.data.batch_size, self.n, self.cfg.data.sampling)
-        loss_sum = correct = count = 0.0
+        rows, pending, counts, steps = [], [], [], []
+
+        def read() -> np.ndarray:  # [steps so far, 3]: loss sum, correct, count
+            if pending:
+                flat = tf.stack([t for out in pending for t in out]).numpy().astype(np.float64)
+                rows.append(flat.reshape(-1, 3))
+                pending.clear()
+            table = np.concatenate(rows) if rows else np.zeros((0, 3))
+            for i, count in counts:  # the overflow chunks' examples are trained on, not in the stats
+                table[i, 2] = count
+            return table
+
         for i, batch in enumerate(self.sampler.epoch(epoch), start=1):
-            step_loss, step_correct, step_count, _ = take_step(
-                self.step_fn, self.chunk_fn, self.zeros, self.data.x_train, self.data.y_train, batch,
-                self.key.noise_seed(batch.step))
+            (idx, mask), *overflow = batch.chunks
+            extra = self.zeros
+            if overflow:
+                parts = [self.chunk_fn(j, m) for j, m in overflow]
+                extra = [tf.add_n(list(p)) for p in zip(*parts)]
+                counts.append((i - 1, float(mask.sum())))
+            pending.append(self.step_fn(idx, mask, extra, self.key.noise_seed(batch.step)))
             self._account(1)  # the ledger composes the steps that ran, not a formula
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"loss is {step_loss} at epoch {epoch}, step {batch.step + 1}: training "
-                                    f"diverged; lower training.learning_rate "
-                                    f"(now {self.cfg.training.learning_rate:g})")
-            loss_sum, correct, count = loss_sum + step_loss, correct + step_correct, count + step_count
+            steps.append(batch.step)
             self.steps_done = batch.step + 1
-            if on_step:
+            if on_step and (i % PROGRESS_EVERY == 0 or i == total):
+                loss_sum, correct, count = read().sum(axis=0)
                 on_step({"epoch": epoch, "step_in_epoch": i, "steps_in_epoch": total,
                          "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)})
+        table = read()
+        bad = np.flatnonzero(~np.isfinite(table[:, 0]))
+        if bad.size:
+            raise TrainingError(f"loss is {table[bad[0], 0]} at epoch {epoch}, step {steps[bad[0]] + 1}: "
+                                f"training diverged; lower training.learning_rate "
+                                f"(now {self.cfg.training.learning_rate:g})")
+        loss_sum, correct, count = (float(v) for v in table.sum(axis=0))
         return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
 
     def _account(self, steps: int) -> None:

@@ -20,6 +20,21 @@ def _synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return images
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _planner_off(tmp_path_factory):
+    """Runs in tests use the default formulation without timing the device (tests/test_planner.py turns
+    the planner on, with its cache in a temporary folder); a cache is never written to the home folder."""
+    saved = {k: os.environ.get(k) for k in ("DPSGD_PLANNER", "DPSGD_PLAN_CACHE")}
+    os.environ["DPSGD_PLANNER"] = "off"
+    os.environ["DPSGD_PLAN_CACHE"] = str(tmp_path_factory.mktemp("plan_cache"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
     """A folder holding fashion_mnist/ and mnist/ IDX files usable as data.data_dir."""

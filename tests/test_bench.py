@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from dpsgd_cli.bench import BenchCase, default_cases, run_benchmark
@@ -40,3 +41,31 @@ def test_cli_writes_csv_and_rejects_bad_options(tmp_path):
     assert len(lines) == 1 + 3 and "ratio_to_nonprivate" in lines[0]
     bad = CliRunner().invoke(app, ["bench", "--paths", "turbo"])
     assert bad.exit_code == 2 and "--paths" in bad.output
+
+
+def test_planned_rows_record_the_plan_and_the_ratio_to_the_fastest_nonprivate_step():
+    from dpsgd_cli.bench import planned_cases
+    from dpsgd_cli.cli.bench import summary_lines
+
+    cases = [BenchCase(path="nonprivate", batch_size=8, jit_compile=False), *planned_cases([8])]
+    rows = run_benchmark(cases, steps=5, warmup=1)
+    assert [r["path"] for r in rows] == ["nonprivate", "nonprivate_planned", "planned"]
+    fastest = min(r["step_s"] for r in rows[:2])
+    for r in rows:
+        assert math.isclose(r["ratio_to_fastest_nonprivate"], r["step_s"] / fastest)
+    assert "XLA" in rows[2]["plan"] and isinstance(rows[2]["jit_compile"], bool)
+    lines = summary_lines(rows)
+    assert any(line.startswith("plan at batch 8 (planned)") for line in lines)
+    assert any(line.startswith("batch 8: fastest DP step") for line in lines)
+
+
+@pytest.mark.slow
+def test_epoch_rows_time_whole_epochs_through_the_trainer(data_dir):
+    from dpsgd_cli.bench import epoch_rows
+
+    rows = epoch_rows(batch_size=64, data_dir=data_dir, train_size=640)
+    assert [r["path"] for r in rows] == ["epoch_nonprivate", "epoch_dp"]
+    for r in rows:
+        assert r["epoch_s"] > 0 and r["examples_per_s"] == 640 / r["epoch_s"] and r["eval_s"] > 0
+        assert math.isclose(r["step_s"], r["epoch_s"] / 10)  # 640 / 64 steps
+    assert math.isclose(rows[1]["ratio_to_epoch_nonprivate"], rows[1]["epoch_s"] / rows[0]["epoch_s"])

@@ -127,14 +127,29 @@ def test_step_is_traced_once_over_many_steps():
     assert step_fn.experimental_get_tracing_count() == 1
 
 
-def test_optimizers_and_jit_resolution():
+def test_optimizers():
     assert isinstance(engine.make_optimizer("momentum", 0.1, 0.9), keras.optimizers.SGD)
     assert isinstance(engine.make_optimizer("adam", 0.1), keras.optimizers.Adam)
-    assert engine.resolve_jit_compile(True) is True and engine.resolve_jit_compile(False) is False
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    assert engine.resolve_jit_compile("auto", private=True, gradient_path="fast") == gpu
-    assert engine.resolve_jit_compile("auto", private=False, gradient_path="fast") is True
-    assert engine.resolve_jit_compile("auto", private=False, gradient_path="keras") == gpu
+
+
+def test_step_on_device_data_gathers_the_indexed_examples():
+    """`data=` keeps the training set on the device: stepping on indices equals stepping on the examples."""
+    x, y = _batch(32, seed=7)
+    idx = np.array([3, 1, 30, 3, 9, 0, 0, 0, 12, 5, 7, 8, 2, 4, 6, 11], np.int64)
+    mask = tf.constant([1.0] * 13 + [0.0] * 3)
+    settings = _settings(noise_multiplier=1.0, l2_norm_clip=0.5)
+    results = []
+    for on_device in (False, True):
+        model = build_model(seed=5)
+        step_fn, chunk_fn = engine.make_train_step(model, keras.optimizers.SGD(0.1), settings,
+                                                   data=(x, y) if on_device else None)
+        batch = (idx,) if on_device else (tf.gather(x, idx), tf.gather(y, idx))
+        extra = chunk_fn(*batch, mask)
+        out = step_fn(*batch, mask, extra, tf.constant([7, 1], tf.int64))
+        results.append((np.concatenate([v.numpy().ravel() for v in model.trainable_variables]),
+                        [float(v) for v in out]))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])

@@ -200,3 +200,76 @@ def test_train_step_without_noise_or_clipping_is_plain_sgd(jit):
     np.testing.assert_allclose(float(loss_sum) / BATCH, float(loss), rtol=RTOL)
     for v, e in zip(model.trainable_variables, expected):
         np.testing.assert_allclose(v.numpy(), e, rtol=RTOL, atol=ATOL, err_msg=v.path)
+
+
+def _formulations(model, private: bool = True):
+    """Formulations covering every choice of every layer: the i-th one takes choice i (mod count) of each."""
+    first, options = True, {}
+    for layer in model.layers:
+        choices = fastgrad.formulation_choices(layer, first, private)
+        if choices:
+            options[layer.name] = choices
+        first = first and type(layer) not in (keras.layers.Dense, keras.layers.Conv2D)
+    count = max(len(c) for c in options.values())
+    return [{name: c[i % len(c)] for name, c in options.items()} for i in range(count)]
+
+
+def test_formulations_cover_every_choice():
+    formulations = _formulations(build_model())
+    assert len(formulations) == 5
+    assert {f["conv1"]["grads"] for f in formulations} == {"materialize", "ghost", "depthwise"}
+    assert {f["pool1"]["forward"] for f in formulations} == {"native", "slices"}
+    assert {f["conv2"]["forward"] for f in formulations} == {"native", "patches"}
+    assert all(c.get("grads") != "depthwise" for f in formulations for c in (f["conv2"],))  # 16 inputs
+
+
+@pytest.mark.parametrize("k", [1, 4], ids=["per_example", "microbatch4"])
+def test_every_formulation_matches_the_loop(model, k):
+    """Each formulation (native/patches forward, slices/native pooling, materialized/ghost/depthwise
+    per-unit gradients) gives the loop's clipped sums, norms and losses: a plan changes speed only."""
+    x, y, mask = _batch(seed=8)
+    x = tf.concat([tf.zeros_like(x[:2]), x[2:]], axis=0)  # blank images: pooling ties
+    l2_norm_clip, ref_norms, ref_sums = _clip_between_norms(model, x, y, mask, k)
+    formulations = _formulations(model)
+
+    def all_formulations(x, y, mask):
+        return [(fastgrad.fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, k, f),
+                 fastgrad.per_unit_norms(model, x, y, k, formulation=f)) for f in formulations]
+
+    ref_losses = engine.per_example_loss(model(x), y)
+    results = _compiled(all_formulations, jit=False)(x, y, mask)
+    for f, ((sums, losses, _), norms) in zip(formulations, results):
+        _assert_sums_close(sums, ref_sums, model.trainable_variables, f"{f} vs loop")
+        np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL, err_msg=str(f))
+        np.testing.assert_allclose(losses, ref_losses, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_every_formulation_under_xla_matches_the_loop(index):
+    model = build_model(activation="relu", seed=3)
+    x, y, mask = _batch(seed=9)
+    l2_norm_clip, _, ref_sums = _clip_between_norms(model, x, y, mask, 1)
+    f = _formulations(model)[index]
+    fn = _compiled(fastgrad.make_grad_sum_fn(f), jit=True)
+    sums = tf.function(lambda *a: fn(model, *a, l2_norm_clip), jit_compile=True)(x, y, mask)[0]
+    _assert_sums_close(sums, ref_sums, model.trainable_variables, f"xla {f} vs loop")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_every_nonprivate_formulation_is_the_keras_gradient(model, jit):
+    x, y, mask = _batch(seed=10)
+    x = tf.concat([tf.zeros_like(x[:2]), x[2:]], axis=0)
+
+    def gradient(forward_fn):
+        with tf.GradientTape() as tape:
+            logits = forward_fn(x, tape)
+            loss = tf.reduce_sum(engine.per_example_loss(logits, y) * mask)
+        return tape.gradient(loss, model.trainable_variables)
+
+    reference = _compiled(lambda: gradient(lambda x, tape: model(x, training=True)), jit)()
+    for f in _formulations(model, private=False):
+        fn = fastgrad.make_forward_fn(f) or (lambda m, x, tape: m(x, training=True))
+        grads = _compiled(lambda fn=fn: gradient(lambda x, tape: fn(model, x, tape)), jit)()
+        _assert_sums_close(grads, reference, model.trainable_variables, f"nonprivate {f}")
+    all_native = {name: {"forward": "native"} for name in ("conv1", "pool1", "conv2", "pool2")}
+    assert fastgrad.make_forward_fn(all_native) is None  # all native = the plain Keras step

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, fail, user_errors
 
+ALL_PATHS = "nonprivate,nonprivate_fast,vectorized_map,fast,nonprivate_planned,planned,epoch"
+
 
 def _ints(text: str, option: str) -> list[int]:
     try:
@@ -27,21 +29,21 @@ def _ints(text: str, option: str) -> list[int]:
 def bench(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "64,256,1024",
     jit: Annotated[str, typer.Option(help="XLA settings to measure: both, on, off.")] = "both",
-    paths: Annotated[str, typer.Option(help="Comma-separated: nonprivate, nonprivate_fast, vectorized_map, "
-                                            "fast.")] = "nonprivate,nonprivate_fast,vectorized_map,fast",
+    paths: Annotated[str, typer.Option(
+        help="Comma-separated: nonprivate, nonprivate_fast, vectorized_map, fast (each XLA setting), "
+             "nonprivate_planned, planned (the planner's choice), epoch (whole Fashion-MNIST epochs through "
+             "the trainer, batch 256).")] = ALL_PATHS,
     steps: Annotated[int, typer.Option(min=5, help="Timed steps per row (median reported).")] = 30,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed steps after the first call.")] = 3,
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("results/bench/bench.csv"),
 ) -> None:
     """Seconds per training step of the non-private and the DP steps, in one process and one run.
 
-    Prints a table (median step time, examples/s, compile time, memory, DP / non-private ratio) and
-    writes it as CSV."""
-    from dpsgd_cli.bench import PATHS
-
+    Prints a table (median step time, examples/s, compile time, memory, DP / non-private ratios), the
+    plan the planner chose, and writes it as CSV."""
     chosen = [p.strip() for p in paths.split(",") if p.strip()]
-    if not chosen or any(p not in PATHS for p in chosen):
-        fail(f"--paths: choose from {', '.join(PATHS)}, got {paths!r}")
+    if not chosen or any(p not in ALL_PATHS.split(",") for p in chosen):
+        fail(f"--paths: choose from {ALL_PATHS.replace(',', ', ')}, got {paths!r}")
     jit_modes = {"both": (False, True), "on": (True,), "off": (False,)}.get(jit)
     if jit_modes is None:
         fail(f"--jit: choose both, on or off, got {jit!r}")
@@ -49,17 +51,64 @@ def bench(
 
 
 def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path) -> None:
-    from dpsgd_cli.bench import default_cases, run_benchmark
+    from dpsgd_cli import bench as harness
     from dpsgd_cli.results import write_table
 
-    cases = default_cases(batch_sizes, jit_modes, paths)
-    console.print(f"{len(cases)} rows, {steps} timed steps each, on {platform.machine()} "
-                  f"({_cpu_name()}); this takes a few minutes", highlight=False)
-    rows = run_benchmark(cases, steps=steps, warmup=warmup,
-                         on_row=lambda r: console.print(_row_line(r), highlight=False))
+    cases = harness.default_cases(batch_sizes, jit_modes, [p for p in paths if p in harness.PATHS])
+    cases += harness.planned_cases(batch_sizes, [p for p in paths if p in harness.PLANNED_PATHS])
+    epochs = "epoch" in paths
+    console.print(f"{len(cases)} step rows{' and 2 whole-epoch rows' if epochs else ''}, {steps} timed steps "
+                  f"each, on {platform.machine()} ({_cpu_name()}, load average {_load()}); this takes a few "
+                  "minutes", highlight=False)
+    rows = harness.run_benchmark(
+        cases, steps=steps, warmup=warmup,
+        on_compiled=lambda r: console.print(f"  compiled {_case_name(r)} in {r['compile_s']:.1f} s",
+                                            highlight=False),
+        on_row=lambda r: console.print(_row_line(r), highlight=False))
+    if epochs:
+        for row in harness.epoch_rows():
+            console.print(_row_line(row), highlight=False)
+            rows.append(row)
+    harness.add_ratios(rows)
     console.print(bench_table(rows))
+    for line in summary_lines(rows):
+        console.print(line, highlight=False, markup=False)
     write_table(rows, out)
-    console.print(f"wrote {out}", highlight=False)
+    console.print(f"wrote {out} (load average now {_load()})", highlight=False)
+
+
+def _load() -> str:
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The plans chosen, and DP / fastest non-private per batch size (and per whole epoch)."""
+    lines = [f"plan at batch {r['batch_size']} ({r['path']}): {r['plan']}"
+             + (f", planned in {r['planning_s']:.1f} s" if r.get("planning_s") else "")
+             for r in rows if r["path"] in ("nonprivate_planned", "planned")]
+    for batch in sorted({r["batch_size"] for r in rows}):
+        nonprivate = [r for r in rows if r["batch_size"] == batch and r["path"].startswith("nonprivate")
+                      and r["capacity"] == batch]
+        dp = [r for r in rows if r["batch_size"] == batch and r["capacity"] == batch
+              and r["path"] in ("planned", "fast", "vectorized_map")]
+        if nonprivate and dp:
+            best, fast = min(nonprivate, key=lambda r: r["step_s"]), min(dp, key=lambda r: r["step_s"])
+            lines.append(f"batch {batch}: fastest DP step {1000 * fast['step_s']:.2f} ms ({_name(fast)}) / "
+                         f"fastest non-private {1000 * best['step_s']:.2f} ms ({_name(best)}) = "
+                         f"{fast['step_s'] / best['step_s']:.2f}")
+    epoch = {r["path"]: r for r in rows if r["path"].startswith("epoch")}
+    if len(epoch) == 2:
+        dp_s, nonprivate_s = epoch["epoch_dp"]["epoch_s"], epoch["epoch_nonprivate"]["epoch_s"]
+        lines.append(f"whole epoch (batch {epoch['epoch_dp']['batch_size']}, Poisson): DP {dp_s:.1f} s / "
+                     f"non-private {nonprivate_s:.1f} s = {dp_s / nonprivate_s:.2f}")
+    return lines
+
+
+def _name(r: dict[str, Any]) -> str:
+    return f"{r['path']}, XLA {'on' if r['jit_compile'] else 'off'}"
 
 
 def _cpu_name() -> str:
@@ -72,20 +121,25 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _case_name(r: dict[str, Any]) -> str:
+    return f"{r['path']} batch {r['batch_size']} (capacity {r['capacity']}) jit {r['jit_compile']}"
+
+
 def _row_line(r: dict[str, Any]) -> str:
-    return (f"  {r['path']:<15} batch {r['batch_size']:>5} (capacity {r['capacity']:>5}) "
+    return (f"  {r['path']:<18} batch {r['batch_size']:>5} (capacity {r['capacity']:>5}) "
             f"jit {str(r['jit_compile']):<5} {1000 * r['step_s']:8.2f} ms/step")
 
 
 def bench_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="seconds per training step (median), same process, same run")
     for column in ("path", "batch", "capacity", "jit", "ms/step", "examples/s", "÷ nonprivate",
-                   "÷ nonprivate_fast", "compile s", "peak MB"):
+                   "÷ nonprivate_fast", "÷ fastest nonprivate", "compile s", "peak MB"):
         table.add_column(column, justify="right")
     for r in rows:
         jit = "on" if r["jit_compile"] else "off"
         table.add_row(r["path"], str(r["batch_size"]), str(r["capacity"]), jit,
                       f"{1000 * r['step_s']:.2f}", f"{r['examples_per_s']:,.0f}",
                       f"{r['ratio_to_nonprivate']:.2f}", f"{r['ratio_to_nonprivate_fast']:.2f}",
-                      f"{r['compile_s']:.1f}", f"{r['peak_rss_mb']:.0f}")
+                      f"{r['ratio_to_fastest_nonprivate']:.2f}", f"{r['compile_s']:.1f}",
+                      f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "")
     return table

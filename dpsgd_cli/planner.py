@@ -1,0 +1,380 @@
+"""Choose the training step's formulation by timing it on the device at hand (issue 14).
+
+Like FFTW's planner or cuDNN's autotuner: TensorFlow's kernels are fast or slow depending on the device
+(CPU model, thread count, oneDNN, GPU) and on XLA, so which formulation of each layer is fastest is
+measured, never assumed. Every formulation the planner may choose is tested equal to the per-example
+GradientTape reference (tests/test_fastgrad.py): a plan changes speed only, never what is computed.
+
+How a plan is made, for one model, capacity (slots per step), private or not, microbatch size:
+1. For each XLA setting allowed (`training.jit_compile: auto` → off and on), for each layer with a choice
+   (`fastgrad.formulation_choices`: Conv2D/Dense forward native or patches × matmul; per-unit gradients
+   materialized, ghost norms or, for one input channel, the depthwise-convolution trick; stride-1 max
+   pooling native or shifted slices), the layer's own work in the step is timed alone for each candidate
+   (its forward, the gradient to its input, its per-unit norms and weighted sum; non-private: its forward
+   and gradients): first at a probe batch (`PROBE`), which drops candidates more than `PRUNE`× slower than
+   the best (some kernels are pathological on some devices: on one AMD EPYC, XLA's depthwise filter
+   gradient took 33 s per call at batch 288), then, without XLA, at the full capacity, interleaved.
+   Under XLA the probe decides alone: each candidate's compile costs ~1–5 s there (measured on that CPU).
+2. The fastest choice per layer makes one whole-step candidate per XLA setting (non-private: also the
+   plain Keras step); the whole steps are built as `engine.make_train_step` builds them and timed
+   interleaved; the fastest wins.
+`DPSGD_PLANNER=off` skips measuring (the default formulation, XLA off unless forced): for tests and CI.
+The plan is cached as JSON under `$DPSGD_PLAN_CACHE`, else `$XDG_CACHE_HOME/dpsgd`, else `~/.cache/dpsgd`,
+keyed by (device, TensorFlow version, model signature, capacity, private, microbatch size, XLA setting,
+gradient path), so later runs reuse it. `training.plan` in the config fixes formulations by hand and
+`training.jit_compile: true/false` fixes XLA; what is left is measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpsgd_cli.atomic import atomic_write_text
+from dpsgd_cli.errors import ConfigError
+
+CACHE_ENV = "DPSGD_PLAN_CACHE"
+OFF_ENV = "DPSGD_PLANNER"  # "off": no measuring; the default formulation, XLA off unless forced (tests, CI)
+CACHE_FILE = "plans.json"
+PLAN_VERSION = 1
+PROBE = 16  # examples per call when probing a candidate
+PRUNE = 3.0  # drop a candidate whose probe time exceeds this multiple of the best probe time
+PROBE_CALLS = 3  # timed calls per layer candidate at the probe batch
+LAYER_CALLS = 5  # timed calls per layer candidate at full capacity
+STEP_CALLS = 5  # timed calls per whole-step candidate
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the step runs: `gradient_path` ('fast', 'vectorized_map' or, non-private, 'keras'),
+    `jit_compile`, `formulation` ({layer: choice} for the fast path, else {}); `source` says how it was
+    decided ('measured', 'cache', 'config'), `planning_s` how long measuring took, `step_ms` the
+    whole-step candidates' median milliseconds (what the choice was made on), `layer_ms` the per-layer
+    candidates' (per XLA setting: at full capacity without XLA, at the probe batch with XLA)."""
+
+    gradient_path: str
+    jit_compile: bool
+    formulation: dict[str, dict[str, str]] = field(default_factory=dict)
+    source: str = "measured"
+    planning_s: float = 0.0
+    step_ms: dict[str, float] = field(default_factory=dict)
+    layer_ms: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def functions(self, private: bool):
+        """(grad_sum_fn, forward_fn) for `engine.make_train_step`."""
+        from dpsgd_cli import engine, fastgrad
+
+        if self.gradient_path == "vectorized_map":
+            return (engine.vmap_clipped_gradient_sum if private else None), None
+        if not private:
+            fast = self.gradient_path == "fast"
+            return None, (fastgrad.make_forward_fn(self.formulation) if fast else None)
+        return fastgrad.make_grad_sum_fn(self.formulation), None
+
+    def describe(self) -> str:
+        """One line: XLA, path, and each layer's choice."""
+        layers = ", ".join(f"{name} {'/'.join(choice.values())}" for name, choice in self.formulation.items())
+        return (f"{self.gradient_path}, XLA {'on' if self.jit_compile else 'off'}"
+                + (f": {layers}" if layers else "") + f" ({self.source})")
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dpsgd"
+
+
+def device_description() -> str:
+    """The CPU model and thread count, and any GPU's name: what makes kernels fast or slow."""
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        gpus.append(details.get("device_name", gpu.name))
+    return f"{cpu} × {os.cpu_count()} threads" + (f"; GPU {', '.join(gpus)}" if gpus else "")
+
+
+_SIGNATURE_KEYS = ("filters", "kernel_size", "strides", "padding", "activation", "use_bias", "units",
+                   "pool_size", "data_format", "dilation_rate", "groups", "rate")
+
+
+def model_signature(model) -> list:
+    """Layer names, types, shapes and the configuration that changes the work (not initial weights)."""
+    rows = []
+    for layer in model.layers:
+        config = layer.get_config()
+        rows.append([type(layer).__name__, layer.name, list(layer.output.shape[1:]),
+                     {k: config[k] for k in _SIGNATURE_KEYS if k in config}])
+    return [list(model.inputs[0].shape[1:]), rows]
+
+
+def validate_formulation(model, formulation: dict, private: bool) -> dict[str, dict[str, str]]:
+    """`training.plan` checked against the model: known layer names, choices the layer offers."""
+    if not isinstance(formulation, dict):
+        raise ConfigError(f"training.plan: must be auto or a mapping of layer names to choices, "
+                          f"got {formulation!r}")
+    options = _layer_options(model, private=True)
+    allowed_private = {name: choices for name, choices in options}
+    out = {}
+    for name, choice in formulation.items():
+        if name not in allowed_private:
+            raise ConfigError(f"training.plan.{name}: no such layer with a choice; layers: "
+                              f"{', '.join(allowed_private) or 'none'}")
+        if not isinstance(choice, dict) or not any(
+                all(c.get(k) == v for k, v in choice.items()) for c in allowed_private[name]):
+            shown = "; ".join(", ".join(f"{k}: {v}" for k, v in c.items()) for c in allowed_private[name])
+            raise ConfigError(f"training.plan.{name}: {choice!r} is not one of: {shown}")
+        out[name] = {k: v for k, v in choice.items() if private or k == "forward"}
+    return out
+
+
+def _layer_options(model, private: bool) -> list[tuple[str, list[dict[str, str]]]]:
+    from dpsgd_cli import fastgrad
+
+    first, out = True, []
+    for layer in model.layers:
+        choices = fastgrad.formulation_choices(layer, first, private)
+        if choices:
+            out.append((layer.name, choices))
+        if type(layer) in fastgrad._WEIGHT_LAYERS:
+            first = False
+    return out
+
+
+def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, jit_compile: Any = "auto",
+              gradient_path: str = "auto", formulation: Any = "auto", use_cache: bool = True) -> StepPlan:
+    """The plan for this model's step at `capacity` slots (see the module docstring).
+
+    `jit_compile`: 'auto' (measure) or True/False (forced). `gradient_path`: 'auto', 'fast' or
+    'vectorized_map' (training.gradient_path). `formulation`: 'auto' or {layer: choice} (training.plan)."""
+    import tensorflow as tf
+
+    from dpsgd_cli import fastgrad
+
+    supported = fastgrad.supports_fast_path(model)
+    if gradient_path == "fast" and not supported:
+        fastgrad.choose_gradient_sum_fn(model, "fast")  # raises the ConfigError naming the layer
+    fast = supported and gradient_path != "vectorized_map"
+    fixed = validate_formulation(model, formulation, private) if formulation != "auto" else None
+    if fixed is not None and not fast:
+        raise ConfigError("training.plan: formulations need the fast path (training.gradient_path: auto "
+                          "or fast, and a model of Dense, Conv2D and weightless layers)")
+    jit_modes = (False, True) if jit_compile == "auto" else (bool(jit_compile),)
+    if os.environ.get(OFF_ENV, "").lower() == "off":
+        formulation = {**fastgrad.default_formulation(model), **(fixed or {})} if fast else {}
+        if fast and not private:
+            formulation = {name: {"forward": c["forward"]} for name, c in formulation.items()}
+        path = "fast" if fast else ("vectorized_map" if private else "keras")
+        return StepPlan(path, jit_modes[0], formulation, source=f"default ({OFF_ENV}=off)")
+    key = json.dumps({"v": PLAN_VERSION, "device": device_description(), "tensorflow": tf.__version__,
+                      "model": model_signature(model), "capacity": capacity, "private": private,
+                      "microbatch_size": microbatch_size, "jit": list(jit_modes), "fast": fast,
+                      "formulation": fixed}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    if use_cache:
+        cached = _read_cache().get(digest)
+        if cached:
+            try:
+                return StepPlan(**{**cached, "source": "cache"})
+            except TypeError:
+                pass
+    start = time.perf_counter()
+    plan = _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed)
+    plan = StepPlan(**{**plan.to_dict(), "planning_s": round(time.perf_counter() - start, 2),
+                       "source": "config" if fixed is not None and len(jit_modes) == 1 else "measured"})
+    if use_cache:
+        _write_cache(digest, plan.to_dict())
+    return plan
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        data = json.loads((cache_dir() / CACHE_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(digest: str, plan: dict[str, Any]) -> None:
+    """Best effort: a cache that cannot be written only means planning again next time."""
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / CACHE_FILE, json.dumps({**_read_cache(), digest: plan}, indent=1))
+    except OSError:
+        pass
+
+
+def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed) -> StepPlan:
+    """Steps 1 and 2 of the module docstring."""
+    from dpsgd_cli import fastgrad
+
+    candidates: dict[str, StepPlan] = {}
+    layer_ms: dict[str, Any] = {}
+    for jit in jit_modes:
+        tag = "xla" if jit else "graph"
+        if not fast:
+            path = "vectorized_map" if private else "keras"
+            candidates[f"{path} {tag}"] = StepPlan(path, jit)
+            continue
+        if fixed is not None:
+            chosen = {**fastgrad.default_formulation(model), **fixed}
+        else:
+            # without XLA a candidate compiles in ~0.1 s, so layers are timed at full capacity too; under
+            # XLA each compile takes seconds, so the probe alone decides (see the module docstring)
+            chosen, layer_ms[tag] = _fastest_per_layer(model, capacity, private, microbatch_size, jit,
+                                                       full=not jit)
+        if private:
+            candidates[f"fast {tag}"] = StepPlan("fast", jit, chosen)
+            continue
+        chosen = {name: {"forward": c["forward"]} for name, c in chosen.items()}
+        if fastgrad.make_forward_fn(chosen) is not None:
+            candidates[f"fast {tag}"] = StepPlan("fast", jit, chosen)
+        if fixed is None or fastgrad.make_forward_fn(chosen) is None:
+            candidates[f"keras {tag}"] = StepPlan("keras", jit)
+    if len(candidates) == 1:
+        return StepPlan(**{**next(iter(candidates.values())).to_dict(), "layer_ms": layer_ms})
+    step_ms = _time_steps(model, capacity, private, microbatch_size, candidates)
+    best = min(step_ms, key=step_ms.get)
+    return StepPlan(**{**candidates[best].to_dict(), "step_ms": step_ms, "layer_ms": layer_ms})
+
+
+def _shapes(model, capacity: int) -> dict[str, tuple[int, ...]]:
+    """Each layer's input shape at `capacity` examples."""
+    shape, out = (capacity, *model.inputs[0].shape[1:]), {}
+    for layer in model.layers:
+        out[layer.name] = tuple(shape)
+        shape = (capacity, *layer.output.shape[1:])
+    return out
+
+
+def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: bool):
+    """Each layer's fastest formulation, timed alone: every candidate at the probe batch (a pathological
+    one shows there cheaply), then, when `full`, those within PRUNE× of the best at the full capacity,
+    interleaved. Returns (formulation, {layer: {choice: ms}} of the deciding timings)."""
+    from dpsgd_cli import fastgrad
+
+    chosen, timings = fastgrad.default_formulation(model), {}
+    shapes = _shapes(model, capacity)
+    first_weight = next(layer.name for layer in model.layers if type(layer) in fastgrad._WEIGHT_LAYERS)
+    probe = min(PROBE, capacity)
+    for name, choices in _layer_options(model, private):
+        layer = model.get_layer(name)
+        first = name == first_weight
+
+        def work(choice, batch, layer=layer, name=name, first=first):
+            return _layer_work(layer, choice, shapes[name], batch, private, first, microbatch_size, jit)
+
+        probe_ms = _time_calls([work(c, probe) for c in choices], PROBE_CALLS)
+        kept = [i for i, ms in enumerate(probe_ms) if ms <= PRUNE * min(probe_ms)]
+        ms = dict(zip(kept, (probe_ms[i] for i in kept)))
+        if full and len(kept) > 1 and probe < capacity:
+            ms = dict(zip(kept, _time_calls([work(choices[i], capacity) for i in kept], LAYER_CALLS)))
+        best = min(ms, key=ms.get)
+        chosen[name] = choices[best]
+        timings[name] = {"/".join(choices[i].values()): round(t, 3) for i, t in ms.items()}
+    return chosen, timings
+
+
+def _layer_work(layer, choice, shape, batch, private, first, microbatch_size, jit):
+    """A compiled call doing one layer's share of the step under `choice`, on fixed random inputs."""
+    import keras
+    import tensorflow as tf
+
+    from dpsgd_cli import fastgrad
+
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.random((batch, *shape[1:]), dtype=np.float32))
+    conv = isinstance(layer, keras.layers.Conv2D)
+    if type(layer) in fastgrad._WEIGHT_LAYERS:
+        out_shape = layer.compute_output_shape((batch, *shape[1:]))
+        dz = tf.constant(rng.normal(size=out_shape).astype(np.float32))
+        k = microbatch_size if batch % microbatch_size == 0 else 1
+        units = batch // k
+        weights = tf.constant(rng.random(units, dtype=np.float32))
+
+        def work():
+            with tf.GradientTape(watch_accessed_variables=not private) as tape:
+                tape.watch(a)
+                patches = fastgrad._patches(a, layer) if conv and choice["forward"] == "patches" else None
+                z = fastgrad._pre_activation(layer, a, patches)
+            if not private:
+                grads = tape.gradient(z, [a] + list(layer.trainable_variables), output_gradients=dz)
+                return tf.add_n([tf.reduce_sum(g) for g in grads[first:] if g is not None])
+            out = [] if first else [tf.reduce_sum(tape.gradient(z, a, output_gradients=dz))]
+            sq, term = fastgrad._record_terms((layer, a, z, patches, choice), dz, units, k)
+            kernel, bias = fastgrad._term_sums(term, weights)
+            out += [tf.reduce_sum(sq), tf.reduce_sum(kernel)]
+            out += [] if bias is None else [tf.reduce_sum(bias)]
+            return tf.add_n(out)
+    else:
+        up = tf.constant(rng.normal(size=(batch, *layer.compute_output_shape(shape)[1:])).astype(np.float32))
+
+        def work():
+            with tf.GradientTape() as tape:
+                tape.watch(a)
+                h = (fastgrad._max_pool_stride1(a, layer.pool_size) if choice["forward"] == "slices"
+                     else layer(a))
+            return tf.reduce_sum(tape.gradient(h, a, output_gradients=up))
+    return tf.function(work, jit_compile=jit)
+
+
+def _time_calls(fns, calls: int) -> list[float]:
+    """Median milliseconds per call of each function (one untimed first call each), calls interleaved."""
+    for fn in fns:
+        float(fn())
+    times = [[] for _ in fns]
+    for _ in range(calls):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            float(fn())
+            t.append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
+
+
+def _time_steps(model, capacity, private, microbatch_size, candidates: dict[str, StepPlan]):
+    """Median ms per whole step of each candidate, built like `engine.make_train_step` builds them."""
+    import keras
+    import tensorflow as tf
+
+    from dpsgd_cli import engine
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((capacity, *model.inputs[0].shape[1:]), dtype=np.float32))
+    y = tf.constant(rng.integers(0, model.outputs[0].shape[-1], capacity).astype(np.int32))
+    mask = tf.ones([capacity])
+    seed = tf.constant([1, 2], tf.int64)
+    calls = []
+    for plan in candidates.values():
+        clone = keras.models.clone_model(model)
+        settings = engine.StepSettings(private=private, noise_multiplier=1.0, l2_norm_clip=1.0,
+                                       microbatch_size=microbatch_size, denominator=float(capacity),
+                                       jit_compile=plan.jit_compile)
+        step, _ = engine.make_train_step(clone, keras.optimizers.SGD(1e-6), settings,
+                                         *plan.functions(private))
+        zeros = [tf.zeros_like(v) for v in clone.trainable_variables]
+        calls.append(lambda step=step, zeros=zeros: step(x, y, mask, zeros, seed)[0])
+    times = _time_calls(calls, STEP_CALLS)
+    return {name: round(ms, 2) for name, ms in zip(candidates, times)}
