@@ -151,6 +151,14 @@ class PrivacyLedger:
         self._pld: PldComposer | None = None
         self._cache: dict[tuple[str, int], float] = {}
 
+    @classmethod
+    def for_event(cls, event, delta: float, total_steps: int | None = None) -> PrivacyLedger:
+        """A ledger that composes `event` (one step's `step_event`: a Gaussian, possibly Poisson-sampled)
+        once per `advance`d step."""
+        q = getattr(event, "sampling_probability", 1.0)
+        gaussian = getattr(event, "event", event)
+        return cls(gaussian.noise_multiplier, q, delta, total_steps)
+
     def advance(self, steps: int) -> None:
         """Account for `steps` more steps."""
         if steps > 0:

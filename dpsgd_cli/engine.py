@@ -11,11 +11,13 @@ is given: any `loss_fn(logits, labels) -> [batch]` per-example loss (e.g. a Kera
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
+
+from dpsgd_cli import accounting
 
 GradSumFn = Callable[..., tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]]
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (logits, labels) -> per-example loss [batch]
@@ -60,10 +62,14 @@ def per_unit_gradients(model: keras.Model, x: tf.Tensor, y: tf.Tensor, microbatc
     return grads, tf.reshape(losses, [-1]), tf.reshape(logits, [x.shape[0], -1])
 
 
+def squared_norms(per_unit_grads: list[tf.Tensor]) -> tf.Tensor:
+    """Squared L2 norm of each unit's gradient over all variables together, shape [units]."""
+    return tf.add_n([tf.reduce_sum(tf.reshape(g, [g.shape[0], -1]) ** 2, axis=1) for g in per_unit_grads])
+
+
 def global_norms(per_unit_grads: list[tf.Tensor]) -> tf.Tensor:
     """L2 norm of each unit's gradient over all variables together, shape [units]."""
-    squares = [tf.reduce_sum(tf.reshape(g, [g.shape[0], -1]) ** 2, axis=1) for g in per_unit_grads]
-    return tf.sqrt(tf.add_n(squares))
+    return tf.sqrt(squared_norms(per_unit_grads))
 
 
 def clip_factors(norms: tf.Tensor, l2_norm_clip: float) -> tf.Tensor:
@@ -71,18 +77,34 @@ def clip_factors(norms: tf.Tensor, l2_norm_clip: float) -> tf.Tensor:
     return l2_norm_clip / tf.maximum(norms, l2_norm_clip)
 
 
-def vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1,
-                              loss_fn: LossFn = per_example_loss):
-    """Σ_units mask_u · clip(g_u) for every trainable variable, via `per_unit_gradients`.
+# What a gradient backend answers about one batch: (squared norm of each unit's gradient [units],
+# weighted_sum(weights [units]) -> Σ_u weights_u · g_u per trainable variable, per-example losses, logits).
+# Backends: `vmap_unit_terms` here (the general reference) and `fastgrad.unit_terms` (per-layer rules).
+UnitTerms = tuple[tf.Tensor, Callable[[tf.Tensor], list[tf.Tensor]], tf.Tensor, tf.Tensor]
+
+
+def clipped_sum(unit_terms: UnitTerms, mask: tf.Tensor, l2_norm_clip: float, microbatch_size: int = 1):
+    """The one place per-unit gradients are clipped and masked: Σ_u mask_u · min(1, C/‖g_u‖) · g_u.
 
     `mask` is per example; a unit's weight is the mask of its first example (microbatches never hold
-    padding: the sampler only pads per-example batches). Returns (sums, per-example loss, logits).
-    """
+    padding: the sampler only pads per-example batches). Returns (sums, per-example loss, logits)."""
+    sq_norms, weighted_sum, losses, logits = unit_terms
+    weights = clip_factors(tf.sqrt(sq_norms), l2_norm_clip) * mask[::microbatch_size]
+    return weighted_sum(weights), losses, logits
+
+
+def vmap_unit_terms(model, x, y, microbatch_size: int = 1, loss_fn: LossFn = per_example_loss) -> UnitTerms:
+    """The reference backend: every unit's gradient materialized by `per_unit_gradients`."""
     grads, losses, logits = per_unit_gradients(model, x, y, microbatch_size, loss_fn)
-    unit_mask = mask[::microbatch_size]
-    weights = clip_factors(global_norms(grads), l2_norm_clip) * unit_mask
-    sums = [tf.tensordot(weights, g, axes=1) for g in grads]
-    return sums, losses, logits
+    return squared_norms(grads), lambda w: [tf.tensordot(w, g, axes=1) for g in grads], losses, logits
+
+
+def vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1,
+                              loss_fn: LossFn = per_example_loss):
+    """Σ_units mask_u · clip(g_u) for every trainable variable (`clipped_sum` of `vmap_unit_terms`).
+    Returns (sums, per-example loss, logits)."""
+    return clipped_sum(vmap_unit_terms(model, x, y, microbatch_size, loss_fn), mask, l2_norm_clip,
+                       microbatch_size)
 
 
 def gaussian_noise(variables, stddev: float, noise_seed: tf.Tensor) -> list[tf.Tensor]:
@@ -110,6 +132,15 @@ class StepSettings:
     microbatch_size: int
     denominator: float
     jit_compile: bool
+
+    def dp_event(self, sampling_rate: float):
+        """The dp-accounting event of one step of this mechanism, from the very σ and microbatch size the
+        step uses: a Gaussian with noise multiplier σ (σ/2 when a microbatch holds > 1 example: one
+        example can move its clipped microbatch by 2C) on a Poisson sample at rate `sampling_rate`."""
+        if not self.private:
+            raise ValueError("a non-private step has no DP event")
+        sigma = accounting.accounting_noise_multiplier(self.noise_multiplier, self.microbatch_size)
+        return accounting.step_event(sigma, sampling_rate)
 
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
@@ -178,6 +209,16 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
             tf.function(chunk_sum, jit_compile=s.jit_compile))
 
 
+def overflow_sums(chunk_fn, overflow: Sequence[tuple], zeros: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Σ of the clipped sums of an oversized Poisson step's overflow chunks (`chunk_fn(*args)` for each
+    `args` in `overflow`; `zeros` when there are none): the step adds them before its one noise draw,
+    so no sampled example is dropped."""
+    if not overflow:
+        return zeros
+    parts = [chunk_fn(*args) for args in overflow]
+    return [tf.add_n(list(p)) for p in zip(*parts)]
+
+
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> keras.optimizers.Optimizer:
     """'sgd', 'momentum' (SGD with `momentum`) or 'adam'. DP is kept: the optimizer only post-processes."""
     if name == "sgd":
@@ -187,21 +228,3 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> ke
     if name == "adam":
         return keras.optimizers.Adam(learning_rate)
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-def choose_gradient_path(model: keras.Model, gradient_path: str, private: bool):
-    """(grad_sum_fn, forward_fn, name) for `make_train_step`, following `training.gradient_path`.
-
-    Private: the fast per-example path when the model supports it (or `gradient_path` says so), else
-    `tf.vectorized_map`. Non-private: the plain gradient of the mean loss, through the fast path's
-    forward formulation when supported, so DP and non-private runs differ only in clipping and noise.
-    """
-    from dpsgd_cli import fastgrad
-
-    if gradient_path == "vectorized_map":
-        return (vmap_clipped_gradient_sum if private else None), None, "vectorized_map"
-    fn = fastgrad.choose_gradient_sum_fn(model, gradient_path)  # raises ConfigError for "fast" if unsupported
-    fast = fn is not vmap_clipped_gradient_sum
-    if not private:
-        return None, (fastgrad.forward if fast else None), ("fast" if fast else "keras")
-    return fn, None, ("fast" if fast else "vectorized_map")

@@ -400,14 +400,21 @@ def per_unit_norms(model, x, y, microbatch_size: int = 1, strategy: str = "auto"
     return tf.sqrt(_per_unit_terms(model, x, y, microbatch_size, strategy, formulation, loss_fn)[0])
 
 
+def unit_terms(model, x, y, microbatch_size: int = 1, strategy: str = "auto", formulation=None,
+               loss_fn: engine.LossFn = engine.per_example_loss) -> engine.UnitTerms:
+    """This backend's answer (`engine.UnitTerms`): per-unit squared norms from the per-layer rules, and
+    the weighted sum of per-unit gradients as one GEMM per layer. Requires `supports_fast_path(model)`."""
+    sq_norms, terms, losses, logits = _per_unit_terms(model, x, y, microbatch_size, strategy, formulation,
+                                                      loss_fn)
+    return sq_norms, lambda weights: _weighted_sums(model, terms, weights), losses, logits
+
+
 def _clipped_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, strategy="auto", formulation=None,
                  loss_fn: engine.LossFn = engine.per_example_loss):
     """`fast_clipped_gradient_sum` with the per-layer norm strategy: "auto" (each layer's formulation
     choice, else `_prefer_ghost`), "ghost" or "materialize" (for every layer that is not "depthwise")."""
-    sq_norms, terms, losses, logits = _per_unit_terms(model, x, y, microbatch_size, strategy, formulation,
-                                                      loss_fn)
-    weights = engine.clip_factors(tf.sqrt(sq_norms), l2_norm_clip) * mask[::microbatch_size]
-    return _weighted_sums(model, terms, weights), losses, logits
+    terms = unit_terms(model, x, y, microbatch_size, strategy, formulation, loss_fn)
+    return engine.clipped_sum(terms, mask, l2_norm_clip, microbatch_size)
 
 
 def fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, formulation=None,
@@ -429,3 +436,20 @@ def make_grad_sum_fn(formulation) -> engine.GradSumFn:
         return fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size, formulation,
                                          loss_fn=loss_fn)
     return grad_sum
+
+
+def choose_gradient_path(model: keras.Model, gradient_path: str, private: bool):
+    """(grad_sum_fn, forward_fn, name) for `engine.make_train_step` following `training.gradient_path`,
+    with this backend's default formulation (`planner` chooses measured ones).
+
+    Private: the fast per-example path when the model supports it (or `gradient_path` says so), else
+    `tf.vectorized_map`. Non-private: the plain gradient of the mean loss, through the fast path's
+    forward formulation when supported, so DP and non-private runs differ only in clipping and noise.
+    """
+    if gradient_path == "vectorized_map":
+        return (engine.vmap_clipped_gradient_sum if private else None), None, "vectorized_map"
+    fn = choose_gradient_sum_fn(model, gradient_path)  # raises ConfigError for "fast" if unsupported
+    fast = fn is not engine.vmap_clipped_gradient_sum
+    if not private:
+        return None, (forward if fast else None), ("fast" if fast else "keras")
+    return fn, None, ("fast" if fast else "vectorized_map")

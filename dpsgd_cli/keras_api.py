@@ -276,8 +276,6 @@ class DPModel(keras.Model):
             return
         self._sampler = Sampler(sampling=self.sampling, batch_size=batch_size, dataset_size=n,
                                 key=self._run_key)
-        self.ledger = accounting.PrivacyLedger(
-            accounting.accounting_noise_multiplier(self.noise_multiplier, k), batch_size / n, self.delta)
         if self.sampling == "shuffle":
             warnings.warn("sampling='shuffle': fixed-size shuffled batches; the ε reported uses the Poisson "
                           "analysis, an optimistic assumption for shuffling (Chua et al., 2024)",
@@ -299,6 +297,8 @@ class DPModel(keras.Model):
         settings = engine.StepSettings(
             private=True, noise_multiplier=self.noise_multiplier, l2_norm_clip=self.l2_norm_clip,
             microbatch_size=k, denominator=float(batch_size // k), jit_compile=jit)
+        q = batch_size / self._sampler.dataset_size
+        self.ledger = accounting.PrivacyLedger.for_event(settings.dp_event(q), self.delta)  # the step's event
         loss_fn = per_example_loss_fn(self.loss)
         self.compute_metrics(x0, y0, self.model(x0, training=False))
         self.reset_metrics()  # the metrics' variables now exist, outside any tf.function

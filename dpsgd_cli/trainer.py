@@ -50,13 +50,10 @@ def take_step(step_fn, chunk_fn, zeros, x_train: np.ndarray, y_train: np.ndarray
     no sampled example is dropped. Returns (loss sum, correct, count) over the first chunk's real
     examples (the overflow chunks' examples are trained on but not in these running statistics), and the
     step's further outputs (the first chunk's logits with `return_logits`, else an empty tuple)."""
-    import tensorflow as tf
+    from dpsgd_cli.engine import overflow_sums
 
     (idx, mask), *overflow = batch.chunks
-    extra = zeros
-    if overflow:
-        parts = [chunk_fn(x_train[j], y_train[j], m) for j, m in overflow]
-        extra = [tf.add_n(list(p)) for p in zip(*parts)]
+    extra = overflow_sums(chunk_fn, [(x_train[j], y_train[j], m) for j, m in overflow], zeros)
     out = step_fn(x_train[idx], y_train[idx], mask, extra, noise_seed)
     step_loss, step_correct, step_count = (float(v) for v in out[:3])
     if overflow:
@@ -104,8 +101,10 @@ class Trainer:
                                                              forward_fn, data=on_device)
         self.predict = tf.function(lambda x: self.model(x, training=False), jit_compile=self.jit_compile)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
-        self.ledger = accounting.PrivacyLedger(plan.accounting_noise_multiplier or 0.0, plan.sampling_rate,
-                                               cfg.privacy.delta)
+        # the ledger composes the event the engine states for the step it runs
+        self.step_event = settings.dp_event(plan.sampling_rate) if private else None
+        self.ledger = (accounting.PrivacyLedger.for_event(self.step_event, cfg.privacy.delta) if private
+                       else accounting.PrivacyLedger(0.0, plan.sampling_rate, cfg.privacy.delta))
         self.steps_done = 0
         self.fingerprint = fingerprint
         self.versions = library_versions()
@@ -116,6 +115,8 @@ class Trainer:
         `PROGRESS_EVERY` steps (for `on_step`) and at the end, so the host never waits for each step; a
         non-finite loss stops the run with TrainingError at the end of the epoch, naming the first such
         step. The ledger composes each step that ran."""
+        from dpsgd_cli.engine import overflow_sums
+
         tf = self.tf
         total = steps_in_epoch(epoch, self.cfg.data.batch_size, self.n, self.cfg.data.sampling)
         rows, pending, counts, steps = [], [], [], []
@@ -132,10 +133,8 @@ class Trainer:
 
         for i, batch in enumerate(self.sampler.epoch(epoch), start=1):
             (idx, mask), *overflow = batch.chunks
-            extra = self.zeros
+            extra = overflow_sums(self.chunk_fn, overflow, self.zeros)
             if overflow:
-                parts = [self.chunk_fn(j, m) for j, m in overflow]
-                extra = [tf.add_n(list(p)) for p in zip(*parts)]
                 counts.append((i - 1, float(mask.sum())))
             pending.append(self.step_fn(idx, mask, extra, self.key.noise_seed(batch.step)))
             self._account(1)  # the ledger composes the steps that ran, not a formula

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpsgd_cli import engine
+from dpsgd_cli import engine, fastgrad
 from dpsgd_cli.model import build_model
 
 
@@ -174,11 +174,11 @@ def test_nonprivate_step_on_the_fast_formulation_equals_the_keras_step(activatio
 
 def test_gradient_path_choice():
     model = build_model()
-    assert engine.choose_gradient_path(model, "auto", True)[2] == "fast"
-    assert engine.choose_gradient_path(model, "vectorized_map", True)[0] is engine.vmap_clipped_gradient_sum
-    grad_fn, forward_fn, name = engine.choose_gradient_path(model, "auto", False)
+    assert fastgrad.choose_gradient_path(model, "auto", True)[2] == "fast"
+    assert fastgrad.choose_gradient_path(model, "vectorized_map", True)[0] is engine.vmap_clipped_gradient_sum
+    grad_fn, forward_fn, name = fastgrad.choose_gradient_path(model, "auto", False)
     assert grad_fn is None and forward_fn is not None and name == "fast"
-    assert engine.choose_gradient_path(model, "vectorized_map", False)[1] is None
+    assert fastgrad.choose_gradient_path(model, "vectorized_map", False)[1] is None
 
 
 @pytest.mark.parametrize("path", ["vectorized_map", "fast"])
@@ -198,3 +198,16 @@ def test_overflow_chunks_add_before_the_noise_like_one_big_batch(path):
     step_fn(x[:8], y[:8], tf.ones([8]), extra, tf.constant([7, 2], tf.int64))
     split = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("microbatch_size, accounted", [(1, 1.1), (4, 0.55)])
+def test_the_step_states_its_dp_event(microbatch_size, accounted):
+    """σ as used for per-example clipping, σ/2 when a microbatch holds several examples (sensitivity 2C)."""
+    import dp_accounting
+
+    settings = _settings(noise_multiplier=1.1, microbatch_size=microbatch_size)
+    assert settings.dp_event(0.01) == dp_accounting.PoissonSampledDpEvent(
+        0.01, dp_accounting.GaussianDpEvent(accounted))
+    assert settings.dp_event(1.0) == dp_accounting.GaussianDpEvent(accounted)
+    with pytest.raises(ValueError):
+        _settings(private=False).dp_event(0.01)

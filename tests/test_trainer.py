@@ -121,7 +121,8 @@ def test_the_ledger_composes_the_steps_that_ran(data_dir, tmp_path):
         trainer.train_epoch(epoch, None)
         assert trainer.ledger.steps == len(calls) == trainer.steps_done
     assert len(calls) == 16  # ⌈2 · 256 / 32⌉
+    expected_event = dp_accounting.PoissonSampledDpEvent(BATCH / 256, dp_accounting.GaussianDpEvent(SIGMA))
+    assert trainer.step_event == expected_event  # the engine states the event of the step it runs
     rdp = dp_accounting.rdp.RdpAccountant()
-    rdp.compose(dp_accounting.PoissonSampledDpEvent(BATCH / 256, dp_accounting.GaussianDpEvent(SIGMA)),
-                len(calls))
+    rdp.compose(expected_event, len(calls))
     assert trainer.ledger.epsilon("rdp") == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-9)
