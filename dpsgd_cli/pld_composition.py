@@ -208,8 +208,9 @@ class PldComposer:
         sigma = self.noise_multiplier / math.sqrt(steps)
         bins = _gaussian_pld_bins(sigma, 1.0)
         if bins > PLD_MAX_STEP_BINS:
-            many = f"{steps:,} full-batch step" + ("s" if steps > 1 else "")
-            raise PldTooLargeError(f"{many} at σ = {self.noise_multiplier:g} compose to "
+            many = f"{steps:,} full-batch steps" if steps > 1 else "1 full-batch step"
+            verb = "compose to" if steps > 1 else "is"
+            raise PldTooLargeError(f"{many} at σ = {self.noise_multiplier:g} {verb} "
                                    f"one Gaussian with σ/√steps = {sigma:.3g}, whose PLD would need "
                                    f"{bins:,.0f} bins (more than {PLD_MAX_STEP_BINS:,}): too little noise "
                                    "for the PLD accountant; use the RDP accountant")
