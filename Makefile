@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DPSGD := $(BIN)/dpsgd
 
-.PHONY: help install test lint quickstart bench bench-accounting
+.PHONY: help install test test-fast lint quickstart bench bench-accounting
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -17,6 +17,10 @@ install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hy
 test:  ## run the test suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+test-fast:  ## ruff + every test that trains no model (pytest -m "not slow"): feedback in about two minutes
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not slow"
 
 lint:  ## ruff
 	$(BIN)/ruff check .

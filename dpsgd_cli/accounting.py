@@ -8,23 +8,43 @@ accounted as a Gaussian with noise multiplier σ/2.
 Two accountants, both giving dp-accounting's numbers (tests check them against `RdpAccountant` and
 `PLDAccountant` called on the same event):
 
-* RDP: dp-accounting's `RdpAccountant` (default orders, add/remove-one adjacency), composed
-  incrementally for a curve. It is imported through `dp_library`, without the rest of dp-accounting
+* RDP: dp-accounting's `RdpAccountant` (default orders, add/remove-one adjacency): the RDP of one step is
+  computed once and multiplied by the step count, as the accountant composes k identical steps, so a curve
+  costs one RDP computation. It is imported through `dp_library`, without the rest of dp-accounting
   (whose PLD modules take 1.4–2.2 s to import on a 2-core machine).
 * PLD: dp-accounting's privacy loss distribution of one step, composed by `pld_composition`.
+
+The accountants take σ in [NOISE_MULTIPLIER_MIN, NOISE_MULTIPLIER_MAX] (or σ = 0: ε = ∞) and at most
+MAX_STEPS steps; outside that their floating-point arithmetic breaks down (σ² underflows or overflows, the
+rounding of each step's privacy loss adds up over the steps) and they would crash or report a wrong ε,
+such as 0 for σ = 1e-160. Such inputs raise `AccountingInputError`, a ValueError that names the input.
 
 Calibration of σ for a target ε is in `calibration`; the guarantee in words in `privacy_statement`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from dpsgd_cli.dp_library import dp_module
-from dpsgd_cli.pld_composition import PLD_DISCRETIZATION, PldComposer, PldTooLargeError, pld_composer
+from dpsgd_cli.errors import AccountingInputError
+from dpsgd_cli.pld_composition import (
+    PLD_DISCRETIZATION,
+    PLD_MAX_CURVE_WORK,
+    PLD_TAIL_MASS,
+    PldComposer,
+    PldTooLargeError,
+    pld_composer,
+)
 
 ACCOUNTANTS = ("rdp", "pld")
+NOISE_MULTIPLIER_MIN = 1e-4  # less noise: ε is astronomical (≈ 10⁷ or more per step) and σ² soon underflows
+NOISE_MULTIPLIER_MAX = 1e6  # more noise is never needed, and the RDP of a step falls below rounding error
+MAX_STEPS = 10**9  # more steps: the rounding error of one step's RDP (≈ 1e-16) times the steps starts to show
 
 
 def accounting_noise_multiplier(noise_multiplier: float, microbatch_size: int) -> float:
@@ -33,19 +53,51 @@ def accounting_noise_multiplier(noise_multiplier: float, microbatch_size: int) -
 
 
 def check_args(noise_multiplier: float, sampling_rate: float, delta: float) -> None:
-    """ValueError unless σ ≥ 0, q in (0, 1] and δ in (0, 1)."""
+    """AccountingInputError (a ValueError) unless σ = 0 or NOISE_MULTIPLIER_MIN ≤ σ ≤ NOISE_MULTIPLIER_MAX,
+    q in (0, 1] and δ in (0, 1)."""
     if not noise_multiplier >= 0:
-        raise ValueError(f"noise multiplier must be ≥ 0, got {noise_multiplier}")
+        raise AccountingInputError(f"noise multiplier must be ≥ 0, got {noise_multiplier}",
+                                   "noise_multiplier")
+    if 0 < noise_multiplier < NOISE_MULTIPLIER_MIN:
+        raise AccountingInputError(
+            f"σ = {noise_multiplier:g} is below {NOISE_MULTIPLIER_MIN:g}, the least noise the accountants "
+            f"take: ε is astronomical there (over 10⁷ per step), and below it their arithmetic breaks down",
+            "noise_multiplier")
+    if noise_multiplier > NOISE_MULTIPLIER_MAX:
+        raise AccountingInputError(
+            f"σ = {noise_multiplier:g} is above {NOISE_MULTIPLIER_MAX:g}, the most noise the accountants "
+            "take (more is never needed; beyond it one step's privacy loss falls below their rounding error)",
+            "noise_multiplier")
     if not 0 < sampling_rate <= 1:
-        raise ValueError(f"sampling rate must be in (0, 1], got {sampling_rate}")
+        raise AccountingInputError(f"sampling rate must be in (0, 1], got {sampling_rate}", "sampling_rate")
     if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+        raise AccountingInputError(f"delta must be in (0, 1), got {delta}", "delta")
+
+
+def check_steps(steps: int) -> None:
+    """AccountingInputError unless 0 ≤ steps ≤ MAX_STEPS."""
+    if not 0 <= steps <= MAX_STEPS:
+        if steps < 0:
+            raise AccountingInputError(f"steps must be ≥ 0, got {steps}", "steps")
+        raise AccountingInputError(
+            f"{steps:,} steps are more than the {MAX_STEPS:,} the accountants take (beyond that the rounding "
+            "error of each step's privacy loss adds up)", "steps")
 
 
 def check_accountant(accountant: str) -> None:
-    """ValueError unless `accountant` is one of ACCOUNTANTS."""
+    """AccountingInputError unless `accountant` is one of ACCOUNTANTS."""
     if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        raise AccountingInputError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}",
+                                   "accountant")
+
+
+def check_pld_delta(delta: float) -> None:
+    """AccountingInputError unless δ is above the tail mass the PLD accountant counts as infinite loss (at or
+    below it, its ε is ∞ whatever the noise)."""
+    if not delta > PLD_TAIL_MASS:
+        raise AccountingInputError(
+            f"δ = {delta:g} is not above {PLD_TAIL_MASS:g}, the probability the PLD accountant sets aside as "
+            "infinite privacy loss, so its ε would be ∞; give a larger δ or use the RDP accountant", "delta")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,23 +133,65 @@ def make_accountant(accountant: str):
 # RDP: dp-accounting's RdpAccountant (composition is exact addition of Rényi divergences)
 
 
+class _UnconvergedOrders(logging.Filter):
+    """Drops dp-accounting's warning that the series of a fractional RDP order did not converge: that order
+    is then left out of the ε (an upper bound either way), nothing for the user to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_unconverged_warnings() -> Iterator[None]:
+    log, quiet = logging.getLogger("absl"), _UnconvergedOrders()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+@functools.lru_cache(maxsize=32)
+def _rdp_of_one_step(noise_multiplier: float, sampling_rate: float):
+    """(orders, RDP of one step at each order) by dp-accounting's RdpAccountant.
+
+    An order whose RDP comes out below zero is set to ∞, i.e. left out, as dp-accounting leaves out orders
+    whose series does not converge: the true RDP is ≥ 0, and a negative one is rounding error (tiny q, or
+    σ²/q beyond 1e16), from which dp-accounting's `compute_epsilon` would report ε = 0."""
+    import numpy as np
+
+    acc = make_accountant("rdp")
+    with _without_unconverged_warnings():
+        acc.compose(step_event(noise_multiplier, sampling_rate))
+    # RdpAccountant keeps its orders and RDP as private attributes; the tests pin that k·(this) is its ε.
+    rdp = np.array(acc._rdp, dtype=np.float64)
+    rdp[rdp < 0] = np.inf
+    return np.array(acc._orders), rdp
+
+
 def _rdp_epsilons(noise_multiplier: float, sampling_rate: float, steps: Sequence[int],
                   delta: float) -> list[float]:
-    """ε by dp-accounting's RdpAccountant after each entry of `steps` (composed incrementally)."""
-    acc = make_accountant("rdp")
-    done, found = 0, {}
-    for k in sorted(set(steps)):
-        if k > done:
-            acc.compose(training_event(noise_multiplier, sampling_rate, k - done))
-            done = k
-        found[k] = 0.0 if k == 0 else float(acc.get_epsilon(delta))
+    """ε by dp-accounting's RdpAccountant after each entry of `steps`: k identical steps have k times the
+    RDP of one (what `RdpAccountant.compose` of a self-composed event adds), converted by its
+    `compute_epsilon`."""
+    orders, per_step = _rdp_of_one_step(noise_multiplier, sampling_rate)
+    compute_epsilon = dp_module("rdp").compute_epsilon
+    found = {k: 0.0 if k == 0 else float(compute_epsilon(orders, k * per_step, delta)[0]) for k in set(steps)}
     return [found[k] for k in steps]
 
 
 def _pld_epsilons(noise_multiplier: float, sampling_rate: float, steps: Sequence[int],
                   delta: float) -> list[float]:
     composer = pld_composer(noise_multiplier, sampling_rate)
-    composer.reserve(max(steps))
+    top = max(steps)
+    composer.reserve(top)
+    points = len({k for k in steps if k > 0})
+    cost = composer.point_cost(top)
+    if points > 1 and points * cost > PLD_MAX_CURVE_WORK:
+        raise PldTooLargeError(
+            f"a PLD curve of {points:,} points over up to {cost:,} bins each is more work than the "
+            f"{PLD_MAX_CURVE_WORK:,} bins the PLD accountant takes for one curve; ask for fewer points, or "
+            "use the RDP accountant for the curve", "curve")
     return [composer.epsilon(k, delta) for k in steps]
 
 
@@ -113,8 +207,10 @@ def epsilon_curve(noise_multiplier: float, sampling_rate: float, steps: Sequence
     check_args(noise_multiplier, sampling_rate, delta)
     check_accountant(accountant)
     steps = [int(k) for k in steps]
-    if any(k < 0 for k in steps):
-        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    for k in steps:
+        check_steps(k)
+    if accountant == "pld":
+        check_pld_delta(delta)
     if not steps:
         return []
     if noise_multiplier == 0:

@@ -1,21 +1,26 @@
 """The smallest noise multiplier σ that keeps ε within a budget.
 
-dp-accounting's `calibrate_dp_mechanism` (a bracket search, then Brent's method on ε(σ) − target) runs
-over the very ε `accounting.epsilon` reports: RDP by dp-accounting's `RdpAccountant`, PLD by
-`pld_composition`. Each σ's ε is computed once and cached — the bracket search, Brent's method and the
-final feasibility check ask for some σ more than once, and each RDP ε costs about 50 ms.
+dp-accounting's `calibrate_dp_mechanism` (Brent's method on ε(σ) − target) runs over the very ε
+`accounting.epsilon` reports: RDP by dp-accounting's `RdpAccountant`, PLD by `pld_composition`. Its bracket
+is searched here, within the σ the accountants take ([NOISE_MULTIPLIER_MIN, NOISE_MULTIPLIER_MAX]): a
+target that even the least noise meets, or that even the most noise misses, is an `AccountingInputError`
+saying so, where dp-accounting's own search would give up with NoBracketIntervalFoundError. Each σ's ε is
+computed once and cached — the bracket search, Brent's method and the final feasibility check ask for
+some σ more than once.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 from dpsgd_cli import accounting
+from dpsgd_cli.accounting import NOISE_MULTIPLIER_MAX, NOISE_MULTIPLIER_MIN
 from dpsgd_cli.dp_library import dp_module
-from dpsgd_cli.pld_composition import PldTooLargeError
+from dpsgd_cli.errors import AccountingInputError
 
-CALIBRATION_RTOL = 1e-5  # calibrated σ is within this relative distance above the smallest valid σ (σ ≥ 0.25)
+CALIBRATION_RTOL = 1e-5  # calibrated σ is within this relative distance above the smallest valid σ
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
@@ -23,16 +28,20 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rat
     """Smallest σ (the one training uses) whose ε after `steps` steps at δ is ≤ `target_epsilon`.
 
     The returned σ has ε ≤ the target as `accounting.epsilon` computes it, and is within CALIBRATION_RTOL
-    relative (2.5e-6 absolute for σ < 0.25) above the smallest such σ. PLD is bracketed by the RDP answer
-    (PLD's ε is the tighter bound, so its σ is smaller). For microbatches of > 1 example the accountant
-    sees σ/2, so the returned σ is twice the accounting σ.
+    relative above the smallest such σ. PLD is bracketed by the RDP answer (PLD's ε is the tighter bound,
+    so its σ is usually smaller). For microbatches of > 1 example the accountant sees σ/2, so the returned
+    σ is twice the accounting σ. AccountingInputError (a ValueError naming the input) for inputs the
+    accountants do not take and for targets no σ they take can meet.
     """
     accounting.check_args(1.0, sampling_rate, delta)
     accounting.check_accountant(accountant)
     if not 0 < target_epsilon < math.inf:
-        raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
+        raise AccountingInputError(f"target epsilon must be > 0, got {target_epsilon}", "target_epsilon")
     if steps <= 0:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
+        raise AccountingInputError(f"steps must be ≥ 1, got {steps}", "steps")
+    accounting.check_steps(steps)
+    if accountant == "pld":
+        accounting.check_pld_delta(delta)
     factor = 2.0 if microbatch_size > 1 else 1.0
     sigma = _calibrate(float(target_epsilon), float(delta), float(sampling_rate), int(steps), accountant)
     return sigma * factor
@@ -41,9 +50,10 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rat
 @functools.lru_cache(maxsize=32)
 def _calibrate(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
                accountant: str) -> float:
-    sigma = _calibrate_rdp(target_epsilon, delta, sampling_rate, steps)
-    if accountant == "pld":
-        sigma = _calibrate_pld(target_epsilon, delta, sampling_rate, steps, sigma)
+    sigma = _calibrate_one("rdp", target_epsilon, delta, sampling_rate, steps, guess=1.0, first_step=2.0)
+    if accountant == "pld":  # PLD needs less noise than RDP, usually 80-95%: first look just below it
+        sigma = _calibrate_one("pld", target_epsilon, delta, sampling_rate, steps, guess=sigma,
+                               first_step=1 / 0.7)
     return sigma
 
 
@@ -70,54 +80,68 @@ class _EpsilonOfSigma:
         return _epsilon_at(self.sigma, self.sampling_rate, self.steps, delta, self.accountant)
 
 
-def _search(accountant: str, target: float, delta: float, sampling_rate: float, steps: int, bracket,
-            tol: float) -> float:
+def _calibrate_one(accountant: str, target: float, delta: float, sampling_rate: float, steps: int, *,
+                   guess: float, first_step: float) -> float:
+    """Smallest σ with ε ≤ target by `accountant`: bracket, Brent's method, then nudged to be feasible."""
+    def eps(sigma: float) -> float:
+        return _epsilon_at(sigma, sampling_rate, steps, delta, accountant)
+
+    low, high = _bracket(eps, target, guess, first_step, accountant)
     calibration = dp_module("mechanism_calibration")
     try:
-        return float(calibration.calibrate_dp_mechanism(
-            lambda: _EpsilonOfSigma(accountant, sampling_rate, steps), lambda sigma: sigma, target, delta,
-            bracket_interval=bracket, tol=tol))
+        sigma = float(calibration.calibrate_dp_mechanism(
+            lambda: _EpsilonOfSigma(accountant, sampling_rate, steps), lambda s: s, target, delta,
+            bracket_interval=calibration.ExplicitBracketInterval(low, high), tol=CALIBRATION_RTOL / 4 * low))
     except ValueError as exc:  # calibrate_dp_mechanism re-raises errors inside brentq as ValueError
-        if isinstance(exc.__cause__, PldTooLargeError):
+        if isinstance(exc.__cause__, AccountingInputError):
             raise exc.__cause__ from None
         raise
+    return _feasible(eps, sigma, target)
 
 
-def _feasible(accountant: str, sigma: float, target: float, delta: float, sampling_rate: float,
-              steps: int) -> float:
+def _bracket(eps: Callable[[float], float], target: float, guess: float, first_step: float,
+             accountant: str) -> tuple[float, float]:
+    """(low, high) within [NOISE_MULTIPLIER_MIN, NOISE_MULTIPLIER_MAX], high ≤ 2·low, with ε(low) > target
+    ≥ ε(high) (ε falls as σ grows). From `guess` the search steps by `first_step`, squaring the step each
+    time (so the whole range is crossed in about ten ε), then halves the bracket in log scale."""
+    guess = min(max(guess, NOISE_MULTIPLIER_MIN), NOISE_MULTIPLIER_MAX)
+    step = first_step
+    if eps(guess) > target:  # more noise needed
+        low = guess
+        while True:
+            if low >= NOISE_MULTIPLIER_MAX:
+                raise AccountingInputError(
+                    f"ε = {target:g} is out of reach: even σ = {NOISE_MULTIPLIER_MAX:g}, the most noise the "
+                    f"accountants take, gives ε = {eps(low):.3g} ({accountant.upper()}); allow a larger ε",
+                    "target_epsilon")
+            high = min(low * step, NOISE_MULTIPLIER_MAX)
+            if eps(high) <= target:
+                break
+            low, step = high, step * step
+    else:  # the guess is enough: is less noise?
+        high = guess
+        while True:
+            if high <= NOISE_MULTIPLIER_MIN:
+                raise AccountingInputError(
+                    f"ε = {target:g} is so large that even σ = {NOISE_MULTIPLIER_MIN:g}, the least noise the "
+                    f"accountants take, stays within it (ε = {eps(high):.3g}, {accountant.upper()}): a "
+                    "budget that large protects nothing; ask for a smaller ε", "target_epsilon")
+            low = max(high / step, NOISE_MULTIPLIER_MIN)
+            if eps(low) > target:
+                break
+            high, step = low, step * step
+    while high > 2 * low:
+        middle = math.sqrt(low * high)
+        if eps(middle) > target:
+            low = middle
+        else:
+            high = middle
+    return low, high
+
+
+def _feasible(eps: Callable[[float], float], sigma: float, target: float) -> float:
     """σ, nudged up until its ε ≤ target (Brent's method stops within `tol` of the root, either side)."""
-    step = CALIBRATION_RTOL * max(sigma, 0.25) / 4
-    while _epsilon_at(sigma, sampling_rate, steps, delta, accountant) > target:
+    step = CALIBRATION_RTOL * sigma / 4
+    while eps(sigma) > target:
         sigma += step
     return sigma
-
-
-def _calibrate_rdp(target: float, delta: float, sampling_rate: float, steps: int) -> float:
-    """Smallest σ with RDP ε ≤ target."""
-    calibration = dp_module("mechanism_calibration")
-    try:
-        sigma = _search("rdp", target, delta, sampling_rate, steps,
-                        calibration.LowerEndpointAndGuess(1e-4, 1.0), tol=CALIBRATION_RTOL / 4)
-    except ValueError as exc:
-        raise ValueError(f"cannot calibrate σ for ε ≤ {target}: {exc}") from None
-    return _feasible("rdp", sigma, target, delta, sampling_rate, steps)
-
-
-def _calibrate_pld(target: float, delta: float, sampling_rate: float, steps: int, sigma_rdp: float) -> float:
-    """Smallest σ with PLD ε ≤ target, searched below `sigma_rdp` (which satisfies it)."""
-    calibration = dp_module("mechanism_calibration")
-    tol = CALIBRATION_RTOL * sigma_rdp / 2
-    sigma = None
-    for low in (0.7 * sigma_rdp, 0.25 * sigma_rdp):  # PLD needs less noise than RDP, usually 80-95%
-        try:
-            sigma = _search("pld", target, delta, sampling_rate, steps,
-                            calibration.ExplicitBracketInterval(low, sigma_rdp), tol)
-            break
-        except PldTooLargeError:
-            raise
-        except ValueError:  # did not bracket the answer
-            continue
-    if sigma is None:
-        sigma = _search("pld", target, delta, sampling_rate, steps,
-                        calibration.LowerEndpointAndGuess(1e-3, sigma_rdp), tol)
-    return _feasible("pld", sigma, target, delta, sampling_rate, steps)

@@ -29,3 +29,15 @@ class OutputError(DpsgdError):
     """Writing results failed (I/O)."""
 
     exit_code = 1
+
+
+class AccountingInputError(ConfigError, ValueError):
+    """A privacy-accounting input outside what the accountants compute reliably (σ, q, steps, δ, a target ε),
+    or too large a job for the accountant asked. Also a ValueError, as the accountants' argument checks
+    always were. `parameter` says which input it is ("noise_multiplier", "sampling_rate", "steps", "delta",
+    "target_epsilon", "accountant", "curve"), so that the CLI can name the option or config key it came
+    from."""
+
+    def __init__(self, message: str, parameter: str):
+        super().__init__(message)
+        self.parameter = parameter

@@ -17,15 +17,22 @@ import functools
 import math
 
 from dpsgd_cli.dp_library import dp_module
+from dpsgd_cli.errors import AccountingInputError
 
 PLD_DISCRETIZATION = 1e-4  # value_discretization_interval of the PLD (dp-accounting's default)
 PLD_TAIL_MASS = 1e-15  # mass a composition may move to infinite loss (dp-accounting's default)
 PLD_MAX_STEP_BINS = 1_000_000  # one step's PLD larger than this takes too long to build (σ very small)
 PLD_MAX_BINS = 1 << 22  # compositions wider than this would take too much memory (σ very small)
+PLD_MAX_CURVE_WORK = 200_000_000  # points × bins of one ε curve: each point is an inverse FFT (≈ 20 s here)
 
 
-class PldTooLargeError(ValueError):
-    """The PLD at this σ would be too large to compute (σ so small that ε is huge anyway)."""
+class PldTooLargeError(AccountingInputError):
+    """The PLD at this σ, after this many steps, would be too large to compute: too little noise or too many
+    steps for the PLD accountant (only the RDP accountant answers there; ε is huge anyway when σ is that
+    small). `parameter` is "accountant", or "curve" when only the number of curve points is too large."""
+
+    def __init__(self, message: str, parameter: str = "accountant"):
+        super().__init__(message, parameter)
 
 
 class PmfPowers:
@@ -74,18 +81,18 @@ class PmfPowers:
     def reserve(self, k: int) -> None:
         """Size the transform for compositions of up to k steps."""
         lower, upper = self.bounds(k)
-        self._resize(upper - lower + 1)
+        self._resize(upper - lower + 1, k)
 
-    def _resize(self, width: int) -> None:
+    def _resize(self, width: int, k: int) -> None:
         from scipy import fft
 
         length = fft.next_fast_len(max(width, len(self.probs)), real=True)
         if length <= self._length:
             return
         if length > PLD_MAX_BINS:
-            raise PldTooLargeError(f"the composed PLD would need {length:,} bins (more than "
-                                   f"{PLD_MAX_BINS:,}): too little noise for the PLD accountant; use the RDP "
-                                   "accountant")
+            raise PldTooLargeError(f"the PLD composed over {k:,} steps would need {length:,} bins (more than "
+                                   f"{PLD_MAX_BINS:,}): too little noise for that many steps for the PLD "
+                                   "accountant; use the RDP accountant")
         self._length = length
         self._spectrum = fft.rfft(self.probs, length)
         self._power, self._count, self._step_powers = None, 0, {}
@@ -98,7 +105,7 @@ class PmfPowers:
         lower, upper = self.bounds(k)
         width = upper - lower + 1
         if width > self._length:
-            self._resize(2 * width)
+            self._resize(2 * width, k)
         if self._power is None or k < self._count:
             self._power = self._spectrum**k
         elif k > self._count:
@@ -180,9 +187,33 @@ class PldComposer:
         self._powers = [PmfPowers(p) for p in pmfs]
 
     def reserve(self, steps: int) -> None:
-        if not self._full_batch:
-            for p in self._powers:
-                p.reserve(steps)
+        """Prepare for compositions of up to `steps` steps; PldTooLargeError if they would be too large."""
+        if self._full_batch:
+            if steps > 0:
+                self._check_full_batch(steps)
+            return
+        for p in self._powers:
+            p.reserve(steps)
+
+    def point_cost(self, steps: int) -> int:
+        """Bins one ε after up to `steps` steps works through (after `reserve(steps)`): the transform length
+        of each composed pmf, or for full batches the bins of the Gaussian PLD built for each point."""
+        if self._full_batch:
+            return math.ceil(_gaussian_pld_bins(self.noise_multiplier / math.sqrt(max(steps, 1)), 1.0))
+        return sum(p._length for p in self._powers)
+
+    def _check_full_batch(self, steps: int) -> None:
+        """k full-batch steps are one Gaussian with σ/√k, whose PLD grows as √k/σ: refuse it before it is
+        built (at σ/√k = 0.03 it would already take tens of seconds and gigabytes)."""
+        sigma = self.noise_multiplier / math.sqrt(steps)
+        bins = _gaussian_pld_bins(sigma, 1.0)
+        if bins > PLD_MAX_STEP_BINS:
+            many = f"{steps:,} full-batch steps" if steps > 1 else "1 full-batch step"
+            verb = "compose to" if steps > 1 else "is"
+            raise PldTooLargeError(f"{many} at σ = {self.noise_multiplier:g} {verb} "
+                                   f"one Gaussian with σ/√steps = {sigma:.3g}, whose PLD would need "
+                                   f"{bins:,.0f} bins (more than {PLD_MAX_STEP_BINS:,}): too little noise "
+                                   "for the PLD accountant; use the RDP accountant")
 
     def epsilon(self, steps: int, delta: float) -> float:
         if steps == 0:
@@ -191,6 +222,7 @@ class PldComposer:
             # k Gaussian steps are one Gaussian with σ/√k: dp-accounting's PLDAccountant does the same.
             from dp_accounting import pld
 
+            self._check_full_batch(steps)
             events = dp_module("dp_event")
             acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
             acc.compose(events.SelfComposedDpEvent(events.GaussianDpEvent(self.noise_multiplier), steps))
@@ -198,19 +230,27 @@ class PldComposer:
         return max(p.epsilon(steps, delta) for p in self._powers)
 
 
-def check_pld_size(noise_multiplier: float, sampling_rate: float) -> None:
-    """Refuse, before building it, a step PLD with more than PLD_MAX_STEP_BINS bins (the range of the
-    privacy loss dp-accounting's connect-the-dots would discretize)."""
+def _gaussian_pld_bins(noise_multiplier: float, sampling_rate: float) -> float:
+    """Bins of the PLD dp-accounting's connect-the-dots would build for one (σ, q) Gaussian step: the range
+    of its privacy loss over the discretization, the larger of the two adjacencies."""
     from dp_accounting.pld import privacy_loss_mechanism as plm
 
+    bins = 0.0
     for adjacency in (plm.AdjacencyType.REMOVE, plm.AdjacencyType.ADD):
         bounds = plm.GaussianPrivacyLoss(noise_multiplier, sampling_prob=sampling_rate,
                                          adjacency_type=adjacency).connect_dots_bounds()
-        bins = (bounds.epsilon_upper - bounds.epsilon_lower) / PLD_DISCRETIZATION
-        if bins > PLD_MAX_STEP_BINS:
-            raise PldTooLargeError(f"σ = {noise_multiplier:g} at q = {sampling_rate:.6g} is too little noise "
-                                   "for the PLD accountant (one step's PLD alone would need "
-                                   f"{bins:,.0f} bins); use the RDP accountant")
+        bins = max(bins, (bounds.epsilon_upper - bounds.epsilon_lower) / PLD_DISCRETIZATION)
+    return bins
+
+
+def check_pld_size(noise_multiplier: float, sampling_rate: float) -> None:
+    """Refuse, before building it, a step PLD with more than PLD_MAX_STEP_BINS bins (the range of the
+    privacy loss dp-accounting's connect-the-dots would discretize)."""
+    bins = _gaussian_pld_bins(noise_multiplier, sampling_rate)
+    if bins > PLD_MAX_STEP_BINS:
+        raise PldTooLargeError(f"σ = {noise_multiplier:g} at q = {sampling_rate:.6g} is too little noise "
+                               "for the PLD accountant (one step's PLD alone would need "
+                               f"{bins:,.0f} bins); use the RDP accountant")
 
 
 @functools.lru_cache(maxsize=4)

@@ -11,8 +11,14 @@ from dataclasses import dataclass
 from dpsgd_cli import accounting
 from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.config import ExperimentConfig, microbatch_size
-from dpsgd_cli.errors import ConfigError
+from dpsgd_cli.errors import AccountingInputError, ConfigError
+from dpsgd_cli.pld_composition import PldTooLargeError
 from dpsgd_cli.sampling import steps_after_epochs
+
+# The config key each accounting input comes from (AccountingInputError.parameter → key).
+CONFIG_KEYS = {"noise_multiplier": "privacy.noise_multiplier", "sampling_rate": "data.batch_size",
+               "steps": "training.epochs", "delta": "privacy.delta",
+               "target_epsilon": "privacy.target_epsilon"}
 
 
 @dataclass(frozen=True)
@@ -36,17 +42,34 @@ def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
     b, n = cfg.data.batch_size, dataset_size + cfg.privacy.canaries
     if b > n:
         raise ConfigError(f"data.batch_size: {b} is larger than the {n} training examples")
-    total = steps_after_epochs(cfg.training.epochs, b, n, cfg.data.sampling)
+    epochs, limit = cfg.training.epochs, accounting.MAX_STEPS
+    if epochs > limit:  # every epoch is at least one step; refused before E·n/B can overflow
+        raise ConfigError(f"training.epochs: {epochs:,} epochs are more than the {limit:,} steps the "
+                          "accountants take")
+    total = steps_after_epochs(epochs, b, n, cfg.data.sampling)
+    if total > limit:
+        raise ConfigError(f"training.epochs: {epochs:,} epochs are {total:,} steps, more than the {limit:,} "
+                          "the accountants take")
     k = microbatch_size(cfg)
     sigma = cfg.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
-    if cfg.privacy.enabled and sigma is None:
-        target = cfg.privacy.target_epsilon
-        try:
-            sigma = calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total,
-                                                          accountant="pld", microbatch_size=k)
-        except (ArithmeticError, MemoryError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"privacy.target_epsilon: cannot calibrate σ for ε = {target:g} over {total} "
-                              f"steps ({exc.__class__.__name__}); give privacy.noise_multiplier instead") \
-                from None
+    target = cfg.privacy.target_epsilon
+    try:
+        if cfg.privacy.enabled and sigma is None:
+            sigma = calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total, accountant="pld",
+                                               microbatch_size=k)
+        if cfg.privacy.enabled:
+            accounting.check_args(accounting.accounting_noise_multiplier(sigma, k), b / n, cfg.privacy.delta)
+    except PldTooLargeError:  # only calibration uses the PLD accountant here
+        raise ConfigError(f"privacy.target_epsilon: ε = {target:g} over {total:,} steps needs so little "
+                          "noise that the PLD accountant, which calibrates σ for a run, cannot compute it; "
+                          "ask for a smaller ε, or give privacy.noise_multiplier instead") from None
+    except AccountingInputError as exc:
+        raise config_error(exc) from None
     sigma = 0.0 if sigma is None else sigma
     return PrivacyPlan(sigma, accounting.accounting_noise_multiplier(sigma, k), b / n, total, k, n)
+
+
+def config_error(exc: AccountingInputError) -> ConfigError:
+    """The accountants' complaint about an input, as a ConfigError that names the config key it came from."""
+    key = CONFIG_KEYS.get(exc.parameter)
+    return ConfigError(f"{key}: {exc}" if key else str(exc))

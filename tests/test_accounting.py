@@ -4,15 +4,25 @@ and the statement have their own test files)."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from dpsgd_cli import pld_composition
-from dpsgd_cli.accounting import PrivacyLedger, accounting_noise_multiplier, epsilon, epsilon_curve
+from dpsgd_cli import accounting, pld_composition
+from dpsgd_cli.accounting import (
+    MAX_STEPS,
+    NOISE_MULTIPLIER_MAX,
+    NOISE_MULTIPLIER_MIN,
+    PrivacyLedger,
+    accounting_noise_multiplier,
+    epsilon,
+    epsilon_curve,
+)
 from dpsgd_cli.calibration import calibrate_noise_multiplier
+from dpsgd_cli.errors import AccountingInputError
 
 REL = 1e-6  # what the issue asks; the agreement is in fact ~1e-9 or better
 
@@ -132,3 +142,39 @@ def test_ledger_matches_epsilon_epoch_by_epoch():
     silent = PrivacyLedger(0.0, q, delta)
     silent.advance(3)
     assert math.isinf(silent.epsilon("rdp")) and math.isinf(silent.epsilon("pld"))
+
+
+@pytest.mark.parametrize("args, parameter", [
+    ((1e-300, 0.5, 2, 1e-5, "rdp"), "noise_multiplier"),  # was ZeroDivisionError in dp-accounting
+    ((1e-160, 0.5, 2, 1e-5, "rdp"), "noise_multiplier"),  # was ε = 0: σ² underflows
+    ((1e300, 0.5, 2, 1e-5, "rdp"), "noise_multiplier"),  # was OverflowError
+    ((math.inf, 0.5, 2, 1e-5, "pld"), "noise_multiplier"),
+    ((1.0, 0.5, 10**9 + 1, 1e-5, "rdp"), "steps"),
+    ((1.0, 0.5, 100, 1e-20, "pld"), "delta"),  # at or below the PLD's tail mass ε is ∞
+    ((1.0, 1.0, 1000, 1e-5, "pld"), "accountant"),  # full batch: σ/√k = 0.03 took minutes and gigabytes
+    ((0.0001, 1.0, 1, 1e-5, "pld"), "accountant"),  # was MemoryError
+])
+def test_inputs_the_accountants_cannot_compute_are_refused_with_their_name(args, parameter):
+    with pytest.raises(AccountingInputError) as refused:
+        epsilon(*args)
+    assert refused.value.parameter == parameter and isinstance(refused.value, ValueError)
+
+
+def test_the_edges_of_the_range_are_computed():
+    assert epsilon(NOISE_MULTIPLIER_MIN, 0.5, 2, 1e-5) > 1e7
+    assert 0.0 <= epsilon(NOISE_MULTIPLIER_MAX, 1.0, MAX_STEPS, 1e-5) < 1.0
+
+
+def test_orders_whose_rdp_rounds_below_zero_are_left_out_not_read_as_epsilon_zero(caplog):
+    """At q = 1e-9 and σ = 1e3 dp-accounting computes some orders' RDP below zero (rounding) and then
+    reports ε = 0 with a warning; those orders are left out instead (as it leaves out orders whose series
+    does not converge), which gives the bound the other orders prove. Nothing is logged."""
+    sigma, q, steps, delta = 1e3, 1e-9, 1000, 1e-20
+    caplog.set_level(logging.WARNING)
+    assert library_epsilon(sigma, q, steps, delta, "rdp") == 0.0
+    assert "Negative Renyi divergence" in caplog.text
+    caplog.clear()
+    accounting._rdp_of_one_step.cache_clear()
+    assert epsilon(sigma, q, steps, delta) > 0.0
+    assert epsilon(0.3, 0.05, 200, 1e-5) > 0.0  # some fractional orders do not converge: dropped quietly
+    assert caplog.text == ""

@@ -61,6 +61,7 @@ def noisy_run(data_dir, tmp_path_factory):
                   "training.epochs=2", "training.learning_rate=0.005", "privacy.canaries=64")
 
 
+@pytest.mark.slow
 def test_overfit_nonprivate_model_leaks_membership(overfit_run):
     report = audit.audit_run(overfit_run)
     mia = report.summary["membership_inference"]
@@ -75,6 +76,7 @@ def test_overfit_nonprivate_model_leaks_membership(overfit_run):
     assert "canary_audit" not in report.summary and report.canary_scores is None
 
 
+@pytest.mark.slow
 def test_large_sigma_canary_bound_stays_below_the_accountant(noisy_run):
     report = audit.audit_run(noisy_run)
     s = report.summary
@@ -123,6 +125,7 @@ def test_the_canary_audit_notices_missing_noise(data_dir, tmp_path, monkeypatch,
         assert s["verdict"].split("; ")[0] == f"{bound} ≤ accountant ε {eps:.3g}"
 
 
+@pytest.mark.slow
 def test_audit_json_is_written_atomically_and_strict(overfit_run):
     report = audit.audit_run(overfit_run)
     path = audit.write_audit(report, overfit_run)
@@ -131,6 +134,7 @@ def test_audit_json_is_written_atomically_and_strict(overfit_run):
     assert not list(overfit_run.glob(".audit.json.*"))
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_json_and_draws_the_roc(overfit_run, noisy_run, tmp_path):
     runner = CliRunner()
     png = tmp_path / "roc.png"
@@ -147,6 +151,7 @@ def test_cli_prints_the_table_and_json_and_draws_the_roc(overfit_run, noisy_run,
     assert json.loads((overfit_run / "audit.json").read_text())["confidence"] == 0.9
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, overfit_run):
     runner = CliRunner()
     result = runner.invoke(app, ["audit", str(tmp_path)])
@@ -156,6 +161,7 @@ def test_cli_errors_are_one_line(tmp_path, overfit_run):
     assert result.exit_code == 2 and ".png" in result.output
 
 
+@pytest.mark.slow
 def test_unfinished_or_weightless_runs_are_refused(overfit_run, tmp_path):
     doc = yaml.safe_load((overfit_run / "run.yaml").read_text())
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({**doc, "status": "running"}))

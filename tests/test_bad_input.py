@@ -3,9 +3,13 @@ garbage --set items, missing files, corrupt dataset files and damaged checkpoint
 line `error: …` and exit code 2 (1 for I/O), never a traceback, and must leave the results directory (which
 holds a finished and an unfinished run) exactly as it was.
 
+`dpsgd epsilon` and `dpsgd noise` get random numbers too, extremes included (0, negative, 1e-300, 1e300,
+±inf, nan, 10^400 steps …): each call either answers (exit 0) or fails in one line that names the option or
+config key, and the libraries underneath log no warnings.
+
 The CLI runs in-process (typer's CliRunner). Nearly every input fails before TensorFlow is imported: config
 errors at validation, data errors while reading the IDX files, checkpoint damage at load. At the end the
-module prints how many inputs were tried and which error classes they hit.
+module prints how many inputs were tried, which error classes they hit, and the slowest epsilon/noise call.
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib
+import logging
+import math
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -80,6 +89,8 @@ def _report(request) -> None:
     for (_, kind), n in TRIED.items():
         classes[kind] += n
     lines.append("  by error class: " + ", ".join(f"{k} {n}" for k, n in classes.most_common()))
+    if SLOWEST[0][1]:
+        lines.append(f"  slowest epsilon/noise call: {SLOWEST[0][0]:.1f} s: dpsgd {' '.join(SLOWEST[0][1])}")
     plugins = request.config.pluginmanager
     reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
     if reporter is None or capture is None:
@@ -285,6 +296,197 @@ def test_damaged_checkpoints_and_run_yaml(world, damage, at, bit, junk):
     target.write_bytes(new)
     line = check_rejected(world, "damaged checkpoint", ["train", "--resume", run_dir], watch=(run_dir,))
     assert "checkpoint is corrupt" in line or "run.yaml" in line or "unreadable" in line, line
+
+
+# ------------------------------------------------------------------------------------------------
+# `dpsgd epsilon` and `dpsgd noise`: random numbers, extremes included. These may also succeed, so each
+# call must either answer (exit 0, nothing on stderr) or refuse in one line that names an option or key.
+# ------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+# (seconds, args) of the slowest call, reported at the end
+SLOWEST: list[tuple[float, list[str]]] = [(0.0, [])]
+EXTREME_FLOATS = [0.0, -0.0, -1.0, 5e-324, 1e-300, 1e-160, 1e-30, 1e-16, 1e-5, 1e-4, 9.99e-5, 0.01, 0.3, 0.5,
+                  1 - 1e-16, 1.0, 1.1, 2.0, 1e3, 1e6, 1.000001e6, 1e9, 1e12, 1e300, 1.7976931348623157e308,
+                  math.inf, -math.inf, math.nan]
+NUMBERS = st.one_of(st.sampled_from(EXTREME_FLOATS), st.floats(), st.floats(1e-3, 1e3))
+UNREACHABLE_TARGETS = [v for v in EXTREME_FLOATS if not 1e-3 < v < 1e3]  # (and nan) no σ the accountants take
+COUNTS = st.one_of(st.sampled_from([-1, 0, 1, 2, 10**9, 10**9 + 1, 2**63 - 1, 2**63, 10**30, 10**400]),
+                   st.integers(-3, 1000), st.integers(1, 10**12))
+FLOAT_OPTIONS = ["--sigma", "--target-epsilon", "--epochs", "--sampling-rate", "--delta"]  # (only one of the
+# first two is an option of each command)
+INT_OPTIONS = ["--steps", "--batch-size", "--dataset-size", "--num-microbatches"]
+OPTION_OR_KEY = re.compile(r"--[a-z]|\b(privacy|data|training)\.[a-z_]+")
+
+
+@st.composite
+def privacy_questions(draw, command: str, accountants: list[str], main_values) -> list[str]:
+    """A `dpsgd epsilon` or `dpsgd noise` command line: a well-formed question with plausible numbers, then
+    up to three options set to extremes (0, negative, 1e-300, 1e300, ±inf, nan, 2^63, 10^400, any float),
+    dropped, or added where they conflict. `main_values`: for σ or the target ε."""
+    main = "--sigma" if command == "epsilon" else "--target-epsilon"
+    options: dict[str, str | None] = {main: repr(float(draw(main_values)))}
+    if draw(st.booleans()):
+        options["--steps"] = str(draw(st.integers(1, 20_000)))
+    else:
+        options["--epochs"] = repr(draw(st.floats(0.1, 100)))
+    if draw(st.booleans()):
+        options["--sampling-rate"] = repr(draw(st.floats(1e-4, 1)))
+    else:
+        batch = draw(st.sampled_from([1, 64, 256, 1000]))
+        options["--batch-size"] = str(batch)
+        options["--dataset-size"] = str(draw(st.integers(batch, 100_000)))
+    if draw(st.booleans()):
+        options["--delta"] = repr(draw(st.floats(1e-12, 1e-2)))
+    options["--accountant"] = draw(st.sampled_from(accountants))
+    if command == "epsilon" and "--epochs" in options and not draw(st.integers(0, 4)):
+        options["--per-epoch"] = None
+    own = [main, *FLOAT_OPTIONS[2:], *INT_OPTIONS, "--sampling"]
+    own += ["--per-epoch"] if command == "epsilon" else []
+    for _ in range(draw(st.integers(0, 3))):
+        option = draw(st.sampled_from(own))
+        action = draw(st.sampled_from(["extreme", "extreme", "extreme", "drop"]))
+        if action == "drop":
+            options.pop(option, None)
+        elif option in FLOAT_OPTIONS:
+            options[option] = repr(float(draw(NUMBERS)))
+        elif option in INT_OPTIONS:
+            options[option] = str(draw(COUNTS))
+        elif option == "--sampling":
+            options[option] = draw(st.sampled_from(["shuffle", "poisson"]))
+        else:
+            options[option] = None
+    args = [command]
+    for option, value in options.items():
+        args += [option] if value is None else [option, value]
+    return args + (["--json"] if draw(st.booleans()) else [])
+
+
+def check_answered_or_rejected(world, category: str, args: list[str]) -> str | None:
+    """Invoke `dpsgd <args>`: exit 0 with an answer and a silent stderr, or one line `error: …` naming an
+    option or config key with exit 2. Never a traceback, nor warnings from the libraries underneath."""
+    world["seen"].clear()
+    noise: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: noise.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    started = time.monotonic()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = CliRunner().invoke(app, args)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    SLOWEST[:] = [max(SLOWEST[0], (time.monotonic() - started, args))]
+    noise += [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category,
+                                                                                       DeprecationWarning)]
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"{category}: {args!r} raised {result.exception!r}")
+    assert "Traceback" not in result.output, (args, result.output)
+    assert not noise, (args, noise)
+    if result.exit_code == 0:
+        assert result.stdout.strip() and not result.stderr.strip(), (args, result.output)
+        TRIED[(category, "answered")] += 1
+        return None
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+        args, result.exit_code, result.output)
+    assert OPTION_OR_KEY.search(lines[0]), f"{args!r}: the error names no option or key: {lines[0]}"
+    TRIED[(category, world["seen"][0] if world["seen"] else "?")] += 1
+    return lines[0]
+
+
+# A plausible σ is one whose PLD is quick to build (σ ≥ 0.5: under 1.5 s); extremes reach the slow corners.
+@settings(max_examples=60, **SETTINGS)
+@given(args=privacy_questions("epsilon", ["rdp", "rdp", "rdp", "pld", "all"], st.floats(0.5, 20)))
+def test_epsilon_with_random_and_extreme_numbers(world, args):
+    check_answered_or_rejected(world, "epsilon options", args)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(args=privacy_questions("noise", ["rdp"], st.one_of(NUMBERS, st.floats(0.2, 4))))
+def test_noise_with_random_and_extreme_numbers(world, args):
+    check_answered_or_rejected(world, "noise options", args)
+
+
+# Calibrating σ with the PLD accountant for a plausible target takes 5–60 s (a new PLD for every σ tried,
+# tested in test_calibration): here only targets too small or too large for any σ, or not numbers at all.
+@settings(max_examples=15, **SETTINGS)
+@given(args=privacy_questions("noise", ["pld"], st.sampled_from(UNREACHABLE_TARGETS)))
+def test_noise_with_the_pld_accountant_and_extreme_targets(world, args):
+    check_answered_or_rejected(world, "noise options", args)
+
+
+CONFIG_NUMBERS = {"privacy.noise_multiplier": st.floats(0.5, 20), "privacy.delta": st.floats(1e-12, 1e-2),
+                  "training.epochs": st.integers(1, 200), "data.batch_size": st.integers(1, 60_000),
+                  "privacy.target_epsilon": st.none()}
+# A plausible target ε has σ calibrated with the PLD accountant (10–30 s, tested elsewhere): extremes only.
+UNREACHABLE = st.sampled_from(UNREACHABLE_TARGETS)
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(data=st.data(), accountant=st.sampled_from(["rdp", "rdp", "pld", "all"]))
+def test_epsilon_of_a_config_with_random_and_extreme_numbers(world, data, accountant):
+    """`dpsgd epsilon --config` with one or two numbers set to anything: σ as given or calibrated from
+    privacy.target_epsilon (with the PLD accountant, as `dpsgd train` does)."""
+    keys = data.draw(st.lists(st.sampled_from(list(CONFIG_NUMBERS)), min_size=1, max_size=2, unique=True))
+    items = [f"{key}={data.draw(UNREACHABLE if key == 'privacy.target_epsilon' else numbers)!r}"
+             for key in keys for numbers in [st.one_of(NUMBERS, COUNTS, CONFIG_NUMBERS[key])]]
+    if "privacy.target_epsilon" in keys:
+        items.append("privacy.noise_multiplier=null")
+    args = ["epsilon", "--config", str(QUICKSTART), *(a for item in items for a in ("--set", item)),
+            "--accountant", accountant]
+    check_answered_or_rejected(world, "epsilon --config", args)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["epsilon", "--steps", "2", "--sigma", "1e-300", "--batch-size", "256", "--dataset-size", "512"],
+     "--sigma: σ = 1e-300 is below 0.0001"),
+    (["epsilon", "--steps", "2", "--sigma", "1e300", "--sampling-rate", "0.5"],
+     "--sigma: σ = 1e+300 is above"),
+    (["noise", "--target-epsilon", "1e9", "--steps", "1", "--batch-size", "256", "--dataset-size", "60000"],
+     "--target-epsilon: ε = 1e+09 is so large that even σ = 0.0001"),
+    (["noise", "--target-epsilon", "1e-3", "--steps", "1000000000", "--sampling-rate", "1"],
+     "--target-epsilon: ε = 0.001 is out of reach"),
+    (["noise", "--target-epsilon", "1e9", "--epochs", "1", "--batch-size", "256", "--dataset-size", "60000",
+      "--accountant", "pld"], "--accountant: σ = "),
+    (["epsilon", "--steps", "1000", "--sigma", "1", "--sampling-rate", "1", "--accountant", "pld"],
+     "--accountant: 1,000 full-batch steps at σ = 1"),
+    (["epsilon", "--epochs", "1e308", "--sigma", "1", "--batch-size", "256", "--dataset-size", "60000"],
+     "--epochs 1e+308 means more steps than"),
+    (["epsilon", "--steps", "1000000001", "--sigma", "1", "--sampling-rate", "0.01"],
+     "--steps: 1,000,000,001 steps"),
+    (["epsilon", "--steps", "100", "--sigma", "1", "--sampling-rate", "0.5", "--delta", "1e-20",
+      "--accountant", "pld"], "--delta: δ = 1e-20 is not above 1e-15"),
+    (["epsilon", "--sigma", "1", "--sampling-rate", "0.01", "--epochs", "1000", "--per-epoch", "--accountant",
+      "pld"], "--per-epoch: a PLD curve of 1,000 points"),
+    (["epsilon", "--config", str(QUICKSTART), "--set", "privacy.noise_multiplier=null", "--set",
+      "privacy.target_epsilon=1e9"], "privacy.target_epsilon: ε = 1e+09 over 704 steps needs so little"),
+    (["epsilon", "--config", str(QUICKSTART), "--set", "privacy.noise_multiplier=null", "--set",
+      "privacy.target_epsilon=1e12"], "privacy.target_epsilon: ε = 1e+12 is so large"),
+    (["epsilon", "--config", str(QUICKSTART), "--set", "training.epochs=10000000000"],
+     "training.epochs: 10,000,000,000 epochs are more than"),
+])
+def test_accounting_extremes_name_the_option(world, args, expected):
+    """The crashes of issue 12 (ZeroDivisionError, NoBracketIntervalFoundError) and their siblings: each is
+    now one line that names the option or key and what it takes."""
+    line = check_answered_or_rejected(world, "accounting extremes", args)
+    assert line is not None and expected in line, line
+
+
+@pytest.mark.parametrize("sets", [
+    ["privacy.noise_multiplier=null", "privacy.target_epsilon=1e12"],
+    ["privacy.noise_multiplier=null", "privacy.target_epsilon=1e9"],
+    ["privacy.noise_multiplier=1e-300"],
+    ["privacy.noise_multiplier=1e300"],
+    ["privacy.noise_multiplier=1.1", "training.epochs=10000000000"],
+])
+def test_train_refuses_accounting_extremes_before_the_run_starts(world, sets):
+    """The same values in `dpsgd train`: refused once the data is loaded, before the run directory exists."""
+    args = ["train", "--set", f"data.data_dir={world['data']}", "--set", "data.batch_size=8", "--set",
+            f"output_dir={world['results']}", "--name", "fresh", *(a for s in sets for a in ("--set", s))]
+    line = check_rejected(world, "accounting extremes", args)
+    assert sets[-1].split("=")[0] in line, line
 
 
 @pytest.mark.parametrize("args", [

@@ -11,6 +11,7 @@ from dpsgd_cli.bench import BenchCase, default_cases, run_benchmark
 from dpsgd_cli.cli import app
 
 
+@pytest.mark.slow
 def test_rows_have_every_field_and_ratios_to_their_own_baseline():
     cases = [BenchCase(path="nonprivate", batch_size=8, jit_compile=False),
              BenchCase(path="vectorized_map", batch_size=8, jit_compile=False),
@@ -32,6 +33,7 @@ def test_default_grid_covers_the_issue():
         for p in ("nonprivate", "nonprivate_fast", "vectorized_map", "fast")}
 
 
+@pytest.mark.slow
 def test_cli_writes_csv_and_rejects_bad_options(tmp_path):
     out = tmp_path / "bench.csv"
     result = CliRunner().invoke(app, ["bench", "--batch-sizes", "4", "--jit", "off", "--paths",

@@ -12,6 +12,7 @@ from dpsgd_cli import accounting, calibration
 from dpsgd_cli.accounting import epsilon
 from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.config import load_config
+from dpsgd_cli.errors import AccountingInputError
 from dpsgd_cli.privacy_plan import plan_privacy
 
 
@@ -67,3 +68,23 @@ def test_each_sigma_is_evaluated_once(monkeypatch):
     calibrate_noise_multiplier(3.0, 1e-5, 256 / 60000, 23438, "rdp")
     assert asked and len(asked) == len(set(asked))
 
+
+
+def test_targets_no_sigma_the_accountants_take_can_meet_are_refused_with_their_name():
+    """Issue 12: dp-accounting's bracket search gave up with NoBracketIntervalFoundError. A target that even
+    σ = 1e-4 meets, or that even σ = 1e6 misses, is now a ValueError that says so and names the target."""
+    with pytest.raises(AccountingInputError, match="so large that even σ = 0.0001") as refused:
+        calibrate_noise_multiplier(1e9, 1e-5, 256 / 60000, 1)
+    assert refused.value.parameter == "target_epsilon"
+    with pytest.raises(AccountingInputError, match=r"out of reach: even σ = 1e\+06") as refused:
+        calibrate_noise_multiplier(1e-3, 1e-5, 1.0, 10**9)
+    assert refused.value.parameter == "target_epsilon"
+    with pytest.raises(AccountingInputError) as refused:
+        calibrate_noise_multiplier(1.0, 1e-20, 0.01, 100, "pld")
+    assert refused.value.parameter == "delta"
+
+
+def test_a_tiny_target_that_epsilon_zero_meets_is_answered():
+    """ε = 0 is reached at a finite σ (dp-accounting's RDP conversion: δ covers the rest)."""
+    sigma = calibrate_noise_multiplier(1e-300, 1e-5, 0.01, 100)
+    assert epsilon(sigma, 0.01, 100, 1e-5) == 0.0 < epsilon(sigma * (1 - 1e-4), 0.01, 100, 1e-5)

@@ -149,6 +149,7 @@ def _tiny_args(data_dir, out: Path, name: str, epochs: int = 2) -> list[str]:
             "--quiet"]
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoint_refuses_rerun_then_overwrites(data_dir, tmp_path):
     """In reproducible mode the replacing run repeats the first one exactly."""
     args = [*_tiny_args(data_dir, tmp_path, "t"), "--set", "privacy.reproducible=true"]
@@ -171,6 +172,7 @@ def test_train_writes_checkpoint_refuses_rerun_then_overwrites(data_dir, tmp_pat
         metrics.drop(columns="elapsed_s"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(data_dir, tmp_path, monkeypatch):
     original = trainer.Trainer.train_epoch
 
@@ -198,6 +200,7 @@ def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(data_dir, tmp_path,
     assert doc["status"] == "finished" and doc["resumed_at_epochs"] == [1]
 
 
+@pytest.mark.slow
 def test_diverging_run_is_one_line_exit_1(data_dir, tmp_path):
     args = _tiny_args(data_dir, tmp_path, "nan")
     result = invoke(*args, "--set", "privacy.enabled=false", "--set", "training.optimizer=sgd",

@@ -28,6 +28,7 @@ def _direct_epsilon(sigma, q, steps, delta, accountant):
     return acc.compose(event).get_epsilon(delta)
 
 
+@pytest.mark.slow
 def test_dpsgd_train_cli_writes_wellformed_results(data_dir, tmp_path):
     out = tmp_path / "results"
     sets = [f"data.data_dir={data_dir}", "data.train_size=4000", "data.test_size=1000", "data.batch_size=64",
@@ -52,6 +53,7 @@ def _tiny(tiny_overrides, *extra):
     return load_config(None, [*tiny_overrides, *extra])
 
 
+@pytest.mark.slow
 def test_epsilon_equals_dp_accounting_called_directly(tiny_overrides):
     cfg = _tiny(tiny_overrides, "name=direct")
     result = run(cfg)
@@ -63,6 +65,7 @@ def test_epsilon_equals_dp_accounting_called_directly(tiny_overrides):
         assert last[f"epsilon_{accountant}"] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_microbatches_are_accounted_with_half_sigma_and_shuffle_is_flagged(tiny_overrides):
     cfg = _tiny(tiny_overrides, "name=micro", "data.sampling=shuffle", "privacy.num_microbatches=16",
                 "training.epochs=1", "training.gradient_path=vectorized_map")
@@ -74,6 +77,7 @@ def test_microbatches_are_accounted_with_half_sigma_and_shuffle_is_flagged(tiny_
     assert "optimistic" in result.statement and "σ/2" in result.statement
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_in_reproducible_mode_only_and_nonprivate_baseline(tiny_overrides):
     first = run(_tiny(tiny_overrides, "name=a", "training.epochs=1", "privacy.reproducible=true"))
     second = run(_tiny(tiny_overrides, "name=b", "training.epochs=1", "privacy.reproducible=true"))

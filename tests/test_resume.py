@@ -149,6 +149,7 @@ def _cfg(data_dir, out: Path, name: str, *extra: str):
                               f"output_dir={out}", f"name={name}", *extra])
 
 
+@pytest.mark.slow
 def test_resume_continues_weights_optimizer_and_epsilon(data_dir, tmp_path):
     """Adam (slots and iteration count), the ledger and the step counter all continue: same records."""
     full = runner.run(_cfg(data_dir, tmp_path, "full"))
@@ -193,6 +194,7 @@ def test_resume_continues_weights_optimizer_and_epsilon(data_dir, tmp_path):
         runner.run(resume_config(cfg2.run_dir), resume=True)
 
 
+@pytest.mark.slow
 def test_divergence_keeps_the_last_good_checkpoint_and_metrics(data_dir, tmp_path, monkeypatch):
     """Epoch 1 trains normally; in epoch 2 the learning rate jumps to 1e6 (SGD, non-private) → NaN."""
     original = trainer.Trainer.train_epoch

@@ -24,10 +24,11 @@ from rich.table import Table
 from dpsgd_cli import accounting
 from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.cli.app import app, console, user_errors
-from dpsgd_cli.errors import ConfigError, OutputError
+from dpsgd_cli.errors import AccountingInputError, ConfigError, OutputError
 from dpsgd_cli.privacy_statement import PrivacyFacts, privacy_statement
 
-MAX_CURVE_POINTS = 100_000
+MAX_CURVE_POINTS = 10_000  # ε after every epoch (each point is one ε to compute)
+MAX_COUNT = 2**63 - 1  # batch and dataset sizes (any larger and B/n, E·n/B lose their meaning as floats)
 
 # --- options shared by both commands -----------------------------------------------------------------
 StepsOption = Annotated[int | None, typer.Option("--steps", help="Number of training steps.")]
@@ -93,6 +94,21 @@ class Setting:
             return f"{self.steps} = ⌈{e}·{self.dataset_size}/{self.batch_size}⌉ (Poisson: n/B per epoch)"
         return f"{self.steps} = ⌈{e}/q⌉ (Poisson: 1/q per epoch)"
 
+    def option_error(self, exc: AccountingInputError) -> ConfigError:
+        """The accountants' complaint about an input, naming the option (or config key) it came from."""
+        from dpsgd_cli.privacy_plan import config_error
+
+        if self.source == "config" and exc.parameter not in ("accountant", "curve"):
+            return config_error(exc)
+        names = {"noise_multiplier": "--sigma", "delta": "--delta", "target_epsilon": "--target-epsilon",
+                 "sampling_rate": "--batch-size/--dataset-size" if self.batch_size else "--sampling-rate",
+                 "steps": "--steps" if self.epochs is None else "--epochs", "accountant": "--accountant",
+                 "curve": "--per-epoch"}
+        note = (f" (the accountant sees σ/2: microbatches of {self.microbatch_size})"
+                if exc.parameter == "noise_multiplier" and self.microbatch_size > 1 else "")
+        name = names.get(exc.parameter)
+        return ConfigError(f"{name}: {exc}{note}" if name else f"{exc}{note}")
+
     def steps_after(self, epochs: float) -> int:
         """Steps after `epochs` epochs (the dpsgd train convention)."""
         from dpsgd_cli.sampling import steps_after_epochs
@@ -132,6 +148,10 @@ def _given(**options: Any) -> list[str]:
 def _check_positive_int(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ConfigError(f"{name} must be ≥ 1, got {value}")
+    if value is not None and value > MAX_COUNT:
+        digits = len(str(value))
+        raise ConfigError(f"{name} must be at most 2^63 − 1, got "
+                          + (str(value) if digits <= 30 else f"a number of {digits} digits"))
 
 
 def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | None, batch_size: int | None,
@@ -141,7 +161,7 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
     if need_sigma:
         if sigma is None:
             raise ConfigError("give the noise multiplier: --sigma S")
-        if not 0 < sigma < math.inf:
+        if not sigma > 0:  # too much noise (up to ∞) is the accountants' to refuse
             raise ConfigError(f"--sigma must be > 0, got {sigma:g} (σ = 0 adds no noise: ε = ∞)")
     delta = DEFAULT_DELTA if delta is None else delta
     if not 0 < delta < 1:
@@ -194,9 +214,14 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
         _check_positive_int("--steps", steps)
     else:
         if not 0 < epochs < math.inf:
-            raise ConfigError(f"--epochs must be > 0, got {epochs:g}")
+            raise ConfigError(f"--epochs must be > 0 and finite, got {epochs:g}")
         if sampling == "shuffle" and not float(epochs).is_integer():
             raise ConfigError(f"--epochs must be a whole number with --sampling shuffle, got {epochs:g}")
+        count = epochs * setting.steps_per_epoch()
+        if count > accounting.MAX_STEPS:  # refused before ⌈E·n/B⌉ can overflow
+            many = f"{count:.4g} steps, more" if math.isfinite(count) else "more steps"
+            raise ConfigError(f"--epochs {epochs:g} means {many} than the {accounting.MAX_STEPS:,} the "
+                              "accountants take")
         steps = setting.steps_after(epochs)
         if steps < 1:
             raise ConfigError(f"--epochs {epochs:g} is less than one step (an epoch is "
@@ -330,8 +355,8 @@ def epsilon(
     try:
         curves = {a: accounting.epsilon_curve(s.accounting_sigma, s.sampling_rate, [k for _, k in points],
                                               s.delta, a) for a in accountants}
-    except ValueError as exc:  # e.g. σ too small for the PLD accountant
-        raise ConfigError(str(exc)) from None
+    except AccountingInputError as exc:  # e.g. σ out of range, or too small for the PLD accountant
+        raise s.option_error(exc) from None
     final = {a: curve[-1] for a, curve in curves.items()}
     statement = _statement(s, s.noise_multiplier, final)
     rows = [{"epoch": round(e, 6) if e is not None else None, "steps": k,
@@ -401,7 +426,7 @@ def noise(
     if target_epsilon is None:
         raise ConfigError("give the privacy budget: --target-epsilon E")
     if not 0 < target_epsilon < math.inf:
-        raise ConfigError(f"--target-epsilon must be > 0, got {target_epsilon:g}")
+        raise ConfigError(f"--target-epsilon must be > 0 and finite, got {target_epsilon:g}")
     (acc,) = _accountants(accountant, accounting.ACCOUNTANTS)
     s = resolve_options(sigma=None, steps=steps, epochs=epochs, batch_size=batch_size,
                         dataset_size=dataset_size, sampling_rate=sampling_rate,
@@ -409,8 +434,8 @@ def noise(
     try:
         exact = calibrate_noise_multiplier(target_epsilon, s.delta, s.sampling_rate, s.steps,
                                            accountant=acc, microbatch_size=s.microbatch_size)
-    except ValueError as exc:  # e.g. no σ reaches the target, or it is too small for PLD
-        raise ConfigError(str(exc)) from None
+    except AccountingInputError as exc:  # e.g. no σ the accountants take meets the target
+        raise s.option_error(exc) from None
     sigma = round_up(exact)
     eps = accounting.epsilon(accounting.accounting_noise_multiplier(sigma, s.microbatch_size),
                              s.sampling_rate, s.steps, s.delta, acc)
