@@ -201,7 +201,13 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
             except TypeError:
                 pass
     start = time.perf_counter()
-    plan = _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed)
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")  # each candidate is its own tf.function: TF's retracing warnings are expected
+    try:
+        plan = _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed)
+    finally:
+        logger.setLevel(level)
     plan = StepPlan(**{**plan.to_dict(), "planning_s": round(time.perf_counter() - start, 2),
                        "source": "config" if fixed is not None and len(jit_modes) == 1 else "measured"})
     if use_cache:
