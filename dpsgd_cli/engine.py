@@ -144,14 +144,15 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
             tf.function(chunk_sum, jit_compile=s.jit_compile))
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> keras.optimizers.Optimizer:
-    """'sgd', 'momentum' (SGD with `momentum`) or 'adam'. DP is kept: the optimizer only post-processes."""
+def make_optimizer(name: str, learning_rate, momentum: float = 0.9, **options) -> keras.optimizers.Optimizer:
+    """'sgd', 'momentum' (SGD with `momentum`) or 'adam'. DP is kept: the optimizer only post-processes.
+    `learning_rate` may be a Keras schedule; `options` go to the Keras optimizer (e.g. use_ema)."""
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate)
+        return keras.optimizers.SGD(learning_rate, **options)
     if name == "momentum":
-        return keras.optimizers.SGD(learning_rate, momentum=momentum)
+        return keras.optimizers.SGD(learning_rate, momentum=momentum, **options)
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, **options)
     raise ValueError(f"unknown optimizer {name!r}")
 
 

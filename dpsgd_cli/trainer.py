@@ -49,7 +49,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from dpsgd_cli import engine
+        from dpsgd_cli import engine, recipes
         from dpsgd_cli.model import build_model
 
         self.tf = tf
@@ -58,10 +58,12 @@ class Trainer:
         self.key = key
         keras.utils.set_random_seed(cfg.seed)  # not secret: initial weights
         self.sampler = Sampler(sampling=cfg.data.sampling, batch_size=cfg.data.batch_size,
-                               dataset_size=self.n, population=len(dataset.y_train), key=key)
+                               dataset_size=self.n, population=len(dataset.y_train), key=key,
+                               max_capacity=cfg.training.physical_batch_size)
         self.model = build_model(cfg.model.architecture, cfg.model.activation, seed=cfg.seed)
-        self.optimizer = engine.make_optimizer(cfg.training.optimizer, cfg.training.learning_rate,
-                                               cfg.training.momentum)
+        self.optimizer = engine.make_optimizer(cfg.training.optimizer,
+                                               recipes.learning_rate(cfg, plan.total_steps),
+                                               cfg.training.momentum, **recipes.optimizer_options(cfg))
         private = cfg.privacy.enabled
         grad_fn, forward_fn, self.gradient_path = engine.choose_gradient_path(
             self.model, cfg.training.gradient_path, private)
@@ -111,7 +113,14 @@ class Trainer:
         return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
 
     def evaluate(self) -> dict[str, Any]:
-        """Test loss, accuracy and per-class accuracy on the whole test split."""
+        """Test loss, accuracy and per-class accuracy on the whole test split (of the averaged weights
+        when `training.ema_decay` is set)."""
+        from dpsgd_cli.recipes import averaged_weights
+
+        with averaged_weights(self.model, self.optimizer):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, Any]:
         from dpsgd_cli.engine import per_example_loss
 
         x, y = self.data.x_test, self.data.y_test
@@ -214,8 +223,11 @@ class Trainer:
 
     def save_weights(self, path: Path) -> None:
         tmp = path.with_name(".tmp." + path.name)
+        from dpsgd_cli.recipes import averaged_weights
+
         try:
-            self.model.save_weights(tmp)
+            with averaged_weights(self.model, self.optimizer):
+                self.model.save_weights(tmp)
             tmp.replace(path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
