@@ -20,7 +20,7 @@ import yaml
 from dpsgd_cli.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist")
-ARCHITECTURES = ("tfp_cnn",)
+ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_cnn", "scatter_cnn_wide")
 ACTIVATIONS = ("relu", "tanh")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SAMPLINGS = ("poisson", "shuffle")
@@ -66,6 +66,11 @@ class TrainingConfig:
     # auto: the planner times the formulations on this device (dpsgd_cli.planner); or fix some layers by
     # hand, e.g. {conv1: {forward: native, grads: depthwise}, pool1: {forward: slices}}
     plan: Any = "auto"
+    # issue 15: examples per compiled pass (the logical batch is summed over passes before the noise);
+    # EMA of the weights used for evaluation (null = off); "constant" or "cosine" learning rate
+    physical_batch_size: int | None = None
+    ema_decay: float | None = None
+    lr_schedule: str = "constant"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +287,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _validate_plan(t.plan)
     _check(0 < t.learning_rate < math.inf, f"training.learning_rate: must be > 0, got {t.learning_rate}")
     _check(0 <= t.momentum < 1, f"training.momentum: must be in [0, 1), got {t.momentum}")
+    _check(t.physical_batch_size is None or t.physical_batch_size >= 8,
+           f"training.physical_batch_size: must be ≥ 8 or null, got {t.physical_batch_size}")
+    _check(t.ema_decay is None or 0 <= t.ema_decay < 1,
+           f"training.ema_decay: must be in [0, 1) or null (off), got {t.ema_decay}")
+    _choice("training.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _validate_privacy(p, d)
 
 

@@ -219,12 +219,13 @@ def overflow_sums(chunk_fn, overflow: Sequence[tuple], zeros: list[tf.Tensor]) -
     return [tf.add_n(list(p)) for p in zip(*parts)]
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> keras.optimizers.Optimizer:
-    """'sgd', 'momentum' (SGD with `momentum`) or 'adam'. DP is kept: the optimizer only post-processes."""
+def make_optimizer(name: str, learning_rate, momentum: float = 0.9, **options) -> keras.optimizers.Optimizer:
+    """'sgd', 'momentum' (SGD with `momentum`) or 'adam'. DP is kept: the optimizer only post-processes.
+    `learning_rate` may be a Keras schedule; `options` go to the Keras optimizer (e.g. use_ema)."""
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate)
+        return keras.optimizers.SGD(learning_rate, **options)
     if name == "momentum":
-        return keras.optimizers.SGD(learning_rate, momentum=momentum)
+        return keras.optimizers.SGD(learning_rate, momentum=momentum, **options)
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, **options)
     raise ValueError(f"unknown optimizer {name!r}")

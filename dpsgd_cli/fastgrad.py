@@ -41,7 +41,8 @@ _WEIGHT_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
 _WEIGHTLESS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Flatten,
                keras.layers.Activation, keras.layers.ReLU, keras.layers.Reshape, keras.layers.Dropout,
                keras.layers.ZeroPadding2D, keras.layers.GlobalAveragePooling2D,
-               keras.layers.GlobalMaxPooling2D)
+               keras.layers.GlobalMaxPooling2D,
+               keras.layers.GroupNormalization)  # per-example statistics; weightless without center/scale
 
 
 def _unsupported_layer(model: keras.Model) -> str | None:

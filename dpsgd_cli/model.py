@@ -16,7 +16,7 @@ import keras
 from dpsgd_cli.data import NUM_CLASSES
 from dpsgd_cli.errors import ConfigError
 
-ARCHITECTURES = ("tfp_cnn",)
+ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_cnn", "scatter_cnn_wide")
 ACTIVATIONS = ("relu", "tanh")
 INPUT_SHAPE = (28, 28, 1)
 
@@ -27,6 +27,10 @@ def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: i
     Layers: Conv 16@8×8 stride 2 'same', MaxPool 2 stride 1, Conv 32@4×4 stride 2 'valid',
     MaxPool 2 stride 1, Flatten, Dense 32, Dense 10. Initialisers are seeded by `seed`.
     """
+    if architecture != "tfp_cnn" and architecture in ARCHITECTURES:  # issue 15: the best published recipes
+        from dpsgd_cli.recipe_models import build_recipe_model
+
+        return build_recipe_model(architecture, activation, seed)
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; allowed: {', '.join(ARCHITECTURES)}")
     if activation not in ACTIVATIONS:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli import checkpoint
+from dpsgd_cli import checkpoint, features
 from dpsgd_cli.config import ExperimentConfig, flatten, resolved_data_dir
 from dpsgd_cli.data import data_fingerprint, load_dataset
 from dpsgd_cli.errors import DpsgdError, RunDirError
@@ -100,6 +100,8 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         write_yaml(_run_document(cfg, plan, None, "running", None), run_dir / RUN_FILE)
     if canary_set is not None:  # deterministic in (seed, key): a resumed run writes the same file again
         canaries.save_canaries(canary_set, run_dir)
+    if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features (issue 15)
+        dataset = features.prepare(dataset, cfg.model.architecture)
     trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:

@@ -73,7 +73,7 @@ class Sampler:
     is how many examples are present to sample from (≤ n; fewer only with canaries, Poisson only)."""
 
     def __init__(self, *, sampling: str, batch_size: int, dataset_size: int, key: RunKey,
-                 population: int | None = None):
+                 population: int | None = None, max_capacity: int | None = None):
         population = dataset_size if population is None else population
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
@@ -89,6 +89,8 @@ class Sampler:
         self.key = key
         self.sampling_rate = batch_size / dataset_size
         self.capacity = batch_size if sampling == "shuffle" else poisson_capacity(batch_size, dataset_size)
+        if max_capacity:  # a physical batch: the logical batch is split into chunks summed before the noise
+            self.capacity = min(self.capacity, max_capacity)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of epoch `epoch` (1-based); the same (key, epoch) always gives the same batches."""
@@ -99,7 +101,7 @@ class Sampler:
             order = rng.permutation(self.dataset_size)
             for i in range(count):
                 idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-                yield Batch(first + i, ((idx, np.ones(self.capacity, np.float32)),), self.batch_size)
+                yield Batch(first + i, self.pad(idx), self.batch_size)
             return
         for i in range(count):
             chosen = np.flatnonzero(rng.random(self.population) < self.sampling_rate)

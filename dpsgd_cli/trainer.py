@@ -71,7 +71,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from dpsgd_cli import engine, planner
+        from dpsgd_cli import engine, planner, recipes
         from dpsgd_cli.model import model_from_config
 
         self.tf = tf
@@ -79,11 +79,13 @@ class Trainer:
         self.n = plan.dataset_size  # n of q = B/n (counts all canaries; see privacy_plan)
         self.key = key
         self.sampler = Sampler(sampling=cfg.data.sampling, batch_size=cfg.data.batch_size,
-                               dataset_size=self.n, population=len(dataset.y_train), key=key)
+                               dataset_size=self.n, population=len(dataset.y_train), key=key,
+                               max_capacity=cfg.training.physical_batch_size)
         self.model = model if model is not None else model_from_config(cfg.model, cfg.seed)
         keras.utils.set_random_seed(cfg.seed)  # not secret (initial weights are seeded in model_from_config)
-        self.optimizer = engine.make_optimizer(cfg.training.optimizer, cfg.training.learning_rate,
-                                               cfg.training.momentum)
+        self.optimizer = engine.make_optimizer(cfg.training.optimizer,
+                                               recipes.learning_rate(cfg, plan.total_steps),
+                                               cfg.training.momentum, **recipes.optimizer_options(cfg))
         private = cfg.privacy.enabled
         self.step_plan = planner.plan_step(
             self.model, capacity=self.sampler.capacity, private=private, microbatch_size=plan.microbatch_size,
@@ -159,7 +161,14 @@ class Trainer:
             self.ledger.advance(steps)
 
     def evaluate(self) -> dict[str, Any]:
-        """Test loss, accuracy and per-class accuracy on the whole test split."""
+        """Test loss, accuracy and per-class accuracy on the whole test split (of the averaged weights
+        when `training.ema_decay` is set)."""
+        from dpsgd_cli.recipes import averaged_weights
+
+        with averaged_weights(self.model, self.optimizer):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, Any]:
         from dpsgd_cli.engine import per_example_loss
 
         x, y = self.data.x_test, self.data.y_test
@@ -262,8 +271,11 @@ class Trainer:
 
     def save_weights(self, path: Path) -> None:
         tmp = path.with_name(".tmp." + path.name)
+        from dpsgd_cli.recipes import averaged_weights
+
         try:
-            self.model.save_weights(tmp)
+            with averaged_weights(self.model, self.optimizer):
+                self.model.save_weights(tmp)
             tmp.replace(path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

@@ -104,11 +104,12 @@ def test_per_class_chart_has_a_bar_per_class_and_run(sigma_sweep):
 
 def test_plot_runs_writes_nonempty_pngs(sigma_sweep, tmp_path):
     written, drawn = plot_runs([sigma_sweep])
-    assert written == [sigma_sweep / "curves.png", sigma_sweep / "curves-per-class.png"] and len(drawn) == 2
+    assert written == [sigma_sweep / "curves.png", sigma_sweep / "curves-per-class.png",
+                       sigma_sweep / "curves-tradeoff.png"] and len(drawn) == 2
     out = tmp_path / "figs" / "seed.png"
     written, _ = plot_runs([sigma_sweep / "fashion_mnist_sigma1.1", sigma_sweep / "fashion_mnist_sigma1.2"],
                            out, per_class=False)
-    assert written == [out]
+    assert written == [out, out.with_name("seed-tradeoff.png")]
     for path in (sigma_sweep / "curves.png", sigma_sweep / "curves-per-class.png", out):
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
@@ -148,3 +149,22 @@ def test_plots_module_does_not_import_tensorflow():
     code = "import sys, dpsgd_cli.plots; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_tradeoff_figure_draws_accuracy_against_pld_epsilon_and_published_points(tmp_path):
+    from dpsgd_cli.tradeoff import PUBLISHED, tradeoff_figure
+
+    private = write_run(tmp_path, "dp", "privacy.noise_multiplier=1.1", epochs=4)
+    write_run(tmp_path, "np", "privacy.enabled=false", epochs=4)
+    runs, keys = load_runs([tmp_path])
+    ax = tradeoff_figure(runs, keys).axes[0]
+    curves = [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
+    assert len(curves) == 1  # the non-private run has no ε
+    metrics = load_runs([private])[0][0].metrics
+    assert list(curves[0].get_xdata()) == list(metrics["epsilon_pld"])
+    assert list(curves[0].get_ydata()) == list(metrics["test_accuracy"])
+    points = [line for line in ax.get_lines() if len(line.get_xdata()) == 1]
+    assert sorted(p.get_ydata()[0] for p in points) == sorted(a for _, a in PUBLISHED["fashion_mnist"])
+    written, _ = plot_runs([tmp_path], tmp_path / "c.png")
+    assert tmp_path / "c-tradeoff.png" in written
+    assert (tmp_path / "c-tradeoff.png").read_bytes()[:8] == PNG_MAGIC

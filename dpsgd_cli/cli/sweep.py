@@ -259,7 +259,8 @@ def plot(
                             "next to it as <name>-per-class.png.")] = None,
     per_class: Annotated[bool, typer.Option(help="Also draw per-class test accuracy bars.")] = True,
 ) -> None:
-    """Draw test accuracy and ε per epoch, one line per run, and per-class accuracy bars (PNG files)."""
+    """Draw test accuracy and ε per epoch, one line per run, per-class accuracy bars, and (for private
+    runs) test accuracy against PLD ε with the best published results marked, as <name>-tradeoff.png."""
     from dpsgd_cli.plots import plot_runs  # matplotlib is imported only now
 
     written, drawn = plot_runs(paths, out, per_class)

@@ -1,0 +1,88 @@
+"""Fixed feature maps computed once per dataset and cached on disk (ScatterNet models, issue 15).
+
+A model whose architecture starts with a weightless, data-independent transform (`model.FEATURES`)
+trains on the transform's output: `prepare(dataset, architecture)` replaces the images by their features
+before the trainer sees them, so every epoch runs on features and the transform never enters the
+gradient tape. Being a fixed function of each example alone, it changes no sensitivity: one example still
+moves one row of the training set.
+
+Cache: one `.npy` file per split in `cache_dir()` ($DPSGD_CACHE_DIR, else ~/.cache/dpsgd/features), named
+by a SHA-256 fingerprint of the images (dtype, shape, bytes) and of the transform's parameters and code
+version, so a change of either computes (and caches) anew. Files are written atomically; an unreadable
+or mis-shaped cache file is recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from dpsgd_cli.data import Dataset
+from dpsgd_cli.errors import OutputError
+
+# architecture → the transform its input comes from
+FEATURES = {"scatter_linear": "scattering", "scatter_cnn": "scattering", "scatter_cnn_wide": "scattering"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPSGD_CACHE_DIR") or Path.home() / ".cache" / "dpsgd" / "features")
+
+
+def fingerprint(images: np.ndarray, transform: str) -> str:
+    """SHA-256 over the transform's description and the images' dtype, shape and bytes."""
+    digest = hashlib.sha256(transform.encode() + b"\0")
+    digest.update(f"{images.dtype}{images.shape}".encode())
+    digest.update(np.ascontiguousarray(images).data)
+    return digest.hexdigest()
+
+
+def cached(images: np.ndarray, transform: str, compute: Callable[[np.ndarray], np.ndarray],
+           shape: tuple[int, ...], folder: Path | None = None) -> np.ndarray:
+    """`compute(images)`, read from the cache when an entry with the same fingerprint exists."""
+    folder = cache_dir() if folder is None else Path(folder)
+    path = folder / f"{transform.split()[0]}-{fingerprint(images, transform)[:32]}.npy"
+    expected = (len(images), *shape)
+    if path.is_file():
+        try:
+            out = np.load(path, allow_pickle=False)
+            if out.shape == expected and out.dtype == np.float32:
+                return out
+        except (OSError, ValueError):
+            pass
+    out = np.asarray(compute(images), np.float32)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp.", suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, out, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write the feature cache ({exc.strerror or exc}); set "
+                          "DPSGD_CACHE_DIR to a writable folder") from None
+    return out
+
+
+def needs_features(architecture: str) -> bool:
+    return architecture in FEATURES
+
+
+def prepare(dataset: Dataset, architecture: str, folder: Path | None = None) -> Dataset:
+    """The dataset the model of `architecture` trains on: features for ScatterNet models, else as is."""
+    if not needs_features(architecture):
+        return dataset
+    from dpsgd_cli import scattering
+
+    params = scattering.ScatteringParams()
+    transform = params.describe()
+
+    def features(images: np.ndarray) -> np.ndarray:
+        return cached(images, transform, lambda x: scattering.scattering(x, params), params.output_shape,
+                      folder)
+
+    return dataclasses.replace(dataset, x_train=features(dataset.x_train), x_test=features(dataset.x_test))

@@ -1,0 +1,67 @@
+"""The models of the best published DP-SGD recipes on (Fashion-)MNIST (Tramèr & Boneh 2021, issue 15).
+
+* `tanh_cnn`: the end-to-end CNN of Papernot et al. 2021 / Tramèr & Boneh 2021 on 28×28 pixels: Conv
+  16@8×8 stride 2 (zero padding 2), MaxPool 2 stride 1, Conv 32@4×4 stride 2, MaxPool 2 stride 1, Dense 32,
+  Dense 10, tanh throughout (the TF Privacy tutorial CNN up to the first padding: 2 instead of 'same').
+* `scatter_linear`: ScatterNet features [7, 7, 81] → GroupNorm(27 groups, no affine) → Dense 10.
+* `scatter_cnn` / `scatter_cnn_wide`: the features → GroupNorm(27, no affine) → Conv c1@3×3 stride 2
+  'same' → Conv c2@3×3 'same' → Dense 32 → Dense 10, tanh; (c1, c2) = (16, 32) or (32, 64).
+
+ScatterNet models take precomputed scattering features as input (`features.prepare`): the transform is
+weightless and stays outside the gradient tape. GroupNorm without γ, β normalises each example by its own
+statistics (no mixing across examples, unlike BatchNorm) and has no weights, so every model here is a
+Sequential of Dense/Conv2D and weightless layers and takes fastgrad's per-example path. Weights are
+initialised like PyTorch's defaults (uniform ±1/√fan_in), biases at zero; seeded by `seed`.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from dpsgd_cli.scattering import ScatteringParams
+
+NUM_CLASSES = 10
+GROUPS = 27  # Tramèr & Boneh's GroupNorm groups over the 81 scattering channels
+WIDTHS = {"scatter_cnn": (16, 32), "scatter_cnn_wide": (32, 64)}
+
+
+def input_shape(architecture: str) -> tuple[int, int, int]:
+    return ScatteringParams().output_shape if architecture.startswith("scatter") else (28, 28, 1)
+
+
+def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 0) -> keras.Model:
+    """`tanh_cnn` is tanh whatever `activation` says; the ScatterNet CNNs use `activation`."""
+
+    def init(offset: int) -> keras.initializers.Initializer:
+        return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform", seed=seed * 100 + offset)
+
+    def conv(filters, size, stride, padding, offset, name, act):
+        return keras.layers.Conv2D(filters, size, strides=stride, padding=padding, activation=act,
+                                   kernel_initializer=init(offset), name=name)
+
+    def dense(units, offset, name, act=None):
+        return keras.layers.Dense(units, activation=act, kernel_initializer=init(offset), name=name)
+
+    layers: list = [keras.Input(shape=input_shape(architecture))]
+    if architecture == "tanh_cnn":
+        layers += [keras.layers.ZeroPadding2D(2, name="pad1"), conv(16, 8, 2, "valid", 1, "conv1", "tanh"),
+                   keras.layers.MaxPooling2D(2, strides=1, name="pool1"),
+                   conv(32, 4, 2, "valid", 2, "conv2", "tanh"),
+                   keras.layers.MaxPooling2D(2, strides=1, name="pool2"),
+                   keras.layers.Flatten(name="flatten"),
+                   dense(32, 3, "dense1", "tanh"), dense(NUM_CLASSES, 4, "logits")]
+    elif architecture == "scatter_linear":
+        layers += [_group_norm(), keras.layers.Flatten(name="flatten"), dense(NUM_CLASSES, 1, "logits")]
+    elif architecture in WIDTHS:
+        c1, c2 = WIDTHS[architecture]
+        layers += [_group_norm(), conv(c1, 3, 2, "same", 1, "conv1", activation),
+                   conv(c2, 3, 1, "same", 2, "conv2", activation), keras.layers.Flatten(name="flatten"),
+                   dense(32, 3, "dense1", activation), dense(NUM_CLASSES, 4, "logits")]
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}")
+    return keras.Sequential(layers, name=architecture)
+
+
+def _group_norm() -> keras.layers.Layer:
+    return keras.layers.GroupNormalization(GROUPS, axis=-1, epsilon=1e-5, center=False, scale=False,
+                                           name="group_norm")
