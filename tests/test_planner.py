@@ -35,7 +35,9 @@ def test_plan_is_measured_once_then_read_from_the_cache(planner_on, private):
     if plan.gradient_path == "fast":
         assert all(plan.formulation[name] in choices for name, choices in allowed.items())
     if not private:
-        assert set(plan.step_ms) >= {"keras graph"}  # the plain Keras step is always a candidate
+        # the plain Keras step is always a candidate: timed against a fast forward, or the only candidate
+        # (and chosen, untimed) when every layer's fastest forward is the native one, i.e. the Keras step
+        assert "keras graph" in plan.step_ms or (plan.gradient_path == "keras" and not plan.step_ms)
     again = planner.plan_step(model, capacity=8, private=private, jit_compile=False)
     assert again.source == "cache" and again.formulation == plan.formulation
     assert len(json.loads((planner_on / planner.CACHE_FILE).read_text())) == 1
