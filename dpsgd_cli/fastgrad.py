@@ -34,9 +34,9 @@ import numpy as np
 import tensorflow as tf
 
 from dpsgd_cli import engine
+from dpsgd_cli.config import GRADIENT_PATHS
 from dpsgd_cli.errors import ConfigError
 
-GRADIENT_PATHS = ("auto", "fast", "vectorized_map")
 _WEIGHT_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
 _WEIGHTLESS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Flatten,
                keras.layers.Activation, keras.layers.ReLU, keras.layers.Reshape, keras.layers.Dropout,

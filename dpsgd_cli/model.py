@@ -13,11 +13,10 @@ from typing import Any
 
 import keras
 
+from dpsgd_cli.config import ACTIVATIONS, ARCHITECTURES
 from dpsgd_cli.data import NUM_CLASSES
 from dpsgd_cli.errors import ConfigError
 
-ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_cnn", "scatter_cnn_wide")
-ACTIVATIONS = ("relu", "tanh")
 INPUT_SHAPE = (28, 28, 1)
 
 

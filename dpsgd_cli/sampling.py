@@ -28,9 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpsgd_cli.config import SAMPLINGS
 from dpsgd_cli.run_key import STREAM_SAMPLING, RunKey
-
-SAMPLINGS = ("poisson", "shuffle")
 
 
 @dataclass(frozen=True)
