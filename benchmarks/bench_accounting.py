@@ -109,7 +109,7 @@ def main() -> None:
     shown = [r for r in rows if r["epoch"] in (1, 2, 5) or r["epoch"] % 10 == 0]
     print("  " + "  ".join(f"E{r['epoch']:g}:{r['epsilon_pld']:.4f}" for r in shown))
 
-    from dpsgd_cli import accounting
+    from dpsgd_cli.privacy import accounting
 
     steps = [r["steps"] for r in rows]
     import dp_accounting.pld  # noqa: F401  (its import time is in the command's timing, not this one)

@@ -42,14 +42,14 @@ def main() -> None:
 
     import keras
 
-    from dpsgd_cli import engine
     from dpsgd_cli.config import load_config
-    from dpsgd_cli.data import load_dataset
     from dpsgd_cli.keras_api import DPModel
-    from dpsgd_cli.model import model_from_config
-    from dpsgd_cli.privacy_plan import plan_privacy
-    from dpsgd_cli.run_key import new_run_key
-    from dpsgd_cli.trainer import Trainer
+    from dpsgd_cli.privacy.plan import plan_privacy
+    from dpsgd_cli.privacy.run_key import new_run_key
+    from dpsgd_cli.training import engine
+    from dpsgd_cli.training.data import load_dataset
+    from dpsgd_cli.training.model import model_from_config
+    from dpsgd_cli.training.trainer import Trainer
 
     b, n = args.batch_size, args.train_size
     cfg = load_config(None, [f"data.train_size={n}", "data.test_size=100", f"data.batch_size={b}",

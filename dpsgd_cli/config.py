@@ -63,8 +63,8 @@ class TrainingConfig:
     momentum: float = 0.9
     jit_compile: Any = "auto"
     gradient_path: str = "auto"
-    # auto: the planner times the formulations on this device (dpsgd_cli.planner); or fix some layers by
-    # hand, e.g. {conv1: {forward: native, grads: depthwise}, pool1: {forward: slices}}
+    # auto: the planner times the formulations on this device (dpsgd_cli.training.planner); or fix some
+    # layers by hand, e.g. {conv1: {forward: native, grads: depthwise}, pool1: {forward: slices}}
     plan: Any = "auto"
     # issue 15: examples per compiled pass (the logical batch is summed over passes before the noise);
     # EMA of the weights used for evaluation (null = off); "constant" or "cosine" learning rate

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpsgd_cli.data import write_idx
+from dpsgd_cli.training.data import write_idx
 
 
 def _synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""dpsgd_cli.accounting: its ε are dp-accounting's (RdpAccountant, PLDAccountant on the same event), ε
+"""dpsgd_cli.privacy.accounting: its ε are dp-accounting's (RdpAccountant, PLDAccountant on the same event), ε
 moves the right way with steps and σ, the microbatch rule and the ledger (calibration, the PLD composition
 and the statement have their own test files)."""
 
@@ -11,8 +11,9 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from dpsgd_cli import accounting, pld_composition
-from dpsgd_cli.accounting import (
+from dpsgd_cli.errors import AccountingInputError
+from dpsgd_cli.privacy import accounting, pld_composition
+from dpsgd_cli.privacy.accounting import (
     MAX_STEPS,
     NOISE_MULTIPLIER_MAX,
     NOISE_MULTIPLIER_MIN,
@@ -21,8 +22,7 @@ from dpsgd_cli.accounting import (
     epsilon,
     epsilon_curve,
 )
-from dpsgd_cli.calibration import calibrate_noise_multiplier
-from dpsgd_cli.errors import AccountingInputError
+from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
 
 REL = 1e-6  # what the issue asks; the agreement is in fact ~1e-9 or better
 

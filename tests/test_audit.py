@@ -1,4 +1,5 @@
-"""Tests for dpsgd_cli.audit and `dpsgd audit`: two small runs through runner.run, audited end to end.
+"""Tests for dpsgd_cli.audit.membership and `dpsgd audit`: two small runs through runner.run, audited
+end to end.
 
 The hand-worked conversions from counts to ε live in tests/test_audit_bounds.py; here we check that a run
 is loaded and attacked correctly, that an overfit non-private model leaks membership, and that with σ
@@ -14,12 +15,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dpsgd_cli import audit, canaries
+from dpsgd_cli.audit import canaries
+from dpsgd_cli.audit import membership as audit
 from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
-from dpsgd_cli.data import load_dataset, write_idx
 from dpsgd_cli.errors import ConfigError, RunDirError
-from dpsgd_cli.runner import run
+from dpsgd_cli.training.data import load_dataset, write_idx
+from dpsgd_cli.training.runner import run
 
 TRAIN = 64
 
@@ -105,7 +107,7 @@ def test_the_canary_audit_notices_missing_noise(data_dir, tmp_path, monkeypatch,
     """A run that claims σ = 20 for 240 steps: with its noise, the one-run canary bound stays below the
     accountant's ε; with the noise patched away it memorises its canaries, the bound exceeds the
     accountant's ε and the verdict's canary half says so."""
-    from dpsgd_cli import engine
+    from dpsgd_cli.training import engine
 
     if noise_removed:
         monkeypatch.setattr(engine, "gaussian_noise",

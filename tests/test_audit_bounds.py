@@ -1,4 +1,4 @@
-"""Tests for dpsgd_cli.audit_bounds: expected numbers are derived by hand in the comments."""
+"""Tests for dpsgd_cli.audit.bounds: expected numbers are derived by hand in the comments."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from dpsgd_cli.audit_bounds import (
+from dpsgd_cli.audit.bounds import (
     attacker_advantage,
     best_threshold_epsilon_lower_bound,
     choose_guesses,
@@ -244,5 +244,5 @@ def test_one_run_detects_a_leaky_mechanism():
 
 
 def test_module_does_not_import_tensorflow():
-    code = "import sys, dpsgd_cli.audit_bounds; assert 'tensorflow' not in sys.modules"
+    code = "import sys, dpsgd_cli.audit.bounds; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

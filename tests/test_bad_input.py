@@ -37,10 +37,10 @@ from hypothesis import strategies as st
 from test_cli_train import MISSING_DATA, make_run_dir
 from typer.testing import CliRunner
 
-from dpsgd_cli import checkpoint
 from dpsgd_cli.cli import app, run
 from dpsgd_cli.config import _SECTIONS, ExperimentConfig
-from dpsgd_cli.data import FILES, write_idx
+from dpsgd_cli.runs import checkpoint
+from dpsgd_cli.training.data import FILES, write_idx
 
 app_module = importlib.import_module("dpsgd_cli.cli.app")  # the module (`dpsgd_cli.cli.app` is the Typer app)
 # (input category, error class) → count, over the whole module

@@ -7,8 +7,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from dpsgd_cli.bench import BenchCase, default_cases, run_benchmark
 from dpsgd_cli.cli import app
+from dpsgd_cli.training.bench import BenchCase, default_cases, run_benchmark
 
 
 @pytest.mark.slow
@@ -46,8 +46,8 @@ def test_cli_writes_csv_and_rejects_bad_options(tmp_path):
 
 
 def test_planned_rows_record_the_plan_and_the_ratio_to_the_fastest_nonprivate_step():
-    from dpsgd_cli.bench import planned_cases
     from dpsgd_cli.cli.bench import summary_lines
+    from dpsgd_cli.training.bench import planned_cases
 
     cases = [BenchCase(path="nonprivate", batch_size=8, jit_compile=False), *planned_cases([8])]
     rows = run_benchmark(cases, steps=5, warmup=1)
@@ -63,7 +63,7 @@ def test_planned_rows_record_the_plan_and_the_ratio_to_the_fastest_nonprivate_st
 
 @pytest.mark.slow
 def test_epoch_rows_time_whole_epochs_through_the_trainer(data_dir):
-    from dpsgd_cli.bench import epoch_rows
+    from dpsgd_cli.training.bench import epoch_rows
 
     rows = epoch_rows(batch_size=64, data_dir=data_dir, train_size=640)
     assert [r["path"] for r in rows] == ["epoch_nonprivate", "epoch_dp"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dpsgd_cli import runner
 from dpsgd_cli.config import load_config
-from dpsgd_cli.run_dir import WEIGHTS_FILE
+from dpsgd_cli.runs.run_dir import WEIGHTS_FILE
+from dpsgd_cli.training import runner
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 BEST = ("fashion_mnist_best", "mnist_best", "fashion_mnist_tutorial_cnn_best")

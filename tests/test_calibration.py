@@ -1,4 +1,5 @@
-"""dpsgd_cli.calibration: the σ it returns meets the target and a slightly smaller σ does not, for our ε
+"""dpsgd_cli.privacy.calibration: the σ it returns meets the target and a slightly smaller σ does not,
+for our ε
 and for dp-accounting's own accountants; each σ's ε is computed once."""
 
 from __future__ import annotations
@@ -8,12 +9,12 @@ import math
 import pytest
 from test_accounting import library_epsilon
 
-from dpsgd_cli import accounting, calibration
-from dpsgd_cli.accounting import epsilon
-from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import AccountingInputError
-from dpsgd_cli.privacy_plan import plan_privacy
+from dpsgd_cli.privacy import accounting, calibration
+from dpsgd_cli.privacy.accounting import epsilon
+from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
+from dpsgd_cli.privacy.plan import plan_privacy
 
 
 @pytest.mark.parametrize("accountant,target,q,steps", [

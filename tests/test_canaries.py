@@ -1,4 +1,4 @@
-"""Tests for dpsgd_cli.canaries: the seeded inclusion draw, what gets appended, and the saved file."""
+"""Tests for dpsgd_cli.audit.canaries: the seeded inclusion draw, what gets appended, and the saved file."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dpsgd_cli import canaries
-from dpsgd_cli.data import Dataset
+from dpsgd_cli.audit import canaries
 from dpsgd_cli.errors import ConfigError, RunDirError
-from dpsgd_cli.run_key import new_run_key
+from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.training.data import Dataset
 
 
 def _key(seed: int = 0, label: str = ""):

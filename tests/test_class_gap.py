@@ -5,9 +5,9 @@ from __future__ import annotations
 from test_plots import PNG_MAGIC, write_run
 from typer.testing import CliRunner
 
-from dpsgd_cli.class_gap import class_gaps
 from dpsgd_cli.cli import app
-from dpsgd_cli.results import read_metrics, write_metrics
+from dpsgd_cli.runs.class_gap import class_gaps
+from dpsgd_cli.runs.results import read_metrics, write_metrics
 
 
 def _runs(tmp_path):

@@ -16,10 +16,10 @@ import pytest
 from dp_accounting import pld, rdp
 from typer.testing import CliRunner
 
-from dpsgd_cli import accounting
 from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
-from dpsgd_cli.privacy_plan import plan_privacy
+from dpsgd_cli.privacy import accounting
+from dpsgd_cli.privacy.plan import plan_privacy
 
 ROOT = Path(__file__).parent.parent
 TUTORIAL = ["--batch-size", "256", "--dataset-size", "60000", "--sigma", "1.1"]  # TF Privacy's MNIST tutorial

@@ -11,11 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dpsgd_cli import checkpoint, trainer
 from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
-from dpsgd_cli.results import write_yaml
-from dpsgd_cli.run_key import KEY_FILE, load_run_key, new_run_key, save_run_key
+from dpsgd_cli.privacy.run_key import KEY_FILE, load_run_key, new_run_key, save_run_key
+from dpsgd_cli.runs import checkpoint
+from dpsgd_cli.runs.results import write_yaml
+from dpsgd_cli.training import trainer
 
 MISSING_DATA = "/nonexistent/dpsgd-test-data"
 

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dpsgd_cli.data import FILES, load_dataset, write_idx
 from dpsgd_cli.errors import DataError
+from dpsgd_cli.training.data import FILES, load_dataset, write_idx
 
 
 def test_loads_shapes_ranges(data_dir):

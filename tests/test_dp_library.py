@@ -1,4 +1,5 @@
-"""dpsgd_cli.dp_library: dp-accounting's RDP modules load without the package's slow PLD imports, and are
+"""dpsgd_cli.privacy.dp_library: dp-accounting's RDP modules load without the package's slow PLD
+imports, and are
 the very modules (and classes) a later `import dp_accounting` gives."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import sys
 
 SCRIPT = """
 import json, sys
-from dpsgd_cli import accounting
-from dpsgd_cli.dp_library import dp_module
+from dpsgd_cli.privacy import accounting
+from dpsgd_cli.privacy.dp_library import dp_module
 
 q, steps, delta = 256 / 60000, 23438, 1e-5
 eps = accounting.epsilon(1.1, q, steps, delta, "rdp")
@@ -52,7 +53,7 @@ def test_after_the_package_is_imported_the_same_modules_are_returned():
     out = _run("""
 import json
 import dp_accounting
-from dpsgd_cli.dp_library import dp_module
+from dpsgd_cli.privacy.dp_library import dp_module
 print(json.dumps({"rdp": dp_module("rdp") is dp_accounting.rdp,
                   "calibration": dp_module("mechanism_calibration") is dp_accounting.mechanism_calibration}))
 """)
@@ -62,7 +63,7 @@ print(json.dumps({"rdp": dp_module("rdp") is dp_accounting.rdp,
 def test_falls_back_to_the_whole_package_when_the_submodule_import_fails():
     out = _run("""
 import json, sys
-from dpsgd_cli import dp_library
+from dpsgd_cli.privacy import dp_library
 
 def broken(name):
     raise ImportError("laid out differently")

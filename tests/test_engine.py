@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpsgd_cli import engine, fastgrad
-from dpsgd_cli.model import build_model
+from dpsgd_cli.training import engine, fastgrad
+from dpsgd_cli.training.model import build_model
 
 
 def _batch(n: int, seed: int = 0):
@@ -154,7 +154,7 @@ def test_step_on_device_data_gathers_the_indexed_examples():
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_nonprivate_step_on_the_fast_formulation_equals_the_keras_step(activation):
-    from dpsgd_cli import fastgrad
+    from dpsgd_cli.training import fastgrad
 
     rng = np.random.default_rng(9)
     x = rng.random((16, 28, 28, 1), dtype=np.float32)
@@ -185,7 +185,7 @@ def test_gradient_path_choice():
 def test_overflow_chunks_add_before_the_noise_like_one_big_batch(path):
     """A Poisson batch larger than the capacity is split: chunk sums passed as `extra_sums` must give the
     same update (same noise draw) as processing all examples in one call."""
-    from dpsgd_cli import fastgrad
+    from dpsgd_cli.training import fastgrad
 
     grad_fn = {"vectorized_map": engine.vmap_clipped_gradient_sum,
                "fast": fastgrad.fast_clipped_gradient_sum}[path]

@@ -12,9 +12,9 @@ from test_cli_train import error_line, invoke, tree
 
 from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
-from dpsgd_cli.export import export_run
-from dpsgd_cli.results import METRIC_COLUMNS, write_metrics, write_yaml
-from dpsgd_cli.run_key import KEY_FILE, new_run_key, save_run_key
+from dpsgd_cli.privacy.run_key import KEY_FILE, new_run_key, save_run_key
+from dpsgd_cli.runs.export import export_run
+from dpsgd_cli.runs.results import METRIC_COLUMNS, write_metrics, write_yaml
 
 
 def _finished_run(run_dir: Path, *extra: str) -> Path:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpsgd_cli import engine, fastgrad
 from dpsgd_cli.errors import ConfigError
-from dpsgd_cli.model import build_model
+from dpsgd_cli.training import engine, fastgrad
+from dpsgd_cli.training.model import build_model
 
 BATCH = 16
 RTOL, ATOL = 1e-4, 1e-5

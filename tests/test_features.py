@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpsgd_cli import features, scattering
-from dpsgd_cli.data import Dataset
+from dpsgd_cli.training import features, scattering
+from dpsgd_cli.training.data import Dataset
 
 
 def _counting(calls):

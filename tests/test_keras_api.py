@@ -16,15 +16,15 @@ import pytest
 import tensorflow as tf
 from dp_accounting import pld, rdp
 
-from dpsgd_cli import engine
 from dpsgd_cli.config import load_config
-from dpsgd_cli.data import load_dataset
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.keras_api import DPModel
-from dpsgd_cli.model import model_from_config
-from dpsgd_cli.privacy_plan import plan_privacy
-from dpsgd_cli.run_key import new_run_key
-from dpsgd_cli.trainer import Trainer
+from dpsgd_cli.privacy.plan import plan_privacy
+from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.training import engine
+from dpsgd_cli.training.data import load_dataset
+from dpsgd_cli.training.model import model_from_config
+from dpsgd_cli.training.trainer import Trainer
 
 DOCS = Path(__file__).resolve().parent.parent / "README.md"  # its "Coming from TensorFlow Privacy" example
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from dpsgd_cli.model import build_model
+from dpsgd_cli.training.model import build_model
 
 
 def test_tutorial_cnn_shapes_and_no_batchnorm():

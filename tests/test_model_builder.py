@@ -104,7 +104,7 @@ def test_a_builder_in_yaml_trains_end_to_end_and_audit_loads_it(builders, tiny_o
     assert doc["resolved"]["gradient_path"] == path
     assert 0 < doc["final"]["epsilon_pld"] < np.inf
 
-    from dpsgd_cli import audit
+    from dpsgd_cli.audit import membership as audit
 
     model = audit.load_model(audit.load_run(run_dir))  # the audit rebuilds the same model from the builder
     assert model.count_params() > 0 and model.output_shape == (None, 10)
@@ -113,7 +113,7 @@ def test_a_builder_in_yaml_trains_end_to_end_and_audit_loads_it(builders, tiny_o
 def test_building_twice_gives_the_same_variable_names_and_weights(builders):
     """The checkpoint records variable paths: a resumed run (or a sweep's next point) must rebuild the
     same names, and the seed the same initial weights."""
-    from dpsgd_cli.model import model_from_config
+    from dpsgd_cli.training.model import model_from_config
 
     cfg = load_config(None, [f"model.builder={builders}:grouped", "seed=4", "privacy.noise_multiplier=1.0"])
     a, b = model_from_config(cfg.model, cfg.seed), model_from_config(cfg.model, cfg.seed)

@@ -8,9 +8,9 @@ import keras
 import pytest
 import yaml
 
-from dpsgd_cli import fastgrad, planner
 from dpsgd_cli.errors import ConfigError
-from dpsgd_cli.model import build_model
+from dpsgd_cli.training import fastgrad, planner
+from dpsgd_cli.training.model import build_model
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_config_accepts_plans_and_rejects_bad_ones():
 @pytest.mark.slow
 def test_run_yaml_records_the_measured_plan(planner_on, tiny_overrides):
     from dpsgd_cli.config import load_config
-    from dpsgd_cli.runner import run
+    from dpsgd_cli.training.runner import run
 
     cfg = load_config(None, [*tiny_overrides, "training.epochs=1", "training.jit_compile=false",
                              "name=planned"])

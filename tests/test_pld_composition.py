@@ -1,4 +1,4 @@
-"""dpsgd_cli.pld_composition: the window bounds and the ε rule equal dp-accounting's on any pmf (the
+"""dpsgd_cli.privacy.pld_composition: the window bounds and the ε rule equal dp-accounting's on any pmf (the
 composed ε themselves are checked against PLDAccountant in test_accounting)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from dp_accounting import pld
 from dp_accounting.pld import common, pld_pmf
 
-from dpsgd_cli import pld_composition
+from dpsgd_cli.privacy import pld_composition
 
 
 def test_pld_bounds_and_epsilon_rule_match_dp_accounting():

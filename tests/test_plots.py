@@ -1,4 +1,5 @@
-"""Tests for dpsgd_cli.plots and `dpsgd plot`: figures are checked as matplotlib objects, files as PNGs."""
+"""Tests for dpsgd_cli.runs.plots and `dpsgd plot`: figures are checked as matplotlib objects, files as
+PNGs."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from typer.testing import CliRunner
 
 from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
-from dpsgd_cli.data import CLASS_NAMES
 from dpsgd_cli.errors import RunDirError
-from dpsgd_cli.plots import curves_figure, per_class_figure, plot_runs
-from dpsgd_cli.results import METRIC_COLUMNS, write_metrics, write_yaml
-from dpsgd_cli.run_summaries import load_runs, run_labels
+from dpsgd_cli.runs.plots import curves_figure, per_class_figure, plot_runs
+from dpsgd_cli.runs.results import METRIC_COLUMNS, write_metrics, write_yaml
+from dpsgd_cli.runs.summaries import load_runs, run_labels
+from dpsgd_cli.training.data import CLASS_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -146,13 +147,13 @@ def test_report_of_runs_in_progress(sigma_sweep):
 
 
 def test_plots_module_does_not_import_tensorflow():
-    code = "import sys, dpsgd_cli.plots; print('tensorflow' in sys.modules)"
+    code = "import sys, dpsgd_cli.runs.plots; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
 def test_tradeoff_figure_draws_accuracy_against_pld_epsilon_and_published_points(tmp_path):
-    from dpsgd_cli.tradeoff import PUBLISHED, tradeoff_figure
+    from dpsgd_cli.runs.tradeoff import PUBLISHED, tradeoff_figure
 
     private = write_run(tmp_path, "dp", "privacy.noise_multiplier=1.1", epochs=4)
     write_run(tmp_path, "np", "privacy.enabled=false", epochs=4)

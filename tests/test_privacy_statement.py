@@ -1,10 +1,10 @@
-"""dpsgd_cli.privacy_statement: the guarantee names every assumption it rests on."""
+"""dpsgd_cli.privacy.statement: the guarantee names every assumption it rests on."""
 
 from __future__ import annotations
 
 import pytest
 
-from dpsgd_cli.privacy_statement import PrivacyFacts, privacy_statement
+from dpsgd_cli.privacy.statement import PrivacyFacts, privacy_statement
 
 
 def _facts(**changes) -> PrivacyFacts:

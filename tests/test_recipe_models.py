@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpsgd_cli import engine, fastgrad
-from dpsgd_cli.model import build_model
-from dpsgd_cli.recipe_models import input_shape
+from dpsgd_cli.training import engine, fastgrad
+from dpsgd_cli.training.model import build_model
+from dpsgd_cli.training.recipe_models import input_shape
 
 ARCHITECTURES = ("tanh_cnn", "scatter_linear", "scatter_cnn", "scatter_cnn_wide")
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpsgd_cli import recipes
 from dpsgd_cli.config import load_config
-from dpsgd_cli.data import load_dataset
 from dpsgd_cli.errors import ConfigError
-from dpsgd_cli.privacy_plan import plan_privacy
-from dpsgd_cli.run_key import new_run_key
-from dpsgd_cli.sampling import Sampler
-from dpsgd_cli.trainer import Trainer
+from dpsgd_cli.privacy.plan import plan_privacy
+from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.training import recipes
+from dpsgd_cli.training.data import load_dataset
+from dpsgd_cli.training.sampling import Sampler
+from dpsgd_cli.training.trainer import Trainer
 
 
 def _trainer(data_dir, tmp_path, *extra: str) -> Trainer:

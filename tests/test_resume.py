@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import yaml
 
-from dpsgd_cli import checkpoint, runner, trainer
 from dpsgd_cli.config import load_config
-from dpsgd_cli.data import write_idx
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
-from dpsgd_cli.run_dir import check_run_dir, resume_config
-from dpsgd_cli.run_key import load_run_key
+from dpsgd_cli.privacy.run_key import load_run_key
+from dpsgd_cli.runs import checkpoint
+from dpsgd_cli.runs.run_dir import check_run_dir, resume_config
+from dpsgd_cli.training import runner, trainer
+from dpsgd_cli.training.data import write_idx
 
 # 1024 examples / batch 64 = 16 steps an epoch: long enough that a kill right after the first checkpoint
 # lands inside epoch 2.
@@ -61,9 +62,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 _UNINTERRUPTED = """
 import sys
 from pathlib import Path
-from dpsgd_cli import runner
+from dpsgd_cli.training import runner
 from dpsgd_cli.config import load_config
-from dpsgd_cli.run_key import load_run_key
+from dpsgd_cli.privacy.run_key import load_run_key
 *sets, keyed = sys.argv[1:]
 runner.run(load_config(None, sets), run_key=load_run_key(Path(keyed)))
 """

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from test_cli_train import make_run_dir
 
-from dpsgd_cli import checkpoint
 from dpsgd_cli.errors import RunDirError
-from dpsgd_cli.run_dir import RunDir
+from dpsgd_cli.runs import checkpoint
+from dpsgd_cli.runs.run_dir import RunDir
 
 
 @pytest.mark.parametrize("text, message", [

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from dpsgd_cli.errors import RunDirError
-from dpsgd_cli.run_key import KEY_FILE, RunKey, key_file_is_private, load_run_key, new_run_key, save_run_key
+from dpsgd_cli.privacy.run_key import (
+    KEY_FILE,
+    RunKey,
+    key_file_is_private,
+    load_run_key,
+    new_run_key,
+    save_run_key,
+)
 
 
 def test_secret_keys_are_fresh_and_reproducible_keys_repeat():

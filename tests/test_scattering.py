@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpsgd_cli import scattering
-from dpsgd_cli.scattering import ScatteringParams, filter_bank
+from dpsgd_cli.training import scattering
+from dpsgd_cli.training.scattering import ScatteringParams, filter_bank
 
 
 def _images(n: int = 3) -> np.ndarray:

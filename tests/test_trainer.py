@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpsgd_cli import engine
 from dpsgd_cli.config import load_config
-from dpsgd_cli.data import load_dataset
-from dpsgd_cli.model import build_model
-from dpsgd_cli.privacy_plan import plan_privacy
-from dpsgd_cli.run_key import new_run_key
-from dpsgd_cli.trainer import Trainer
+from dpsgd_cli.privacy.plan import plan_privacy
+from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.training import engine
+from dpsgd_cli.training.data import load_dataset
+from dpsgd_cli.training.model import build_model
+from dpsgd_cli.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 REAL_NOISE = engine.gaussian_noise  # the reference regenerates the noise with the real function

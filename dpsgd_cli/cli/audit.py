@@ -30,7 +30,7 @@ def audit(
 
     Runs trained with privacy.canaries: the one-run canary audit (Steinke, Nasr, Jagielski 2023).
     """
-    from dpsgd_cli.audit import audit_run, plot_roc, write_audit  # TensorFlow is imported only now
+    from dpsgd_cli.audit.membership import audit_run, plot_roc, write_audit  # TensorFlow is imported only now
 
     report = audit_run(run_dir, confidence=confidence, data_dir=data_dir)
     path = write_audit(report, run_dir)

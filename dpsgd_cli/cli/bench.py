@@ -51,8 +51,8 @@ def bench(
 
 
 def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path) -> None:
-    from dpsgd_cli import bench as harness
-    from dpsgd_cli.results import write_table
+    from dpsgd_cli.runs.results import write_table
+    from dpsgd_cli.training import bench as harness
 
     cases = harness.default_cases(batch_sizes, jit_modes, [p for p in paths if p in harness.PATHS])
     cases += harness.planned_cases(batch_sizes, [p for p in paths if p in harness.PLANNED_PATHS])

@@ -19,7 +19,7 @@ def class_gap(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also draw the bars to this PNG.")] = None,
 ) -> None:
     """Per-class test accuracy of a DP run next to its non-private twin: which classes pay for privacy."""
-    from dpsgd_cli.class_gap import class_gaps
+    from dpsgd_cli.runs.class_gap import class_gaps
 
     gaps, dp, twin = class_gaps(dp_run, twin_run)
     table = Table(title=f"{dp.name} vs {twin.name} (last epochs)")
@@ -29,8 +29,8 @@ def class_gap(
         table.add_row(f"{g.label} {g.name}", f"{g.nonprivate:.4f}", f"{g.private:.4f}", f"{100 * g.loss:.2f}")
     console.print(table)
     if out is not None:
-        from dpsgd_cli.class_gap import gap_figure
-        from dpsgd_cli.plots import save_figure
+        from dpsgd_cli.runs.class_gap import gap_figure
+        from dpsgd_cli.runs.plots import save_figure
 
         save_figure(gap_figure(gaps), out)
         console.print(f"wrote {out}", highlight=False)

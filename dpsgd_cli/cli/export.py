@@ -21,7 +21,7 @@ def export(
 ) -> None:
     """Copy a finished run for publication: run.yaml, metrics.csv without train_loss/train_accuracy, the
     weights, plots and audit.json. Never run.key, the checkpoint or the canaries."""
-    from dpsgd_cli.export import export_run
+    from dpsgd_cli.runs.export import export_run
 
     written = export_run(run_dir, dest, allow_reproducible=allow_reproducible)
     console.print(f"exported {len(written)} files to {dest}: {', '.join(p.name for p in written)}",

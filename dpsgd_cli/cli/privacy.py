@@ -1,7 +1,7 @@
 """`dpsgd epsilon` and `dpsgd noise`: privacy questions answered without training (and without TensorFlow).
 
 `dpsgd epsilon`: what ε does this σ give after this many steps? `dpsgd noise`: what σ keeps ε ≤ a target?
-Both describe one DP-SGD step as the Poisson-subsampled Gaussian (see `dpsgd_cli.accounting`). With
+Both describe one DP-SGD step as the Poisson-subsampled Gaussian (see `dpsgd_cli.privacy.accounting`). With
 `--epochs E` the number of steps follows `dpsgd train`: ⌈E·n/B⌉ for Poisson sampling (an epoch is n/B
 steps in expectation), E·⌊n/B⌋ for shuffled batches. `dpsgd epsilon --config X.yaml` derives every number
 from an experiment file exactly as `dpsgd train` will (privacy_plan.plan_privacy), so it prints the ε the run
@@ -21,11 +21,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dpsgd_cli import accounting
-from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.cli.app import app, console, user_errors
 from dpsgd_cli.errors import AccountingInputError, ConfigError, OutputError
-from dpsgd_cli.privacy_statement import PrivacyFacts, privacy_statement
+from dpsgd_cli.privacy import accounting
+from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
+from dpsgd_cli.privacy.statement import PrivacyFacts, privacy_statement
 
 MAX_CURVE_POINTS = 10_000  # ε after every epoch (each point is one ε to compute)
 MAX_COUNT = 2**63 - 1  # batch and dataset sizes (any larger and B/n, E·n/B lose their meaning as floats)
@@ -96,7 +96,7 @@ class Setting:
 
     def option_error(self, exc: AccountingInputError) -> ConfigError:
         """The accountants' complaint about an input, naming the option (or config key) it came from."""
-        from dpsgd_cli.privacy_plan import config_error
+        from dpsgd_cli.privacy.plan import config_error
 
         if self.source == "config" and exc.parameter not in ("accountant", "curve"):
             return config_error(exc)
@@ -111,7 +111,7 @@ class Setting:
 
     def steps_after(self, epochs: float) -> int:
         """Steps after `epochs` epochs (the dpsgd train convention)."""
-        from dpsgd_cli.sampling import steps_after_epochs
+        from dpsgd_cli.training.sampling import steps_after_epochs
 
         if self.batch_size and self.dataset_size:
             return steps_after_epochs(epochs, self.batch_size, self.dataset_size, self.sampling)
@@ -232,7 +232,7 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
 def resolve_config(config: Path, overrides: list[str] | None) -> Setting:
     """The privacy setting of an experiment file, from `privacy_plan.plan_privacy` as `dpsgd train` uses."""
     from dpsgd_cli.config import dataset_size, load_config
-    from dpsgd_cli.privacy_plan import plan_privacy
+    from dpsgd_cli.privacy.plan import plan_privacy
 
     cfg = load_config(config, overrides)
     p = cfg.privacy

@@ -17,20 +17,20 @@ PathsArgument = Annotated[list[Path], typer.Argument(
     help="Run directories (holding run.yaml) or sweep directories (holding runs).", show_default=False)]
 
 if TYPE_CHECKING:
-    from dpsgd_cli.run_summaries import RunInfo
-    from dpsgd_cli.sweep import PlannedRun, SweepPlan
+    from dpsgd_cli.runs.summaries import RunInfo
+    from dpsgd_cli.runs.sweep import PlannedRun, SweepPlan
 
 
 def _sweeps():
-    """The `dpsgd_cli.sweep` module, imported when a command needs it (not for every `dpsgd` command)."""
-    from dpsgd_cli import sweep
+    """The `dpsgd_cli.runs.sweep` module, imported when a command needs it (not for every `dpsgd` command)."""
+    from dpsgd_cli.runs import sweep
 
     return sweep
 
 
 def _summaries():
-    """The `dpsgd_cli.run_summaries` module, imported when a command needs it."""
-    from dpsgd_cli import run_summaries
+    """The `dpsgd_cli.runs.summaries` module, imported when a command needs it."""
+    from dpsgd_cli.runs import summaries as run_summaries
 
     return run_summaries
 
@@ -261,7 +261,7 @@ def plot(
 ) -> None:
     """Draw test accuracy and ε per epoch, one line per run, per-class accuracy bars, and (for private
     runs) test accuracy against PLD ε with the best published results marked, as <name>-tradeoff.png."""
-    from dpsgd_cli.plots import plot_runs  # matplotlib is imported only now
+    from dpsgd_cli.runs.plots import plot_runs  # matplotlib is imported only now
 
     written, drawn = plot_runs(paths, out, per_class)
     for run in drawn:

@@ -62,8 +62,8 @@ def train(
     else:
         cfg = config_with_shortcuts(config, overrides, **{
             "privacy.noise_multiplier": sigma, "training.epochs": epochs, "name": name})
-    from dpsgd_cli.run_dir import inspect_run_dir
-    from dpsgd_cli.runner import RunInterrupted, run  # TensorFlow only once training starts
+    from dpsgd_cli.runs.run_dir import inspect_run_dir
+    from dpsgd_cli.training.runner import RunInterrupted, run  # TensorFlow only once training starts
 
     console.print(_header(cfg), highlight=False)
     if resume is not None:
@@ -105,7 +105,7 @@ def _resume_config(run_dir: Path, config_flags: list[str], overwrite: bool) -> E
         raise ConfigError(f"--resume continues the run exactly as recorded in {run_dir / 'run.yaml'} (a "
                           f"different config would change what it trains and its ε); drop "
                           f"{', '.join(config_flags)}")
-    from dpsgd_cli.run_dir import check_run_dir, resume_config  # no TensorFlow
+    from dpsgd_cli.runs.run_dir import check_run_dir, resume_config  # no TensorFlow
 
     check_run_dir(run_dir, overwrite=overwrite, resume=True)
     return resume_config(run_dir)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpsgd_cli import accounting
-from dpsgd_cli.calibration import calibrate_noise_multiplier
 from dpsgd_cli.config import ExperimentConfig, microbatch_size
 from dpsgd_cli.errors import AccountingInputError, ConfigError
-from dpsgd_cli.pld_composition import PldTooLargeError
-from dpsgd_cli.sampling import steps_after_epochs
+from dpsgd_cli.privacy import accounting
+from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
+from dpsgd_cli.privacy.pld_composition import PldTooLargeError
+from dpsgd_cli.training.sampling import steps_after_epochs
 
 # The config key each accounting input comes from (AccountingInputError.parameter → key).
 CONFIG_KEYS = {"noise_multiplier": "privacy.noise_multiplier", "sampling_rate": "data.batch_size",

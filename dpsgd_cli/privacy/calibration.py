@@ -15,10 +15,10 @@ import functools
 import math
 from collections.abc import Callable
 
-from dpsgd_cli import accounting
-from dpsgd_cli.accounting import NOISE_MULTIPLIER_MAX, NOISE_MULTIPLIER_MIN
-from dpsgd_cli.dp_library import dp_module
 from dpsgd_cli.errors import AccountingInputError
+from dpsgd_cli.privacy import accounting
+from dpsgd_cli.privacy.accounting import NOISE_MULTIPLIER_MAX, NOISE_MULTIPLIER_MIN
+from dpsgd_cli.privacy.dp_library import dp_module
 
 CALIBRATION_RTOL = 1e-5  # calibrated σ is within this relative distance above the smallest valid σ
 

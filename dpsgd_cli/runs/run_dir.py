@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli import checkpoint
 from dpsgd_cli.config import ExperimentConfig, config_from_dict, replace
 from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
-from dpsgd_cli.results import read_yaml
-from dpsgd_cli.run_key import KEY_FILE
+from dpsgd_cli.privacy.run_key import KEY_FILE
+from dpsgd_cli.runs import checkpoint
+from dpsgd_cli.runs.results import read_yaml
 
 RUN_FILE = "run.yaml"
 METRICS_FILE = "metrics.csv"

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
-from dpsgd_cli.run_dir import AUDIT_FILE, FINISHED, METRICS_FILE, RUN_FILE, WEIGHTS_FILE, RunDir
+from dpsgd_cli.runs.run_dir import AUDIT_FILE, FINISHED, METRICS_FILE, RUN_FILE, WEIGHTS_FILE, RunDir
 
 COPIED = (RUN_FILE, WEIGHTS_FILE, AUDIT_FILE)
 UNCOVERED_COLUMNS = ("train_loss", "train_accuracy")

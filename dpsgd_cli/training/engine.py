@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from dpsgd_cli import accounting
+from dpsgd_cli.privacy import accounting
 
 GradSumFn = Callable[..., tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]]
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (logits, labels) -> per-example loss [batch]

@@ -14,8 +14,8 @@ from typing import Any
 import keras
 
 from dpsgd_cli.config import ACTIVATIONS, ARCHITECTURES
-from dpsgd_cli.data import NUM_CLASSES
 from dpsgd_cli.errors import ConfigError
+from dpsgd_cli.training.data import NUM_CLASSES
 
 INPUT_SHAPE = (28, 28, 1)
 
@@ -27,7 +27,7 @@ def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: i
     MaxPool 2 stride 1, Flatten, Dense 32, Dense 10. Initialisers are seeded by `seed`.
     """
     if architecture != "tfp_cnn" and architecture in ARCHITECTURES:  # issue 15: the best published recipes
-        from dpsgd_cli.recipe_models import build_recipe_model
+        from dpsgd_cli.training.recipe_models import build_recipe_model
 
         return build_recipe_model(architecture, activation, seed)
     if architecture not in ARCHITECTURES:

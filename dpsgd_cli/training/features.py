@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dpsgd_cli.data import Dataset
 from dpsgd_cli.errors import OutputError
+from dpsgd_cli.training.data import Dataset
 
 # architecture → the transform its input comes from
 FEATURES = {"scatter_linear": "scattering", "scatter_cnn": "scattering", "scatter_cnn_wide": "scattering"}
@@ -76,7 +76,7 @@ def prepare(dataset: Dataset, architecture: str, folder: Path | None = None) -> 
     """The dataset the model of `architecture` trains on: features for ScatterNet models, else as is."""
     if not needs_features(architecture):
         return dataset
-    from dpsgd_cli import scattering
+    from dpsgd_cli.training import scattering
 
     params = scattering.ScatteringParams()
     transform = params.describe()

@@ -25,9 +25,9 @@ import yaml
 
 from dpsgd_cli.config import ExperimentConfig, flatten, load_config, replace
 from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
-from dpsgd_cli.run_dir import FINISHED, RunDir
-from dpsgd_cli.run_key import RunKey, new_run_key
-from dpsgd_cli.run_summaries import NOT_SETTINGS, value_text, write_summary
+from dpsgd_cli.privacy.run_key import RunKey, new_run_key
+from dpsgd_cli.runs.run_dir import FINISHED, RunDir
+from dpsgd_cli.runs.summaries import NOT_SETTINGS, value_text, write_summary
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
@@ -224,7 +224,7 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[...,
                           f"({'; '.join(first.differences)}){more}; "
                           "pass --overwrite to re-train, or give the sweep another --name")
     if run_fn is None:
-        from dpsgd_cli.runner import run as run_fn  # TensorFlow is imported only now
+        from dpsgd_cli.training.runner import run as run_fn  # TensorFlow is imported only now
     outcome = SweepOutcome()
     todo = plan.to_train(overwrite)
     outcome.skipped = [r for r in plan.runs if r not in todo]

@@ -14,15 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from dpsgd_cli import __version__, accounting, checkpoint
+from dpsgd_cli import __version__
 from dpsgd_cli.config import ExperimentConfig
-from dpsgd_cli.data import NUM_CLASSES, Dataset
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
-from dpsgd_cli.privacy_plan import PrivacyPlan
-from dpsgd_cli.privacy_statement import PrivacyFacts
-from dpsgd_cli.results import EpochRecord
-from dpsgd_cli.run_key import RunKey
-from dpsgd_cli.sampling import Batch, Sampler, steps_in_epoch
+from dpsgd_cli.privacy import accounting
+from dpsgd_cli.privacy.plan import PrivacyPlan
+from dpsgd_cli.privacy.run_key import RunKey
+from dpsgd_cli.privacy.statement import PrivacyFacts
+from dpsgd_cli.runs import checkpoint
+from dpsgd_cli.runs.results import EpochRecord
+from dpsgd_cli.training.data import NUM_CLASSES, Dataset
+from dpsgd_cli.training.sampling import Batch, Sampler, steps_in_epoch
 
 StepCallback = Callable[[dict[str, Any]], None]
 EVAL_BATCH = 1000  # test examples per forward pass in `evaluate`
@@ -50,7 +52,7 @@ def take_step(step_fn, chunk_fn, zeros, x_train: np.ndarray, y_train: np.ndarray
     no sampled example is dropped. Returns (loss sum, correct, count) over the first chunk's real
     examples (the overflow chunks' examples are trained on but not in these running statistics), and the
     step's further outputs (the first chunk's logits with `return_logits`, else an empty tuple)."""
-    from dpsgd_cli.engine import overflow_sums
+    from dpsgd_cli.training.engine import overflow_sums
 
     (idx, mask), *overflow = batch.chunks
     extra = overflow_sums(chunk_fn, [(x_train[j], y_train[j], m) for j, m in overflow], zeros)
@@ -71,8 +73,8 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from dpsgd_cli import engine, planner, recipes
-        from dpsgd_cli.model import model_from_config
+        from dpsgd_cli.training import engine, planner, recipes
+        from dpsgd_cli.training.model import model_from_config
 
         self.tf = tf
         self.cfg, self.data, self.plan = cfg, dataset, plan
@@ -117,7 +119,7 @@ class Trainer:
         `PROGRESS_EVERY` steps (for `on_step`) and at the end, so the host never waits for each step; a
         non-finite loss stops the run with TrainingError at the end of the epoch, naming the first such
         step. The ledger composes each step that ran."""
-        from dpsgd_cli.engine import overflow_sums
+        from dpsgd_cli.training.engine import overflow_sums
 
         tf = self.tf
         total = steps_in_epoch(epoch, self.cfg.data.batch_size, self.n, self.cfg.data.sampling)
@@ -163,13 +165,13 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Test loss, accuracy and per-class accuracy on the whole test split (of the averaged weights
         when `training.ema_decay` is set)."""
-        from dpsgd_cli.recipes import averaged_weights
+        from dpsgd_cli.training.recipes import averaged_weights
 
         with averaged_weights(self.model, self.optimizer):
             return self._evaluate()
 
     def _evaluate(self) -> dict[str, Any]:
-        from dpsgd_cli.engine import per_example_loss
+        from dpsgd_cli.training.engine import per_example_loss
 
         x, y = self.data.x_test, self.data.y_test
         logits = []
@@ -271,7 +273,7 @@ class Trainer:
 
     def save_weights(self, path: Path) -> None:
         tmp = path.with_name(".tmp." + path.name)
-        from dpsgd_cli.recipes import averaged_weights
+        from dpsgd_cli.training.recipes import averaged_weights
 
         try:
             with averaged_weights(self.model, self.optimizer):

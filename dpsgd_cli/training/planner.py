@@ -74,7 +74,7 @@ class StepPlan:
 
     def functions(self, private: bool):
         """(grad_sum_fn, forward_fn) for `engine.make_train_step`."""
-        from dpsgd_cli import engine, fastgrad
+        from dpsgd_cli.training import engine, fastgrad
 
         if self.gradient_path == "vectorized_map":
             return (engine.vmap_clipped_gradient_sum if private else None), None
@@ -151,7 +151,7 @@ def validate_formulation(model, formulation: dict, private: bool) -> dict[str, d
 
 
 def _layer_options(model, private: bool) -> list[tuple[str, list[dict[str, str]]]]:
-    from dpsgd_cli import fastgrad
+    from dpsgd_cli.training import fastgrad
 
     first, out = True, []
     for layer in model.layers:
@@ -171,7 +171,7 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
     'vectorized_map' (training.gradient_path). `formulation`: 'auto' or {layer: choice} (training.plan)."""
     import tensorflow as tf
 
-    from dpsgd_cli import fastgrad
+    from dpsgd_cli.training import fastgrad
 
     supported = fastgrad.supports_fast_path(model)
     if gradient_path == "fast" and not supported:
@@ -235,7 +235,7 @@ def _write_cache(digest: str, plan: dict[str, Any]) -> None:
 
 def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed) -> StepPlan:
     """Steps 1 and 2 of the module docstring."""
-    from dpsgd_cli import fastgrad
+    from dpsgd_cli.training import fastgrad
 
     candidates: dict[str, StepPlan] = {}
     layer_ms: dict[str, Any] = {}
@@ -280,7 +280,7 @@ def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: boo
     """Each layer's fastest formulation, timed alone: every candidate at the probe batch (a pathological
     one shows there cheaply), then, when `full`, those within PRUNE× of the best at the full capacity,
     interleaved. Returns (formulation, {layer: {choice: ms}} of the deciding timings)."""
-    from dpsgd_cli import fastgrad
+    from dpsgd_cli.training import fastgrad
 
     chosen, timings = fastgrad.default_formulation(model), {}
     shapes = _shapes(model, capacity)
@@ -309,7 +309,7 @@ def _layer_work(layer, choice, shape, batch, private, first, microbatch_size, ji
     import keras
     import tensorflow as tf
 
-    from dpsgd_cli import fastgrad
+    from dpsgd_cli.training import fastgrad
 
     rng = np.random.default_rng(0)
     a = tf.constant(rng.random((batch, *shape[1:]), dtype=np.float32))
@@ -365,7 +365,7 @@ def _time_steps(model, capacity, private, microbatch_size, candidates: dict[str,
     import keras
     import tensorflow as tf
 
-    from dpsgd_cli import engine
+    from dpsgd_cli.training import engine
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.random((capacity, *model.inputs[0].shape[1:]), dtype=np.float32))

@@ -33,9 +33,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dpsgd_cli import engine
 from dpsgd_cli.config import GRADIENT_PATHS
 from dpsgd_cli.errors import ConfigError
+from dpsgd_cli.training import engine
 
 _WEIGHT_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
 _WEIGHTLESS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Flatten,

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli import checkpoint, features
 from dpsgd_cli.config import ExperimentConfig, flatten, resolved_data_dir
-from dpsgd_cli.data import data_fingerprint, load_dataset
 from dpsgd_cli.errors import DpsgdError, RunDirError
-from dpsgd_cli.privacy_plan import PrivacyPlan, plan_privacy
-from dpsgd_cli.privacy_statement import privacy_statement
-from dpsgd_cli.results import EpochRecord, write_metrics, write_yaml
-from dpsgd_cli.run_dir import (
+from dpsgd_cli.privacy.plan import PrivacyPlan, plan_privacy
+from dpsgd_cli.privacy.run_key import RunKey, load_run_key, new_run_key, save_run_key
+from dpsgd_cli.privacy.statement import privacy_statement
+from dpsgd_cli.runs import checkpoint
+from dpsgd_cli.runs.results import EpochRecord, write_metrics, write_yaml
+from dpsgd_cli.runs.run_dir import (
     FINISHED,
     METRICS_FILE,
     RUN_FILE,
@@ -35,9 +35,10 @@ from dpsgd_cli.run_dir import (
     check_run_dir,
     prepare_run_dir,
 )
-from dpsgd_cli.run_key import RunKey, load_run_key, new_run_key, save_run_key
-from dpsgd_cli.sampling import steps_after_epochs
-from dpsgd_cli.trainer import StepCallback, Trainer, library_versions
+from dpsgd_cli.training import features
+from dpsgd_cli.training.data import data_fingerprint, load_dataset
+from dpsgd_cli.training.sampling import steps_after_epochs
+from dpsgd_cli.training.trainer import StepCallback, Trainer, library_versions
 
 EpochCallback = Callable[[EpochRecord], None]
 # Keys of the config that may differ between a checkpoint and run.yaml: where the run lives and where the
@@ -81,7 +82,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     real_examples = len(dataset.y_train)
     canary_set = None
     if cfg.privacy.canaries:
-        from dpsgd_cli import canaries
+        from dpsgd_cli.audit import canaries
 
         dataset, canary_set = canaries.add_canaries(dataset, cfg.privacy.canaries, cfg.seed, key)
     recorded_sigma = ckpt.state.get("noise_multiplier") if ckpt and cfg.privacy.target_epsilon else None
@@ -89,7 +90,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     fingerprint = data_fingerprint(dataset)
     if ckpt:
         _check_continues(ckpt, cfg, plan, fingerprint)
-    from dpsgd_cli.model import model_from_config
+    from dpsgd_cli.training.model import model_from_config
 
     model = model_from_config(cfg.model, cfg.seed)  # a builder's errors come before the run dir changes
     if resume:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dpsgd_cli.run_summaries import RunInfo, run_labels
+from dpsgd_cli.runs.summaries import RunInfo, run_labels
 
 PUBLISHED_EPSILON_PLD = 2.38
 PUBLISHED = {  # dataset → [(label, test accuracy)] at PUBLISHED_EPSILON_PLD, δ = 1e-5

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from dpsgd_cli.run_key import new_run_key
+from dpsgd_cli.privacy.run_key import new_run_key
 
 PATHS = ("nonprivate", "nonprivate_fast", "vectorized_map", "fast")
 PLANNED_PATHS = ("nonprivate_planned", "planned")
@@ -89,14 +89,14 @@ def _build_step(case: BenchCase, seed: int):
     import keras
     import tensorflow as tf
 
-    from dpsgd_cli import engine, fastgrad
-    from dpsgd_cli.model import build_model
+    from dpsgd_cli.training import engine, fastgrad
+    from dpsgd_cli.training.model import build_model
 
     model = build_model(seed=seed)
     private = not case.path.startswith("nonprivate")
     step_plan = None
     if case.path in PLANNED_PATHS:
-        from dpsgd_cli import planner
+        from dpsgd_cli.training import planner
 
         step_plan = planner.plan_step(model, capacity=case.capacity or case.batch_size, private=private)
         grad_fn, forward_fn = step_plan.functions(private)
@@ -158,7 +158,7 @@ def planned_cases(batch_sizes: Iterable[int] = (64, 256, 1024),
 def default_cases(batch_sizes: Iterable[int] = (64, 256, 1024), jit: Iterable[bool] = (False, True),
                   paths: Iterable[str] = PATHS, poisson_capacity: bool = True) -> list[BenchCase]:
     """Every (batch, jit, path) row; plus, per batch and jit, the fast path at the Poisson capacity."""
-    from dpsgd_cli.sampling import poisson_capacity as capacity_for
+    from dpsgd_cli.training.sampling import poisson_capacity as capacity_for
 
     cases = []
     for batch in batch_sizes:
@@ -224,10 +224,10 @@ def epoch_rows(batch_size: int = 256, data_dir: str | None = None, seed: int = 0
     import os
 
     from dpsgd_cli.config import config_from_dict
-    from dpsgd_cli.data import load_dataset
-    from dpsgd_cli.privacy_plan import plan_privacy
-    from dpsgd_cli.sampling import steps_in_epoch
-    from dpsgd_cli.trainer import Trainer
+    from dpsgd_cli.privacy.plan import plan_privacy
+    from dpsgd_cli.training.data import load_dataset
+    from dpsgd_cli.training.sampling import steps_in_epoch
+    from dpsgd_cli.training.trainer import Trainer
 
     data_dir = data_dir or os.environ.get("DPSGD_DATA_DIR") or None
     dataset = load_dataset("fashion_mnist", data_dir, train_size, 1000 if train_size else None)

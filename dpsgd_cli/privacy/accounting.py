@@ -30,9 +30,9 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 
-from dpsgd_cli.dp_library import dp_module
 from dpsgd_cli.errors import AccountingInputError
-from dpsgd_cli.pld_composition import (
+from dpsgd_cli.privacy.dp_library import dp_module
+from dpsgd_cli.privacy.pld_composition import (
     PLD_DISCRETIZATION,
     PLD_MAX_CURVE_WORK,
     PLD_TAIL_MASS,

@@ -19,9 +19,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from dpsgd_cli.atomic import atomic_write_bytes
-from dpsgd_cli.data import CLASS_NAMES
 from dpsgd_cli.errors import OutputError, RunDirError
-from dpsgd_cli.run_summaries import RunInfo, load_runs, run_labels, shared_title, value_text
+from dpsgd_cli.runs.summaries import RunInfo, load_runs, run_labels, shared_title, value_text
+from dpsgd_cli.training.data import CLASS_NAMES
 
 MARKER_EPOCHS = 25  # draw point markers when a run has at most this many epochs
 LEGEND_CHARS = 140  # about how many legend characters fit across a 12-inch figure
@@ -137,7 +137,7 @@ def plot_runs(paths: Iterable[str | Path], out: str | Path | None = None,
     if per_class:
         written.append(save_figure(per_class_figure(drawn, keys), per_class_path(out)))
     if any(r.private for r in drawn):  # accuracy vs ε with the published points (issue 15)
-        from dpsgd_cli.tradeoff import tradeoff_figure, tradeoff_path
+        from dpsgd_cli.runs.tradeoff import tradeoff_figure, tradeoff_path
 
         written.append(save_figure(tradeoff_figure(drawn, keys), tradeoff_path(out)))
     return written, drawn

@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 import math
 
-from dpsgd_cli.dp_library import dp_module
 from dpsgd_cli.errors import AccountingInputError
+from dpsgd_cli.privacy.dp_library import dp_module
 
 PLD_DISCRETIZATION = 1e-4  # value_discretization_interval of the PLD (dp-accounting's default)
 PLD_TAIL_MASS = 1e-15  # mass a composition may move to infinite loss (dp-accounting's default)

@@ -21,7 +21,7 @@ from typing import Any
 
 from dpsgd_cli.config import flatten
 from dpsgd_cli.errors import RunDirError
-from dpsgd_cli.run_dir import FINISHED, RunDir
+from dpsgd_cli.runs.run_dir import FINISHED, RunDir
 
 SUMMARY_FILE = "summary.csv"
 LOCK_FILE = ".summary.lock"
@@ -83,7 +83,7 @@ class RunInfo:
 
 def read_run(run_dir: Path) -> RunInfo:
     """Read run.yaml and metrics.csv of one run. Raises RunDirError if run.yaml is unreadable."""
-    from dpsgd_cli.results import read_metrics
+    from dpsgd_cli.runs.results import read_metrics
 
     rd = RunDir(run_dir)
     doc = rd.document()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import keras
 
-from dpsgd_cli.scattering import ScatteringParams
+from dpsgd_cli.training.scattering import ScatteringParams
 
 NUM_CLASSES = 10
 GROUPS = 27  # Tramèr & Boneh's GroupNorm groups over the 81 scattering channels

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpsgd_cli.config import SAMPLINGS
-from dpsgd_cli.run_key import STREAM_SAMPLING, RunKey
+from dpsgd_cli.privacy.run_key import STREAM_SAMPLING, RunKey
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ Two attacks, both on the run's final model (``model.weights.h5``), scoring an ex
    distribution as the members), otherwise the test split. Reported: ROC AUC, attacker advantage
    (max TPR − FPR), TPR at low FPR, and an ε lower bound from Clopper–Pearson intervals on TPR/FPR at a
    threshold chosen on one random half of the scores and evaluated on the other half
-   (:func:`~dpsgd_cli.audit_bounds.best_threshold_epsilon_lower_bound`). That bound treats the examples
+   (:func:`~dpsgd_cli.audit.bounds.best_threshold_epsilon_lower_bound`). That bound treats the examples
    of *one* trained model as independent trials, which they are not: it is a heuristic indicator of
    leakage, not a guarantee.
 2. **One-run canary audit** (Steinke, Nasr, Jagielski 2023), when the run had ``privacy.canaries: m``
-   (see :mod:`dpsgd_cli.canaries`). The guesses are fixed before membership is looked at: the
+   (see :mod:`dpsgd_cli.audit.canaries`). The guesses are fixed before membership is looked at: the
    ``round(GUESS_FRACTION·m)`` canaries with the lowest loss are guessed "in", as many with the highest
    loss "out", the rest abstain. The count of correct guesses gives ε_lb by Theorem 3 of the paper: if
    training is (ε, δ)-DP (δ = the run's δ) then ε_lb ≤ ε with probability ≥ ``confidence``. This is a
@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from dpsgd_cli import audit_bounds as ab
 from dpsgd_cli.atomic import atomic_write_bytes, atomic_write_text
-from dpsgd_cli.canaries import CanarySet, load_canaries
+from dpsgd_cli.audit import bounds as ab
+from dpsgd_cli.audit.canaries import CanarySet, load_canaries
 from dpsgd_cli.config import ExperimentConfig, resolved_data_dir
-from dpsgd_cli.data import load_dataset
 from dpsgd_cli.errors import ConfigError, RunDirError
-from dpsgd_cli.run_dir import AUDIT_FILE, FINISHED, WEIGHTS_FILE, RunDir
+from dpsgd_cli.runs.run_dir import AUDIT_FILE, FINISHED, WEIGHTS_FILE, RunDir
+from dpsgd_cli.training.data import load_dataset
 
 GUESS_FRACTION = 0.2  # of m canaries guessed "in", and as many guessed "out"; fixed before looking
 LOW_FPRS = (0.01, 0.001)
@@ -89,7 +89,7 @@ def load_run(run_dir: Path) -> _Run:
 
 def load_model(run: _Run):
     """The run's model (built-in CNN or `model.builder`) with its final weights."""
-    from dpsgd_cli.model import model_from_config
+    from dpsgd_cli.training.model import model_from_config
 
     model = model_from_config(run.cfg.model, run.cfg.seed)
     try:
@@ -102,7 +102,7 @@ def load_model(run: _Run):
 
 def per_example_losses(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Softmax cross-entropy of each example under `model` (inference mode), float64 [N]."""
-    from dpsgd_cli.engine import per_example_loss
+    from dpsgd_cli.training.engine import per_example_loss
 
     out = [per_example_loss(model(x[i:i + EVAL_BATCH], training=False), y[i:i + EVAL_BATCH]).numpy()
            for i in range(0, len(y), EVAL_BATCH)]

@@ -1,0 +1,1 @@
+"""Checking the claim: canaries, the membership audit and its confidence bounds."""

@@ -1,0 +1,1 @@
+"""What a run leaves: the run directory, checkpoint, metrics records, sweeps, summaries, plots, export."""
