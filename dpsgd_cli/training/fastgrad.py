@@ -9,7 +9,9 @@ Same contract as `engine.vmap_clipped_gradient_sum`. One forward pass keeps each
 and pre-activation output z; one backward pass of the *summed* loss w.r.t. the z's gives every example's
 output-gradient dz (example i's loss depends on example i's activations only: no BatchNorm). A unit's
 (example's, or microbatch's) kernel gradient is A_u·D_u with A_u [p, T] its inputs (Conv2D: image patches,
-p = kh·kw·cin, T = output positions × k) and D_u [T, c] its dz / k; bias gradient Σ_T D_u.
+p = kh·kw·cin, T = output positions × k) and D_u [T, c] its dz / k; bias gradient Σ_T D_u. A_u is kept in
+the layout its construction gives ([T, p] for Dense inputs and gathered patches, [p, T] for phase-slice
+patches): the GEMMs take either, so no factor is transposed in memory.
 
 Each layer can be computed several ways ("formulations", `formulation_choices`), all equal to the
 per-example GradientTape reference (tests/test_fastgrad.py), so choosing one changes speed only:
@@ -133,22 +135,28 @@ class KernelRule(WeightRule):
         """op(a, kernel): the layer's output before bias and activation."""
         raise NotImplementedError
 
-    def inputs(self, layer, a: tf.Tensor, aux) -> tf.Tensor:
-        """A [B, p, T]: each example's inputs as the rows that multiply the reshaped kernel."""
+    def inputs(self, layer, a: tf.Tensor, aux) -> tuple[tf.Tensor, bool]:
+        """(A, rows): each example's inputs that multiply the reshaped [p, c] kernel, as A [B, T, p] (rows,
+        the layout of the forward GEMM) or A [B, p, T], whichever its construction gives without a
+        transpose; the rules below use either layout as it is."""
         raise NotImplementedError
 
     def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
         if strategy == "auto" and choice.get("grads", "auto") != "auto":
             strategy = choice["grads"]
-        a_u, d_u = _unit_factors(self.inputs(layer, a, aux), dz, units, k)
-        sq, grads, bias = _layer_terms(layer, a_u, d_u, strategy)
-        return sq, (a_u, d_u, grads, bias)
+        a_u, rows, d_u = _unit_factors(*self.inputs(layer, a, aux), dz, units, k)
+        sq, grads, bias = _layer_terms(layer, a_u, rows, d_u, strategy)
+        return sq, (a_u, rows, d_u, grads, bias)
 
     def weighted_sums(self, layer, term, weights):
-        a_u, d_u, grads, bias = term
-        if grads is None:
-            rows = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1])  # [p, units·T]
-            kernel = tf.matmul(rows, tf.reshape(d_u * weights[:, None, None], [rows.shape[1], -1]))
+        a_u, rows, d_u, grads, bias = term
+        if grads is None:  # one GEMM [p, units·T] · [units·T, c]
+            if rows:
+                a_all, transpose = tf.reshape(a_u, [-1, a_u.shape[2]]), True
+            else:
+                a_all, transpose = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1]), False
+            weighted = tf.reshape(d_u * weights[:, None, None], [-1, d_u.shape[2]])
+            kernel = tf.matmul(a_all, weighted, transpose_a=transpose)
         else:
             kernel = tf.tensordot(weights, grads, axes=1)
         sums = [tf.reshape(kernel, layer.kernel.shape)]
@@ -166,7 +174,7 @@ class DenseRule(KernelRule):
         return tf.tensordot(a, kernel, axes=[[a.shape.rank - 1], [0]]) if a.shape.rank > 2 else a @ kernel
 
     def inputs(self, layer, a, aux):
-        return tf.transpose(tf.reshape(a, [a.shape[0], -1, a.shape[-1]]), [0, 2, 1])
+        return tf.reshape(a, [a.shape[0], -1, a.shape[-1]]), True
 
 
 class Conv2DRule(KernelRule):
@@ -196,10 +204,14 @@ class Conv2DRule(KernelRule):
             return super().pre_activation(layer, a, choice)
         # one GEMM per example with the patches, which the per-example gradients need anyway
         kernel = tf.convert_to_tensor(layer.kernel)
-        patches = _patches(a, layer)
-        z = tf.matmul(tf.reshape(kernel, [-1, kernel.shape[-1]]), patches, transpose_a=True)
-        z = tf.reshape(tf.transpose(z, [0, 2, 1]), layer.compute_output_shape(a.shape))
-        return (z + tf.convert_to_tensor(layer.bias) if layer.use_bias else z), patches
+        patches, rows = _patches(a, layer)
+        kernel = tf.reshape(kernel, [-1, kernel.shape[-1]])
+        if rows:  # [B·T, p] · [p, c]
+            z = tf.matmul(tf.reshape(patches, [-1, patches.shape[2]]), kernel)
+        else:  # [p, c]ᵀ · [B, p, T], then [B, T, c]
+            z = tf.transpose(tf.matmul(kernel, patches, transpose_a=True), [0, 2, 1])
+        z = tf.reshape(z, layer.compute_output_shape(a.shape))
+        return (z + tf.convert_to_tensor(layer.bias) if layer.use_bias else z), (patches, rows)
 
     def linear(self, layer, a, kernel):
         return tf.nn.conv2d(a, kernel, strides=layer.strides, padding=layer.padding.upper())
@@ -216,7 +228,7 @@ class Conv2DRule(KernelRule):
         if layer.use_bias:
             bias = tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1) / k
             sq += tf.reduce_sum(tf.square(bias), axis=1)
-        return sq, (None, None, grads, bias)
+        return sq, (None, False, None, grads, bias)
 
 
 class MaxPool2DRule(LayerRule):
@@ -338,7 +350,7 @@ def _patches_by_phase(a: tf.Tensor, layer) -> tf.Tensor:
 
 
 def _patches_by_gather(a: tf.Tensor, layer) -> tf.Tensor:
-    """Patches [B, kh·kw·cin, T] by gathering cin-vectors at constant offsets (fast for many channels)."""
+    """Patches [B, T, kh·kw·cin] by gathering cin-vectors at constant offsets (fast for many channels)."""
     (kh, kw), (sh, sw), (b, h, w, cin) = layer.kernel_size, layer.strides, a.shape
     (oh, top), (ow, left) = _out_and_pad(h, kh, sh, layer.padding), _out_and_pad(w, kw, sw, layer.padding)
     bottom, right = max((oh - 1) * sh + kh - h - top, 0), max((ow - 1) * sw + kw - w - left, 0)
@@ -347,12 +359,15 @@ def _patches_by_gather(a: tf.Tensor, layer) -> tf.Tensor:
     cols = np.arange(ow)[None, :, None, None] * sw + np.arange(kw)[None, None, None, :]
     index = tf.constant((rows * padded.shape[2] + cols).reshape(-1), dtype=tf.int32)
     patches = tf.gather(tf.reshape(padded, [b, -1, cin]), index, axis=1)
-    return tf.transpose(tf.reshape(patches, [b, oh * ow, kh * kw * cin]), [0, 2, 1])
+    return tf.reshape(patches, [b, oh * ow, kh * kw * cin])
 
 
-def _patches(a: tf.Tensor, layer) -> tf.Tensor:
-    """Image patches [B, p = kh·kw·cin, T = output positions], p ordered like the reshaped kernel."""
-    return _patches_by_phase(a, layer) if a.shape[-1] < 8 else _patches_by_gather(a, layer)
+def _patches(a: tf.Tensor, layer) -> tuple[tf.Tensor, bool]:
+    """(image patches, rows), p = kh·kw·cin ordered like the reshaped kernel, T = output positions: by
+    phase slices [B, p, T] (rows False) for few input channels, else by a gather [B, T, p] (rows True)."""
+    if a.shape[-1] < 8:
+        return _patches_by_phase(a, layer), False
+    return _patches_by_gather(a, layer), True
 
 
 def _is_stride1_max_pool(layer) -> bool:
@@ -474,12 +489,16 @@ def make_forward_fn(formulation):
     return lambda model, x, tape: forward(model, x, tape, formulation)
 
 
-def _unit_factors(a: tf.Tensor, dz: tf.Tensor, units: int, k: int):
-    """A [units, p, k·T] (inputs or patches [B, p, T] of a unit's examples) and D [units, k·T, c] (dz / k)."""
-    p, t, c = a.shape[1], a.shape[2], dz.shape[-1]
+def _unit_factors(a: tf.Tensor, rows: bool, dz: tf.Tensor, units: int, k: int):
+    """(A_u, rows, D_u) of each unit's k examples: A_u [units, k·T, p] if `rows` (a [B, T, p]) else
+    [units, p, k·T] (a [B, p, T]), and D_u [units, k·T, c] = dz / k."""
+    c = dz.shape[-1]
+    if rows:
+        return tf.reshape(a, [units, k * a.shape[1], a.shape[2]]), rows, tf.reshape(dz, [units, -1, c]) / k
+    p, t = a.shape[1], a.shape[2]
     if k > 1:
         a = tf.transpose(tf.reshape(a, [units, k, p, t]), [0, 2, 1, 3])
-    return tf.reshape(a, [units, p, k * t]), tf.reshape(dz, [units, k * t, c]) / k
+    return tf.reshape(a, [units, p, k * t]), rows, tf.reshape(dz, [units, k * t, c]) / k
 
 
 def _prefer_ghost(p: int, t: int, c: int) -> bool:
@@ -491,15 +510,16 @@ def _prefer_ghost(p: int, t: int, c: int) -> bool:
     return t * t * (p + c + 1) < 2 * p * c
 
 
-def _layer_terms(layer, a_u, d_u, strategy: str):
-    """(squared norms [units], kernel grads [units, p, c] or None if ghost, bias grads [units, c] or None)."""
-    ghost = strategy == "ghost" or (strategy == "auto" and _prefer_ghost(*a_u.shape[1:], d_u.shape[2]))
-    if ghost:
-        gram_a = tf.matmul(a_u, a_u, transpose_a=True)
+def _layer_terms(layer, a_u, rows: bool, d_u, strategy: str):
+    """(squared norms [units], kernel grads [units, p, c] or None if ghost, bias grads [units, c] or None)
+    from A_u ([units, T, p] if `rows`, else [units, p, T]) and D_u [units, T, c]."""
+    t, p = (a_u.shape[1], a_u.shape[2]) if rows else (a_u.shape[2], a_u.shape[1])
+    if strategy == "ghost" or (strategy == "auto" and _prefer_ghost(p, t, d_u.shape[2])):
+        gram_a = tf.matmul(a_u, a_u, transpose_a=not rows, transpose_b=rows)  # [units, T, T]
         gram_d = tf.matmul(d_u, d_u, transpose_b=True)
         sq, grads = tf.maximum(tf.reduce_sum(gram_a * gram_d, axis=[1, 2]), 0.0), None
     else:
-        grads = tf.matmul(a_u, d_u)
+        grads = tf.matmul(a_u, d_u, transpose_a=rows)
         sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
     bias = tf.reduce_sum(d_u, axis=1) if layer.use_bias else None
     return (sq if bias is None else sq + tf.reduce_sum(tf.square(bias), axis=1)), grads, bias
