@@ -71,3 +71,22 @@ def test_epoch_rows_time_whole_epochs_through_the_trainer(data_dir):
         assert r["epoch_s"] > 0 and r["examples_per_s"] == 640 / r["epoch_s"] and r["eval_s"] > 0
         assert math.isclose(r["step_s"], r["epoch_s"] / 10)  # 640 / 64 steps
     assert math.isclose(rows[1]["ratio_to_epoch_nonprivate"], rows[1]["epoch_s"] / rows[0]["epoch_s"])
+
+
+@pytest.mark.slow
+def test_memory_rows_run_each_path_in_its_own_process_and_the_cli_writes_them(tmp_path, monkeypatch):
+    from dpsgd_cli.training.bench import memory_rows
+
+    monkeypatch.setenv("DPSGD_PLANNER", "off")
+    rows = memory_rows(64, paths=("nonprivate", "planned"), steps=2)
+    assert [r["path"] for r in rows] == ["memory_nonprivate", "memory_planned"]
+    assert rows[0]["ratio_to_nonprivate"] == 1.0 and "fast" in rows[1]["plan"]
+    for r in rows:
+        assert r["peak_mb"] >= 0 and r["start_mb"] > 100  # TensorFlow was loaded before the measured block
+        assert math.isclose(r["ratio_to_nonprivate"], r["peak_mb"] / rows[0]["peak_mb"])
+    out = tmp_path / "bench.csv"
+    result = CliRunner().invoke(app, ["bench", "--paths", "nonprivate,memory", "--batch-sizes", "4", "--jit",
+                                      "off", "--steps", "5", "--memory-batch", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "memory at batch 8: planned" in result.output
+    assert len((tmp_path / "bench_memory.csv").read_text().splitlines()) == 1 + 4

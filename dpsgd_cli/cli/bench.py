@@ -11,7 +11,7 @@ from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, fail, user_errors
 
-ALL_PATHS = "nonprivate,nonprivate_fast,vectorized_map,fast,nonprivate_planned,planned,epoch"
+ALL_PATHS = "nonprivate,nonprivate_fast,vectorized_map,fast,nonprivate_planned,planned,epoch,memory"
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -32,10 +32,13 @@ def bench(
     paths: Annotated[str, typer.Option(
         help="Comma-separated: nonprivate, nonprivate_fast, vectorized_map, fast (each XLA setting), "
              "nonprivate_planned, planned (the planner's choice), epoch (whole Fashion-MNIST epochs through "
-             "the trainer, batch 256).")] = ALL_PATHS,
+             "the trainer, batch 256), memory (peak memory of the Keras, planned and fast steps at "
+             "--memory-batch, each in a fresh process).")] = ALL_PATHS,
     steps: Annotated[int, typer.Option(min=5, help="Timed steps per row (median reported).")] = 30,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed steps after the first call.")] = 3,
-    out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("results/bench/bench.csv"),
+    out: Annotated[Path, typer.Option(help="CSV to write (memory rows: bench_memory.csv beside it).")] = Path(
+        "results/bench/bench.csv"),
+    memory_batch: Annotated[int, typer.Option(min=1, help="Batch size of the memory rows.")] = 1024,
 ) -> None:
     """Seconds per training step of the non-private and the DP steps, in one process and one run.
 
@@ -47,10 +50,10 @@ def bench(
     jit_modes = {"both": (False, True), "on": (True,), "off": (False,)}.get(jit)
     if jit_modes is None:
         fail(f"--jit: choose both, on or off, got {jit!r}")
-    _run(_ints(batch_sizes, "--batch-sizes"), jit_modes, chosen, steps, warmup, out)
+    _run(_ints(batch_sizes, "--batch-sizes"), jit_modes, chosen, steps, warmup, out, memory_batch)
 
 
-def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path) -> None:
+def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path, memory_batch: int = 1024) -> None:
     from dpsgd_cli.runs.results import write_table
     from dpsgd_cli.training import bench as harness
 
@@ -75,6 +78,11 @@ def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path) -> None:
         console.print(line, highlight=False, markup=False)
     write_table(rows, out)
     console.print(f"wrote {out} (load average now {_load()})", highlight=False)
+    if "memory" in paths:
+        memory = harness.memory_rows(memory_batch)
+        for line in memory_lines(memory):
+            console.print(line, highlight=False, markup=False)
+        write_table(memory, out.with_name("bench_memory.csv"))
 
 
 def _load() -> str:
@@ -105,6 +113,13 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"whole epoch (batch {epoch['epoch_dp']['batch_size']}, Poisson): DP {dp_s:.1f} s / "
                      f"non-private {nonprivate_s:.1f} s = {dp_s / nonprivate_s:.2f}")
     return lines
+
+
+def memory_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per memory row: peak MB and the ratio to the Keras non-private step."""
+    return [f"memory at batch {r['batch_size']}: {r['path'].removeprefix('memory_'):<18} "
+            f"{r['peak_mb']:7.1f} MB  ×{r['ratio_to_nonprivate']:.2f} the Keras step"
+            + (f"  ({r['plan']})" if r.get("plan") else "") for r in rows]
 
 
 def _name(r: dict[str, Any]) -> str:

@@ -25,6 +25,11 @@ as `planner.plan_step` chose it for this device (formulation per layer and XLA; 
 `plan` describes the choice. `ratio_to_fastest_nonprivate` = step_s / the fastest non-private row (any
 path, any XLA setting) of the same batch size: the honest cost of privacy.
 
+Memory rows (`memory_rows`, batch 1024 by default): each path's step in a fresh process, so no memory
+cached by another row's allocator is reused: `peak_mb` = the peak resident memory while the step is built,
+compiled and run `steps` times, minus the resident memory just before (TensorFlow imported, any plan
+already made); `ratio_to_nonprivate` divides by the Keras non-private step's `peak_mb`.
+
 Whole-epoch rows (`epoch_rows`): one full epoch of Fashion-MNIST (60,000 examples, Poisson sampling,
 batch 256) through `Trainer.train_epoch`, DP and non-private, each after an untimed first epoch (tracing),
 timed epochs of the two alternating; `epoch_s` the median wall time of an epoch, `examples_per_s` =
@@ -34,7 +39,10 @@ after it.
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -264,3 +272,54 @@ def epoch_rows(batch_size: int = 256, data_dir: str | None = None, seed: int = 0
                      "plan": trainer.step_plan.describe()})
     rows[1]["ratio_to_epoch_nonprivate"] = rows[1]["epoch_s"] / rows[0]["epoch_s"]
     return rows
+
+
+MEMORY_PATHS = ("nonprivate", "nonprivate_planned", "planned", "fast")
+
+
+def memory_rows(batch_size: int = 1024, paths: Iterable[str] = MEMORY_PATHS, steps: int = 3,
+                seed: int = 0) -> list[dict[str, Any]]:
+    """Peak memory of each path's step at `batch_size`, each in its own process (see the module docstring)."""
+    rows = []
+    for path in paths:
+        code = (f"from dpsgd_cli.training.bench import _memory_child; "
+                f"_memory_child({path!r}, {batch_size}, {steps}, {seed})")
+        for _ in range(2):  # a first run may only make (and cache) the plan
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            if "peak_mb" in row:
+                rows.append(row)
+                break
+    base = next((r["peak_mb"] for r in rows if r["path"] == "memory_nonprivate"), None)
+    for row in rows:
+        row["ratio_to_nonprivate"] = row["peak_mb"] / base if base else float("nan")
+    return rows
+
+
+def _memory_child(path: str, batch_size: int, steps: int, seed: int) -> None:
+    """Run in a fresh process by `memory_rows`: prints one JSON row."""
+    import tensorflow as tf
+
+    case = BenchCase(path=path, batch_size=batch_size, jit_compile=None if path in PLANNED_PATHS else False)
+    if path in PLANNED_PATHS:  # plan first (or read the cache), so planning is not counted
+        from dpsgd_cli.training import planner
+        from dpsgd_cli.training.model import build_model
+
+        plan = planner.plan_step(build_model(seed=seed), capacity=batch_size, private=path == "planned")
+        if plan.source not in ("cache", f"default ({planner.OFF_ENV}=off)"):
+            print(json.dumps({"planned": plan.describe()}))  # measuring took memory: measure in a new process
+            return
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.random((batch_size, 28, 28, 1), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, size=batch_size).astype(np.int32))
+    mask = tf.ones([batch_size])
+    key = new_run_key(reproducible=False, seed=seed)
+    with _PeakRss() as memory:
+        step_fn, zeros, jit, step_plan = _build_step(case, seed)
+        for i in range(steps):
+            [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i))]
+    row = {"path": f"memory_{path}", "batch_size": batch_size, "jit_compile": jit,
+           "peak_mb": round(memory.peak - memory.start, 1), "start_mb": round(memory.start, 1)}
+    if step_plan is not None:
+        row["plan"] = step_plan.describe()
+    print(json.dumps(row))
