@@ -515,12 +515,20 @@ def _layer_terms(layer, a_u, rows: bool, d_u, strategy: str):
     from A_u ([units, T, p] if `rows`, else [units, p, T]) and D_u [units, T, c]."""
     t, p = (a_u.shape[1], a_u.shape[2]) if rows else (a_u.shape[2], a_u.shape[1])
     if strategy == "ghost" or (strategy == "auto" and _prefer_ghost(p, t, d_u.shape[2])):
+        if t == 1:  # one row per unit (a Dense layer on flat inputs): ‖a dᵀ‖² = ‖a‖²‖d‖², no GEMM
+            sq = tf.reduce_sum(tf.square(a_u), axis=[1, 2]) * tf.reduce_sum(tf.square(d_u), axis=[1, 2])
+            return _with_bias(layer, sq, None, d_u)
         gram_a = tf.matmul(a_u, a_u, transpose_a=not rows, transpose_b=rows)  # [units, T, T]
         gram_d = tf.matmul(d_u, d_u, transpose_b=True)
         sq, grads = tf.maximum(tf.reduce_sum(gram_a * gram_d, axis=[1, 2]), 0.0), None
     else:
         grads = tf.matmul(a_u, d_u, transpose_a=rows)
         sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
+    return _with_bias(layer, sq, grads, d_u)
+
+
+def _with_bias(layer, sq, grads, d_u):
+    """(squared norms with the bias gradient's added, kernel grads, bias grads Σ_T D_u or None)."""
     bias = tf.reduce_sum(d_u, axis=1) if layer.use_bias else None
     return (sq if bias is None else sq + tf.reduce_sum(tf.square(bias), axis=1)), grads, bias
 

@@ -45,7 +45,7 @@ from dpsgd_cli.errors import ConfigError
 CACHE_ENV = "DPSGD_PLAN_CACHE"
 OFF_ENV = "DPSGD_PLANNER"  # "off": no measuring; the default formulation, XLA off unless forced (tests, CI)
 CACHE_FILE = "plans.json"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # bumped when a formulation's implementation changes: cached plans timed the old one
 PROBE = 16  # examples per call when probing a candidate
 PRUNE = 3.0  # drop a candidate whose probe time exceeds this multiple of the best probe time
 PROBE_CALLS = 3  # timed calls per layer candidate at the probe batch
