@@ -22,6 +22,7 @@ import typer
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, user_errors
+from dpsgd_cli.config import SAMPLINGS
 from dpsgd_cli.errors import AccountingInputError, ConfigError, OutputError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
@@ -167,8 +168,8 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
     if not 0 < delta < 1:
         raise ConfigError(f"--delta must be in (0, 1), got {delta:g}")
     sampling = sampling or "poisson"
-    if sampling not in ("poisson", "shuffle"):
-        raise ConfigError(f"--sampling must be poisson or shuffle, got {sampling!r}")
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"--sampling must be {' or '.join(SAMPLINGS)}, got {sampling!r}")
     # sampling rate
     if sampling_rate is not None:
         if batch_size is not None or dataset_size is not None:
