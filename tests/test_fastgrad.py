@@ -273,3 +273,114 @@ def test_every_nonprivate_formulation_is_the_keras_gradient(model, jit):
         _assert_sums_close(grads, reference, model.trainable_variables, f"nonprivate {f}")
     all_native = {name: {"forward": "native"} for name in ("conv1", "pool1", "conv2", "pool2")}
     assert fastgrad.make_forward_fn(all_native) is None  # all native = the plain Keras step
+
+
+class _Halve(keras.layers.Layer):
+    """A weightless layer type no rule knows."""
+
+    def call(self, x):
+        return 0.5 * x
+
+
+class _HalveRule(fastgrad.LayerRule):
+    """A weightless rule with a choice for the planner: Keras's call or a plain multiply."""
+
+    def choices(self, layer, private):
+        return [{"forward": "native"}, {"forward": "multiply"}]
+
+    def forward(self, layer, h, choice):
+        return h * 0.5 if choice.get("forward") == "multiply" else layer(h, training=True)
+
+
+class _AffineLayerNormRule(fastgrad.WeightRule):
+    """LayerNormalization over the last axis with γ and β: y = x̂ ⊙ γ + β, so a unit's γ gradient is the sum
+    over its positions of dL/dy ⊙ x̂ and its β gradient that of dL/dy (over its k examples, / k)."""
+
+    def problem(self, layer):
+        rank = len(layer.input.shape)
+        last = [a % rank for a in layer.axis] == [rank - 1]
+        return None if last and layer.scale and layer.center else "axis, center or scale"
+
+    def pre_activation(self, layer, a, choice):
+        mean, variance = tf.nn.moments(a, axes=[-1], keepdims=True)
+        x_hat = (a - mean) * tf.math.rsqrt(variance + layer.epsilon)
+        return x_hat * layer.gamma + layer.beta, x_hat
+
+    def unit_terms(self, layer, a, x_hat, dz, units, k, choice, strategy="auto"):
+        c = dz.shape[-1]
+        gamma = tf.reduce_sum(tf.reshape(dz * x_hat, [units, -1, c]), axis=1) / k
+        beta = tf.reduce_sum(tf.reshape(dz, [units, -1, c]), axis=1) / k
+        return tf.reduce_sum(gamma ** 2 + beta ** 2, axis=1), {id(layer.gamma): gamma, id(layer.beta): beta}
+
+    def weighted_sums(self, layer, term, weights):
+        return [tf.tensordot(weights, term[id(v)], 1) for v in layer.trainable_variables]
+
+
+def _sequence_batch(n: int = 12, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.normal(size=(n, 5, 6)).astype(np.float32))
+    return x, tf.constant(rng.integers(0, 3, n), dtype=tf.int32), tf.constant([1.0] * (n - 3) + [0.0] * 3)
+
+
+def _assert_fast_equals_loop(model, k: int, formulation=None):
+    x, y, mask = _sequence_batch()
+    l2_norm_clip, ref_norms, ref_sums = _clip_between_norms(model, x, y, mask, k)
+    sums = _compiled(lambda *a: fastgrad.fast_clipped_gradient_sum(model, *a, l2_norm_clip, k, formulation),
+                     jit=False)(x, y, mask)[0]
+    _assert_sums_close(sums, ref_sums, model.trainable_variables, f"registered rule {formulation}")
+    norms = fastgrad.per_unit_norms(model, x, y, k, formulation=formulation)
+    np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL)
+
+
+def test_registering_a_weightless_layer_type_puts_it_on_the_fast_path_and_the_planner(monkeypatch):
+    """The registry is the one dispatch point: support, forward choices and the planner's options."""
+    from dpsgd_cli.training import planner
+
+    def build():
+        return keras.Sequential([keras.Input(shape=(5, 6)), keras.layers.Dense(4, activation="tanh"),
+                                 _Halve(name="halve"), keras.layers.Flatten(), keras.layers.Dense(3)])
+
+    assert "_Halve layer 'halve'" in fastgrad.fast_path_problem(build())
+    monkeypatch.setitem(fastgrad.REGISTRY, _Halve, _HalveRule())
+    model = build()
+    assert fastgrad.supports_fast_path(model)
+    assert dict(planner._layer_options(model, private=True))["halve"] == _HalveRule().choices(None, True)
+    assert planner.validate_formulation(model, {"halve": {"forward": "multiply"}}, True)
+    for forward in ("native", "multiply"):
+        _assert_fast_equals_loop(model, 1, {"halve": {"forward": forward}})
+    monkeypatch.delitem(fastgrad.REGISTRY, keras.layers.Dense)
+    assert fastgrad.fast_path_problem(model).startswith("Dense layer")
+
+
+@pytest.mark.parametrize("k", [1, 4], ids=["per_example", "microbatch4"])
+def test_registering_a_weight_rule_gives_per_example_gradients_equal_to_the_loop(monkeypatch, k):
+    """An affine LayerNormalization (γ, β per-example rules written outside fastgrad) on the fast path."""
+    def build():
+        return keras.Sequential([keras.Input(shape=(5, 6)), keras.layers.Dense(8, activation="tanh"),
+                                 keras.layers.LayerNormalization(name="norm"), keras.layers.Flatten(),
+                                 keras.layers.Dense(3)])
+
+    assert not fastgrad.supports_fast_path(build())
+    monkeypatch.setitem(fastgrad.REGISTRY, keras.layers.LayerNormalization, _AffineLayerNormRule())
+    model = build()
+    assert fastgrad.supports_fast_path(model)
+    rng = np.random.default_rng(4)  # γ, β away from their initial 1 and 0
+    for v in model.get_layer("norm").trainable_variables:
+        v.assign(v + rng.normal(scale=0.3, size=v.shape).astype(np.float32))
+    _assert_fast_equals_loop(model, k)
+
+
+@pytest.mark.parametrize("layer", [
+    keras.layers.LayerNormalization(center=False, scale=False, name="norm"),
+    keras.layers.GroupNormalization(2, center=False, scale=False, name="norm")], ids=["layer", "group"])
+def test_weightless_normalisations_are_on_the_fast_path(layer):
+    model = keras.Sequential([keras.Input(shape=(5, 6)), keras.layers.Dense(8, activation="tanh"), layer,
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    assert fastgrad.supports_fast_path(model)
+    _assert_fast_equals_loop(model, 1)
+
+
+def test_normalising_across_examples_is_off_the_fast_path():
+    model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(4),
+                              keras.layers.LayerNormalization(axis=0, center=False, scale=False, name="bad")])
+    assert "(normalises across examples" in fastgrad.fast_path_problem(model)

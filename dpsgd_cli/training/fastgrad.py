@@ -1,4 +1,9 @@
-"""Fast per-example clipping for Sequential models of Dense and Conv2D layers (issues 4 and 14).
+"""Fast per-example clipping for Sequential models of Dense, Conv2D and weightless layers (issues 4, 13, 14).
+
+One dispatch point: `REGISTRY` maps a layer type to its `LayerRule` (like TF Privacy's layer registry):
+whether a layer is supported, its forward formulations and default, and for layers with weights
+(`WeightRule`) the per-unit squared norms and the weighted sum of per-unit gradients. Adding a layer type
+is one `register(layer_type, rule)` and a test equal to the per-example GradientTape loop.
 
 Same contract as `engine.vmap_clipped_gradient_sum`. One forward pass keeps each Dense/Conv2D layer's input
 and pre-activation output z; one backward pass of the *summed* loss w.r.t. the z's gives every example's
@@ -29,6 +34,8 @@ pooling as slices, `_prefer_ghost` by operation count.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -37,12 +44,231 @@ from dpsgd_cli.config import GRADIENT_PATHS
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.training import engine
 
-_WEIGHT_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
-_WEIGHTLESS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Flatten,
-               keras.layers.Activation, keras.layers.ReLU, keras.layers.Reshape, keras.layers.Dropout,
-               keras.layers.ZeroPadding2D, keras.layers.GlobalAveragePooling2D,
-               keras.layers.GlobalMaxPooling2D,
-               keras.layers.GroupNormalization)  # per-example statistics; weightless without center/scale
+# Layer configuration that changes the work (the planner's cache key), unless a rule names its own.
+SIGNATURE_KEYS = ("filters", "kernel_size", "strides", "padding", "activation", "use_bias", "units",
+                  "pool_size", "data_format", "dilation_rate", "groups", "rate")
+
+
+class LayerRule:
+    """How the fast path runs one layer type (an entry of `REGISTRY`, added by `register`).
+
+    This base class is a weightless layer that treats each example on its own: called as Keras calls it,
+    nothing to choose. `WeightRule` adds per-unit gradient rules for layers with trainable variables."""
+
+    subclasses = True  # the entry also covers subclasses of the registered type
+    weighted = False  # has trainable variables and per-unit rules (see `WeightRule`)
+    signature_keys = SIGNATURE_KEYS
+
+    def problem(self, layer) -> str | None:
+        """Why this layer is off the fast path (a phrase, "" for no detail), or None when it is handled."""
+        return "" if layer.weights else None
+
+    def choices(self, layer, private: bool) -> list[dict[str, str]]:
+        """Formulations this rule can run for `layer`, each tested equal to the GradientTape loop."""
+        return []
+
+    def default(self, layer, first: bool) -> dict[str, str] | None:
+        """The formulation used without a plan (`first`: no weight layer comes before this one)."""
+        return None
+
+    def forward(self, layer, h: tf.Tensor, choice: dict[str, str]) -> tf.Tensor:
+        """The layer's training-mode output under `choice` (the same values as `layer(h)`)."""
+        return layer(h, training=True)
+
+
+class WeightRule(LayerRule):
+    """A layer with trainable variables. The step keeps `pre_activation`'s z, gets every example's dz =
+    dL/dz from one backward pass of the summed loss (example i's loss depends on its own z only), and
+    `unit_terms` turns (input, z's companion `aux`, dz) into per-unit squared norms and a term from which
+    `weighted_sums` gives Σ_u w_u · g_u for each of the layer's trainable variables."""
+
+    subclasses = False
+    weighted = True
+
+    def pre_activation(self, layer, a: tf.Tensor, choice) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """(z, aux): the tensor whose output-gradient the rules need, and anything kept for them."""
+        raise NotImplementedError
+
+    def activation(self, layer, z: tf.Tensor) -> tf.Tensor:
+        """The layer's output from z."""
+        return z
+
+    def forward(self, layer, h, choice):
+        if choice.get("forward", "native") == "native":
+            return layer(h, training=True)
+        return self.activation(layer, self.pre_activation(layer, h, choice)[0])
+
+    def unit_terms(self, layer, a, aux, dz, units: int, k: int, choice, strategy: str = "auto"):
+        """(squared norm of each unit's gradient over this layer's variables [units], term for
+        `weighted_sums`). A unit is k consecutive examples; its gradient is that of its mean loss."""
+        raise NotImplementedError
+
+    def weighted_sums(self, layer, term, weights: tf.Tensor) -> list[tf.Tensor]:
+        """Σ_u weights_u · g_u for each of `layer.trainable_variables`, in that order."""
+        raise NotImplementedError
+
+
+class KernelRule(WeightRule):
+    """Dense and Conv2D: z = op(input, kernel) + bias. A unit's kernel gradient is A_u·D_u with A_u
+    [p, T] its inputs (Conv2D: patches) and D_u [T, c] its dz / k; its bias gradient Σ_T D_u."""
+
+    def problem(self, layer):
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return "LoRA or quantization"
+        if layer.compute_dtype != "float32":
+            return f"compute dtype {layer.compute_dtype}"
+        expected = {id(layer.kernel)} | ({id(layer.bias)} if layer.use_bias else set())
+        if not {id(v) for v in layer.trainable_variables} <= expected:
+            return "extra trainable variables"
+        return None
+
+    def activation(self, layer, z):
+        return layer.activation(z)
+
+    def pre_activation(self, layer, a, choice):
+        z = self.linear(layer, a, tf.convert_to_tensor(layer.kernel))
+        return (z + tf.convert_to_tensor(layer.bias) if layer.use_bias else z), None
+
+    def linear(self, layer, a: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        """op(a, kernel): the layer's output before bias and activation."""
+        raise NotImplementedError
+
+    def inputs(self, layer, a: tf.Tensor, aux) -> tf.Tensor:
+        """A [B, p, T]: each example's inputs as the rows that multiply the reshaped kernel."""
+        raise NotImplementedError
+
+    def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
+        if strategy == "auto" and choice.get("grads", "auto") != "auto":
+            strategy = choice["grads"]
+        a_u, d_u = _unit_factors(self.inputs(layer, a, aux), dz, units, k)
+        sq, grads, bias = _layer_terms(layer, a_u, d_u, strategy)
+        return sq, (a_u, d_u, grads, bias)
+
+    def weighted_sums(self, layer, term, weights):
+        a_u, d_u, grads, bias = term
+        if grads is None:
+            rows = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1])  # [p, units·T]
+            kernel = tf.matmul(rows, tf.reshape(d_u * weights[:, None, None], [rows.shape[1], -1]))
+        else:
+            kernel = tf.tensordot(weights, grads, axes=1)
+        sums = [tf.reshape(kernel, layer.kernel.shape)]
+        return sums + ([] if bias is None else [tf.tensordot(weights, bias, 1)])
+
+
+class DenseRule(KernelRule):
+    def choices(self, layer, private):
+        return [{"forward": "native", "grads": g} for g in ("materialize", "ghost")] if private else []
+
+    def default(self, layer, first):
+        return {"forward": "native", "grads": "auto"}
+
+    def linear(self, layer, a, kernel):
+        return tf.tensordot(a, kernel, axes=[[a.shape.rank - 1], [0]]) if a.shape.rank > 2 else a @ kernel
+
+    def inputs(self, layer, a, aux):
+        return tf.transpose(tf.reshape(a, [a.shape[0], -1, a.shape[-1]]), [0, 2, 1])
+
+
+class Conv2DRule(KernelRule):
+    """Forward `native` (tf.nn.conv2d) or `patches` (patches × reshaped kernel, one GEMM); per-unit
+    gradients `materialize`, `ghost` or, for one input channel, `depthwise`."""
+
+    def problem(self, layer):
+        if (layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1)
+                or layer.groups != 1):
+            return "channels_first, dilation or groups"
+        return super().problem(layer)
+
+    def choices(self, layer, private):
+        forwards = ("native", "patches")
+        if not private:
+            return [{"forward": f} for f in forwards]
+        choices = [{"forward": f, "grads": g} for f in forwards for g in ("materialize", "ghost")]
+        if layer.kernel.shape[2] == 1:
+            choices.append({"forward": "native", "grads": "depthwise"})
+        return choices
+
+    def default(self, layer, first):
+        return {"forward": "patches" if first else "native", "grads": "auto"}
+
+    def pre_activation(self, layer, a, choice):
+        if choice.get("forward") != "patches":
+            return super().pre_activation(layer, a, choice)
+        # one GEMM per example with the patches, which the per-example gradients need anyway
+        kernel = tf.convert_to_tensor(layer.kernel)
+        patches = _patches(a, layer)
+        z = tf.matmul(tf.reshape(kernel, [-1, kernel.shape[-1]]), patches, transpose_a=True)
+        z = tf.reshape(tf.transpose(z, [0, 2, 1]), layer.compute_output_shape(a.shape))
+        return (z + tf.convert_to_tensor(layer.bias) if layer.use_bias else z), patches
+
+    def linear(self, layer, a, kernel):
+        return tf.nn.conv2d(a, kernel, strides=layer.strides, padding=layer.padding.upper())
+
+    def inputs(self, layer, a, aux):
+        return _patches(a, layer) if aux is None else aux
+
+    def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
+        if choice.get("grads") != "depthwise":
+            return super().unit_terms(layer, a, aux, dz, units, k, choice, strategy)
+        grads = _depthwise_unit_grads(layer, a, dz, units, k)
+        sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
+        bias = None
+        if layer.use_bias:
+            bias = tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1) / k
+            sq += tf.reduce_sum(tf.square(bias), axis=1)
+        return sq, (None, None, grads, bias)
+
+
+class MaxPool2DRule(LayerRule):
+    """Stride-1 'valid' max pooling: `native` (Keras) or `slices` (`_max_pool_stride1`)."""
+
+    def choices(self, layer, private):
+        return [{"forward": "native"}, {"forward": "slices"}] if _is_stride1_max_pool(layer) else []
+
+    def default(self, layer, first):
+        return {"forward": "slices"} if _is_stride1_max_pool(layer) else None
+
+    def forward(self, layer, h, choice):
+        if choice.get("forward") == "slices":
+            return _max_pool_stride1(h, layer.pool_size)
+        return layer(h, training=True)
+
+
+class PerExampleNormRule(LayerRule):
+    """Group/Layer normalisation without γ, β: each example normalised by its own statistics."""
+
+    def problem(self, layer):
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if 0 in [a % len(layer.input.shape) for a in axes]:
+            return "normalises across examples (axis 0)"
+        return super().problem(layer)
+
+
+REGISTRY: dict[type, LayerRule] = {
+    keras.layers.Dense: DenseRule(),
+    keras.layers.Conv2D: Conv2DRule(),
+    keras.layers.MaxPooling2D: MaxPool2DRule(),
+    keras.layers.GroupNormalization: PerExampleNormRule(),
+    keras.layers.LayerNormalization: PerExampleNormRule(),
+    **{layer_type: LayerRule() for layer_type in (
+        keras.layers.AveragePooling2D, keras.layers.Flatten, keras.layers.Activation, keras.layers.ReLU,
+        keras.layers.Reshape, keras.layers.Dropout, keras.layers.ZeroPadding2D,
+        keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)},
+}
+
+
+def register(layer_type: type, rule: LayerRule) -> None:
+    """Put `layer_type` on the fast path with `rule` (replacing any rule it had)."""
+    REGISTRY[layer_type] = rule
+
+
+def rule_for(layer) -> LayerRule | None:
+    """The registered rule for `layer`'s type (or, for rules that allow it, a base type), else None."""
+    for cls in type(layer).__mro__:
+        rule = REGISTRY.get(cls)
+        if rule is not None:
+            return rule if cls is type(layer) or rule.subclasses else None
+    return None
 
 
 def _unsupported_layer(model: keras.Model) -> str | None:
@@ -50,31 +276,13 @@ def _unsupported_layer(model: keras.Model) -> str | None:
     if not isinstance(model, keras.Sequential):
         return f"{type(model).__name__} model {model.name!r} (only Sequential models)"
     for layer in model.layers:
-        if type(layer) in _WEIGHT_LAYERS:
-            problem = _weight_layer_problem(layer)
-            if problem:
-                return f"{type(layer).__name__} layer {layer.name!r} ({problem})"
-        elif not isinstance(layer, _WEIGHTLESS) or layer.weights:
-            return f"{type(layer).__name__} layer {layer.name!r}"
+        rule = rule_for(layer)
+        problem = "" if rule is None else rule.problem(layer)
+        if problem is not None:
+            return f"{type(layer).__name__} layer {layer.name!r}" + (f" ({problem})" if problem else "")
     owned = {id(v) for layer in model.layers for v in layer.trainable_variables}
     if any(id(v) not in owned for v in model.trainable_variables):
         return "a trainable variable outside the model's layers"
-    return None
-
-
-def _weight_layer_problem(layer) -> str | None:
-    """Why this Dense/Conv2D layer is outside the fast path, or None (plain float32 kernel and bias)."""
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-        return "LoRA or quantization"
-    if layer.compute_dtype != "float32":
-        return f"compute dtype {layer.compute_dtype}"
-    conv = isinstance(layer, keras.layers.Conv2D)
-    if conv and (layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1)
-                 or layer.groups != 1):
-        return "channels_first, dilation or groups"
-    expected = {id(layer.kernel)} | ({id(layer.bias)} if layer.use_bias else set())
-    if not {id(v) for v in layer.trainable_variables} <= expected:
-        return "extra trainable variables"
     return None
 
 
@@ -147,19 +355,6 @@ def _patches(a: tf.Tensor, layer) -> tf.Tensor:
     return _patches_by_phase(a, layer) if a.shape[-1] < 8 else _patches_by_gather(a, layer)
 
 
-def _pre_activation(layer, a: tf.Tensor, patches: tf.Tensor | None) -> tf.Tensor:
-    """The layer's output before its activation, from its own kernel and bias (and patches when given)."""
-    kernel = tf.convert_to_tensor(layer.kernel)
-    if patches is not None:  # one GEMM per example; beats tf.nn.conv2d for few input channels on CPU
-        z = tf.matmul(tf.reshape(kernel, [-1, kernel.shape[-1]]), patches, transpose_a=True)
-        z = tf.reshape(tf.transpose(z, [0, 2, 1]), layer.compute_output_shape(a.shape))
-    elif isinstance(layer, keras.layers.Conv2D):
-        z = tf.nn.conv2d(a, kernel, strides=layer.strides, padding=layer.padding.upper())
-    else:
-        z = tf.tensordot(a, kernel, axes=[[a.shape.rank - 1], [0]]) if a.shape.rank > 2 else a @ kernel
-    return z + tf.convert_to_tensor(layer.bias) if layer.use_bias else z
-
-
 def _is_stride1_max_pool(layer) -> bool:
     return (isinstance(layer, keras.layers.MaxPooling2D) and tuple(layer.strides) == (1, 1)
             and layer.padding == "valid" and layer.data_format == "channels_last")
@@ -202,17 +397,17 @@ GRADS = ("materialize", "ghost", "depthwise")  # per-unit kernel gradients or no
 
 
 def default_formulation(model: keras.Model) -> dict[str, dict[str, str]]:
-    """The formulation used when none is given: the first Conv2D as patches × kernel (its patches are
-    needed for its per-example gradients anyway), every other weight layer native, stride-1 max pooling as
-    shifted slices, per-layer norms by `_prefer_ghost`'s operation count. A plan (`planner`) replaces it."""
+    """The formulation used when none is given (each rule's `default`): the first Conv2D as patches ×
+    kernel (its patches are needed for its per-example gradients anyway), every other weight layer native,
+    stride-1 max pooling as shifted slices, per-layer norms by `_prefer_ghost`'s operation count. A plan
+    (`planner`) replaces it."""
     out, first = {}, True
     for layer in model.layers:
-        if type(layer) in _WEIGHT_LAYERS:
-            conv = isinstance(layer, keras.layers.Conv2D)
-            out[layer.name] = {"forward": "patches" if first and conv else "native", "grads": "auto"}
-            first = False
-        elif _is_stride1_max_pool(layer):
-            out[layer.name] = {"forward": "slices"}
+        rule = rule_for(layer)
+        choice = rule.default(layer, first) if rule else None
+        if choice:
+            out[layer.name] = choice
+        first = first and not (rule and rule.weighted)
     return out
 
 
@@ -221,44 +416,40 @@ def formulation_choices(layer, first: bool, private: bool) -> list[dict[str, str
 
     `first`: the layer is the first weight layer (its input needs no gradient). Empty for layers with
     nothing to choose."""
-    if _is_stride1_max_pool(layer):
-        return [{"forward": "native"}, {"forward": "slices"}]
-    if type(layer) not in _WEIGHT_LAYERS:
-        return []
-    conv = isinstance(layer, keras.layers.Conv2D)
-    forwards = ("native", "patches") if conv else ("native",)
-    if not private:
-        return [{"forward": f} for f in forwards] if conv else []
-    grads = ["materialize", "ghost"]
-    choices = [{"forward": f, "grads": g} for f in forwards for g in grads]
-    if conv and layer.kernel.shape[2] == 1:
-        choices.append({"forward": "native", "grads": "depthwise"})
-    return choices
+    rule = rule_for(layer)
+    return rule.choices(layer, private) if rule else []
 
 
-def _choice(formulation, layer, default: dict[str, str]) -> dict[str, str]:
-    return {**default, **(formulation or {}).get(layer.name, {})}
+def _choice(formulation, layer, default: dict[str, str] | None) -> dict[str, str]:
+    return {**(default or {}), **(formulation or {}).get(layer.name, {})}
+
+
+class _Record(NamedTuple):
+    """One weight layer's share of the forward pass: its input `a`, the watched z and the rule's `aux`."""
+
+    rule: WeightRule
+    layer: keras.layers.Layer
+    a: tf.Tensor
+    z: tf.Tensor
+    aux: tf.Tensor | None
+    choice: dict[str, str]
 
 
 def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None):
-    """Logits and [(layer, input, pre-activation z, patches or None, choice)] per Dense/Conv2D layer, z's
-    watched. `formulation`: {layer name: {"forward": ..., "grads": ...}} (missing: `default_formulation`)."""
+    """Logits and a `_Record` per weight layer, z's watched. `formulation`: {layer name: {"forward": ...,
+    "grads": ...}} (missing: `default_formulation`)."""
     defaults = default_formulation(model)
     records, h = [], x
     for layer in model.layers:
-        if type(layer) in _WEIGHT_LAYERS:
-            choice = _choice(formulation, layer, defaults[layer.name])
-            conv = isinstance(layer, keras.layers.Conv2D)
-            patches = _patches(h, layer) if conv and choice["forward"] == "patches" else None
-            z = _pre_activation(layer, h, patches)
+        rule = rule_for(layer)
+        choice = _choice(formulation, layer, defaults.get(layer.name))
+        if rule.weighted:
+            z, aux = rule.pre_activation(layer, h, choice)
             tape.watch(z)
-            records.append((layer, h, z, patches, choice))
-            h = layer.activation(z)
-        elif _is_stride1_max_pool(layer) and _choice(formulation, layer, defaults[layer.name])["forward"] \
-                == "slices":
-            h = _max_pool_stride1(h, layer.pool_size)
+            records.append(_Record(rule, layer, h, z, aux, choice))
+            h = rule.activation(layer, z)
         else:
-            h = layer(h, training=True)
+            h = rule.forward(layer, h, choice)
     return h, records
 
 
@@ -269,13 +460,9 @@ def forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation
     defaults = default_formulation(model)
     h = x
     for layer in model.layers:
-        forward_choice = _choice(formulation, layer, defaults.get(layer.name, {})).get("forward", "native")
-        if type(layer) in _WEIGHT_LAYERS and forward_choice == "patches":
-            h = layer.activation(_pre_activation(layer, h, _patches(h, layer)))
-        elif _is_stride1_max_pool(layer) and forward_choice == "slices":
-            h = _max_pool_stride1(h, layer.pool_size)
-        else:
-            h = layer(h, training=True)
+        rule = rule_for(layer)
+        choice = _choice(formulation, layer, defaults.get(layer.name))
+        h = rule.forward(layer, h, choice) if rule else layer(h, training=True)
     return h
 
 
@@ -287,12 +474,8 @@ def make_forward_fn(formulation):
     return lambda model, x, tape: forward(model, x, tape, formulation)
 
 
-def _unit_factors(layer, a, dz, patches, units: int, k: int):
-    """A [units, p, T] (inputs or patches) and D [units, T, c] (output-gradients / k) of one layer."""
-    if isinstance(layer, keras.layers.Conv2D):
-        a = _patches(a, layer) if patches is None else patches
-    else:
-        a = tf.transpose(tf.reshape(a, [a.shape[0], -1, a.shape[-1]]), [0, 2, 1])
+def _unit_factors(a: tf.Tensor, dz: tf.Tensor, units: int, k: int):
+    """A [units, p, k·T] (inputs or patches [B, p, T] of a unit's examples) and D [units, k·T, c] (dz / k)."""
     p, t, c = a.shape[1], a.shape[2], dz.shape[-1]
     if k > 1:
         a = tf.transpose(tf.reshape(a, [units, k, p, t]), [0, 2, 1, 3])
@@ -336,62 +519,30 @@ def _depthwise_unit_grads(layer, a, dz, units: int, k: int) -> tf.Tensor:
     return grads if k == 1 else tf.reduce_sum(tf.reshape(grads, [units, k, kh * kw, c]), axis=1) / k
 
 
-def _record_terms(record, dz, units: int, k: int, strategy: str = "auto"):
-    """(squared norms [units], weighted-sum term) of one weight layer under its formulation choice."""
-    layer, a, _, patches, choice = record
-    grads_choice = choice.get("grads", "auto")
-    if grads_choice == "depthwise":
-        grads = _depthwise_unit_grads(layer, a, dz, units, k)
-        sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
-        bias = None
-        if layer.use_bias:
-            bias = tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1) / k
-            sq += tf.reduce_sum(tf.square(bias), axis=1)
-        return sq, (layer, None, None, grads, bias)
-    if strategy == "auto" and grads_choice != "auto":
-        strategy = grads_choice
-    a_u, d_u = _unit_factors(layer, a, dz, patches, units, k)
-    sq, grads, bias = _layer_terms(layer, a_u, d_u, strategy)
-    return sq, (layer, a_u, d_u, grads, bias)
-
-
 def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str, formulation=None,
                     loss_fn: engine.LossFn = engine.per_example_loss):
-    """Per-unit squared gradient norms [units], per-layer terms for the weighted sum, losses, logits."""
+    """Per-unit squared gradient norms [units], (record, term) per weight layer, losses, logits."""
     k = microbatch_size
     units = x.shape[0] // k
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         logits, records = _forward(model, x, tape, formulation)
         losses = loss_fn(logits, y)
         total = tf.reduce_sum(losses)
-    dzs = tape.gradient(total, [r[2] for r in records])
+    dzs = tape.gradient(total, [r.z for r in records])
     terms, sq_norms = [], []
-    for record, dz in zip(records, dzs):
-        sq, term = _record_terms(record, dz, units, k, strategy)
+    for r, dz in zip(records, dzs):
+        sq, term = r.rule.unit_terms(r.layer, r.a, r.aux, dz, units, k, r.choice, strategy)
         sq_norms.append(sq)
-        terms.append(term)
+        terms.append((r, term))
     return tf.add_n(sq_norms), terms, losses, logits
-
-
-def _term_sums(term, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """(Σ_u weights_u · kernel gradient_u, Σ_u weights_u · bias gradient_u or None) of one layer's term."""
-    layer, a_u, d_u, grads, bias = term
-    if grads is None:
-        rows = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1])  # [p, units·T]
-        kernel = tf.matmul(rows, tf.reshape(d_u * weights[:, None, None], [rows.shape[1], -1]))
-    else:
-        kernel = tf.tensordot(weights, grads, axes=1)
-    return tf.reshape(kernel, layer.kernel.shape), (None if bias is None else tf.tensordot(weights, bias, 1))
 
 
 def _weighted_sums(model, terms, weights: tf.Tensor) -> list[tf.Tensor]:
     """Σ_u weights_u · g_u for every trainable variable, in `model.trainable_variables` order."""
     sums = {}
-    for term in terms:
-        layer = term[0]
-        sums[id(layer.kernel)], bias = _term_sums(term, weights)
-        if bias is not None:
-            sums[id(layer.bias)] = bias
+    for record, term in terms:
+        variables = record.layer.trainable_variables
+        sums.update(zip(map(id, variables), record.rule.weighted_sums(record.layer, term, weights)))
     return [sums[id(v)] for v in model.trainable_variables]
 
 

@@ -116,17 +116,17 @@ def device_description() -> str:
     return f"{cpu} × {os.cpu_count()} threads" + (f"; GPU {', '.join(gpus)}" if gpus else "")
 
 
-_SIGNATURE_KEYS = ("filters", "kernel_size", "strides", "padding", "activation", "use_bias", "units",
-                   "pool_size", "data_format", "dilation_rate", "groups", "rate")
-
-
 def model_signature(model) -> list:
-    """Layer names, types, shapes and the configuration that changes the work (not initial weights)."""
+    """Layer names, types, shapes and the configuration that changes the work (not initial weights: each
+    layer rule's `signature_keys`)."""
+    from dpsgd_cli.training import fastgrad
+
     rows = []
     for layer in model.layers:
-        config = layer.get_config()
+        config, rule = layer.get_config(), fastgrad.rule_for(layer)
+        keys = rule.signature_keys if rule else fastgrad.SIGNATURE_KEYS
         rows.append([type(layer).__name__, layer.name, list(layer.output.shape[1:]),
-                     {k: config[k] for k in _SIGNATURE_KEYS if k in config}])
+                     {k: config[k] for k in keys if k in config}])
     return [list(model.inputs[0].shape[1:]), rows]
 
 
@@ -158,8 +158,8 @@ def _layer_options(model, private: bool) -> list[tuple[str, list[dict[str, str]]
         choices = fastgrad.formulation_choices(layer, first, private)
         if choices:
             out.append((layer.name, choices))
-        if type(layer) in fastgrad._WEIGHT_LAYERS:
-            first = False
+        rule = fastgrad.rule_for(layer)
+        first = first and not (rule and rule.weighted)
     return out
 
 
@@ -284,7 +284,7 @@ def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: boo
 
     chosen, timings = fastgrad.default_formulation(model), {}
     shapes = _shapes(model, capacity)
-    first_weight = next(layer.name for layer in model.layers if type(layer) in fastgrad._WEIGHT_LAYERS)
+    first_weight = next((layer.name for layer in model.layers if fastgrad.rule_for(layer).weighted), None)
     probe = min(PROBE, capacity)
     for name, choices in _layer_options(model, private):
         layer = model.get_layer(name)
@@ -305,16 +305,17 @@ def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: boo
 
 
 def _layer_work(layer, choice, shape, batch, private, first, microbatch_size, jit):
-    """A compiled call doing one layer's share of the step under `choice`, on fixed random inputs."""
-    import keras
+    """A compiled call doing one layer's share of the step under `choice`, on fixed random inputs: a weight
+    layer's forward, gradient to its input (unless `first`) and per-unit terms with their weighted sum
+    (non-private: its gradients); any other layer's forward and gradient to its input."""
     import tensorflow as tf
 
     from dpsgd_cli.training import fastgrad
 
     rng = np.random.default_rng(0)
     a = tf.constant(rng.random((batch, *shape[1:]), dtype=np.float32))
-    conv = isinstance(layer, keras.layers.Conv2D)
-    if type(layer) in fastgrad._WEIGHT_LAYERS:
+    rule = fastgrad.rule_for(layer)
+    if rule.weighted:
         out_shape = layer.compute_output_shape((batch, *shape[1:]))
         dz = tf.constant(rng.normal(size=out_shape).astype(np.float32))
         k = microbatch_size if batch % microbatch_size == 0 else 1
@@ -324,16 +325,13 @@ def _layer_work(layer, choice, shape, batch, private, first, microbatch_size, ji
         def work():
             with tf.GradientTape(watch_accessed_variables=not private) as tape:
                 tape.watch(a)
-                patches = fastgrad._patches(a, layer) if conv and choice["forward"] == "patches" else None
-                z = fastgrad._pre_activation(layer, a, patches)
+                z, aux = rule.pre_activation(layer, a, choice)
             if not private:
                 grads = tape.gradient(z, [a] + list(layer.trainable_variables), output_gradients=dz)
                 return tf.add_n([tf.reduce_sum(g) for g in grads[first:] if g is not None])
             out = [] if first else [tf.reduce_sum(tape.gradient(z, a, output_gradients=dz))]
-            sq, term = fastgrad._record_terms((layer, a, z, patches, choice), dz, units, k)
-            kernel, bias = fastgrad._term_sums(term, weights)
-            out += [tf.reduce_sum(sq), tf.reduce_sum(kernel)]
-            out += [] if bias is None else [tf.reduce_sum(bias)]
+            sq, term = rule.unit_terms(layer, a, aux, dz, units, k, choice)
+            out += [tf.reduce_sum(sq)] + [tf.reduce_sum(s) for s in rule.weighted_sums(layer, term, weights)]
             return tf.add_n(out)
     else:
         up = tf.constant(rng.normal(size=(batch, *layer.compute_output_shape(shape)[1:])).astype(np.float32))
@@ -341,8 +339,7 @@ def _layer_work(layer, choice, shape, batch, private, first, microbatch_size, ji
         def work():
             with tf.GradientTape() as tape:
                 tape.watch(a)
-                h = (fastgrad._max_pool_stride1(a, layer.pool_size) if choice["forward"] == "slices"
-                     else layer(a))
+                h = rule.forward(layer, a, choice)
             return tf.reduce_sum(tape.gradient(h, a, output_gradients=up))
     return tf.function(work, jit_compile=jit)
 
