@@ -91,11 +91,11 @@ def setup(cfg: ExperimentConfig) -> Distribution | None:
     if dist is None:
         import tensorflow as tf
 
-        _split_cpu(tf, d.cpu_devices)
+        split_cpu(d.cpu_devices)
         if d.strategy == "multi_worker" and any(v.kind == "multi_worker" for v in _ACTIVE.values()):
             raise ConfigError("distribute.strategy: this process already joined a multi-worker cluster; "
                               "start a new process for another one")
-        dist = _mirrored(tf, d.devices) if d.strategy == "mirrored" else _multi_worker(tf, d)
+        dist = mirrored(d.devices) if d.strategy == "mirrored" else _multi_worker(tf, d)
         _ACTIVE[wanted] = dist
     m = cfg.privacy.num_microbatches
     if m is not None and m % dist.replicas:
@@ -104,9 +104,12 @@ def setup(cfg: ExperimentConfig) -> Distribution | None:
     return dist
 
 
-def _split_cpu(tf, count: int | None) -> None:
+def split_cpu(count: int | None) -> None:
+    """Make the CPU `count` logical devices (None: leave it); ConfigError once TensorFlow has started."""
     if not count:
         return
+    import tensorflow as tf
+
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
@@ -118,7 +121,10 @@ def _split_cpu(tf, count: int | None) -> None:
                               "process)") from None
 
 
-def _mirrored(tf, devices: list[str] | None) -> Distribution:
+def mirrored(devices: list[str] | None) -> Distribution:
+    """A MirroredStrategy over `devices` (e.g. ['CPU:0', 'CPU:1']; None: all GPUs, else all CPUs)."""
+    import tensorflow as tf
+
     if devices:
         known = {_short(d.name) for d in tf.config.list_logical_devices()}
         missing = [d for d in devices if _short(d) not in known]
