@@ -148,6 +148,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(raw)
 
 
+def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """`cfg` with `key.sub=value` overrides applied (as `--set` does), validated."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a nested dict (as from YAML) into an ExperimentConfig."""
     if not isinstance(raw, dict):

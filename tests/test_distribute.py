@@ -84,6 +84,27 @@ def test_bad_distribute_input_exits_2_with_one_line(tmp_path):
         assert errors[0].startswith("error: distribute.")
 
 
+def test_the_cluster_comes_from_slurm_or_tf_config(monkeypatch):
+    for key in ("TF_CONFIG", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi: a CPU node
+    slurm = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node[07-08]",
+             "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_NTASKS": "2"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    resolver = distribute.cluster_resolver("slurm")
+    assert resolver.cluster_spec().as_dict() == {"worker": ["node07:8888", "node08:8888"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+    monkeypatch.delenv("SLURM_PROCID")
+    with pytest.raises(ConfigError, match="distribute.cluster: slurm needs to run inside a Slurm job step"):
+        distribute.cluster_resolver("slurm")
+    with pytest.raises(ConfigError, match="distribute.cluster: tf_config needs the TF_CONFIG"):
+        distribute.cluster_resolver("tf_config")
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ConfigError, match="distribute.cluster: TF_CONFIG is not a valid cluster"):
+        distribute.cluster_resolver("tf_config")
+
+
 # ---- dealing the global sample into replica slices -------------------------------------------------------
 
 @pytest.mark.parametrize("replicas, unit", [(1, 1), (2, 1), (3, 1), (4, 1), (2, 4), (4, 2)])
@@ -257,3 +278,39 @@ def test_epsilon_is_identical_and_accuracy_within_noise(runs):
         for column in ("step", "epsilon_rdp", "epsilon_pld", "delta", "noise_multiplier", "l2_norm_clip"):
             assert row[column] == base[column], (name, column)
         assert abs(float(row["test_accuracy"]) - float(base["test_accuracy"])) <= 0.01
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_both_and_the_run_resumes_on_one_device(tmp_path, data_dir):
+    import signal
+
+    import yaml
+
+    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    workers = []
+    for index in range(2):
+        env = _env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        workers.append(_train(tmp_path, "stop", data_dir, [
+            "--set", "distribute.strategy=multi_worker", "--set", "distribute.collective_timeout_s=120",
+            "--set", "training.epochs=6"], env))
+    run_dir = tmp_path / "stop"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.csv").exists() and time.monotonic() < deadline:
+        assert all(w.poll() is None for w in workers), [w.stderr.read()[-2000:] for w in workers]
+        time.sleep(0.2)
+    workers[1].send_signal(signal.SIGTERM)  # the non-chief only: both must stop after the same step
+    codes = [w.wait(180) for w in workers]
+    assert codes == [130, 130], [w.stderr.read()[-2000:] for w in workers]
+    doc = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert doc["status"] == "interrupted" and 1 <= doc["epochs_done"] < 6
+    done = doc["epochs_done"]
+    resumed = subprocess.run([sys.executable, "-m", "dpsgd_cli", "train", "--resume", str(run_dir), "--quiet",
+                              "--set", "distribute.strategy=none"], capture_output=True, text=True,
+                             env=_env(), cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    doc = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert doc["status"] == "finished" and doc["config"]["distribute"]["strategy"] == "none"
+    assert doc["resolved"]["distribute"]["history"] == [
+        {"from_epoch": 1, "strategy": "multi_worker", "replicas": 2, "workers": 2},
+        {"from_epoch": done + 1, "strategy": "none", "replicas": 1, "workers": 1}]
+    assert _metrics(run_dir)["step"] == "60"  # 6 epochs of 480 / 48 steps: the ledger composed each once

@@ -313,7 +313,7 @@ def device_rows(replica_counts: Iterable[int], batch_size: int = 256, *, steps: 
             call(i + 1)
         prepared.append(({"path": f"mirrored_{replicas}", "replicas": replicas, "batch_size": batch_size,
                           "capacity": capacity, "jit_compile": False, "compile_s": compile_s,
-                          "devices": ",".join(d.rsplit("/", 1)[-1] for d in available[:replicas])}, call, []))
+                          "devices": ",".join(distribute._short(d) for d in available[:replicas])}, call, []))
     for i in range(steps):
         for _, call, times in prepared:
             start = time.perf_counter()

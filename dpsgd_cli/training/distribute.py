@@ -29,6 +29,7 @@ devices: `setup` is called first thing by the runner.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import os
@@ -76,6 +77,23 @@ class Distribution:
 
 
 _ACTIVE: dict[str, Distribution] = {}  # this process's strategies, by their config
+_STOP = {"requested": False}  # multi_worker: SIGTERM/SIGINT seen here; acted on by all workers together
+
+
+def _request_stop(signum, frame) -> None:
+    _STOP["requested"] = True
+
+
+def _stop_together() -> None:
+    """Multi-worker: SIGTERM or Ctrl-C only sets a flag; each step all-reduces the flags of every worker, so
+    all stop after the same step (KeyboardInterrupt there, as Ctrl-C does with one process)."""
+    import signal
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _request_stop)
+    except ValueError:  # not the main thread: signals stay as they are
+        pass
 
 
 def setup(cfg: ExperimentConfig) -> Distribution | None:
@@ -97,6 +115,8 @@ def setup(cfg: ExperimentConfig) -> Distribution | None:
                               "start a new process for another one")
         dist = mirrored(d.devices) if d.strategy == "mirrored" else _multi_worker(tf, d)
         _ACTIVE[wanted] = dist
+        if dist.kind == "multi_worker":
+            _stop_together()
     m = cfg.privacy.num_microbatches
     if m is not None and m % dist.replicas:
         raise ConfigError(f"privacy.num_microbatches: {m} must be divisible by the number of replicas "
@@ -146,28 +166,42 @@ def _short(name: str) -> str:
     return name.rsplit("/", 1)[-1].removeprefix("device:")
 
 
-def _multi_worker(tf, d) -> Distribution:
-    resolver_cls = tf.distribute.cluster_resolver
-    if d.cluster == "tf_config":
+def cluster_resolver(cluster: str):
+    """TensorFlow's resolver of the cluster this worker is in: from TF_CONFIG (`tf_config`) or from the
+    Slurm job step's environment (`slurm`: one task per worker, ports from 8888 on each node, GPUs of a
+    node shared evenly by its tasks; a node without nvidia-smi and CUDA_VISIBLE_DEVICES is taken to have
+    no GPU). ConfigError if it cannot."""
+    import tensorflow as tf
+
+    resolvers = tf.distribute.cluster_resolver
+    if cluster == "tf_config":
         if not os.environ.get("TF_CONFIG"):
             raise ConfigError("distribute.cluster: tf_config needs the TF_CONFIG environment variable "
                               "({\"cluster\": {\"worker\": [\"host:port\", ...]}, \"task\": {\"type\": "
                               "\"worker\", \"index\": i}}) in every worker")
         try:
-            resolver = resolver_cls.TFConfigClusterResolver()
+            resolver = resolvers.TFConfigClusterResolver()
             resolver.cluster_spec()
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"distribute.cluster: TF_CONFIG is not a valid cluster description "
                               f"({exc.__class__.__name__}: {str(exc)[:120]})") from None
-    else:
-        if "SLURM_PROCID" not in os.environ:
-            raise ConfigError("distribute.cluster: slurm needs to run inside a Slurm job step (srun), "
-                              "SLURM_PROCID is not set")
-        try:
-            resolver = resolver_cls.SlurmClusterResolver()
-        except (RuntimeError, ValueError, KeyError, OSError) as exc:
-            raise ConfigError(f"distribute.cluster: Slurm's cluster could not be resolved "
-                              f"({exc.__class__.__name__}: {str(exc)[:120]})") from None
+        return resolver
+    if "SLURM_PROCID" not in os.environ:
+        raise ConfigError("distribute.cluster: slurm needs to run inside a Slurm job step (srun), "
+                          "SLURM_PROCID is not set")
+    no_gpu = shutil.which("nvidia-smi") is None and "CUDA_VISIBLE_DEVICES" not in os.environ
+    # TensorFlow's resolver gives each task of a node a port *and* a GPU slot (it zips the two), and
+    # fails without nvidia-smi; on a CPU node it gets placeholder slots and leaves CUDA_VISIBLE_DEVICES
+    cpu_node = {"gpus_per_node": 1024, "gpus_per_task": 1, "auto_set_gpu": False}
+    try:
+        return resolvers.SlurmClusterResolver(**(cpu_node if no_gpu else {}))
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise ConfigError(f"distribute.cluster: Slurm's cluster could not be resolved "
+                          f"({exc.__class__.__name__}: {str(exc)[:120]})") from None
+
+
+def _multi_worker(tf, d) -> Distribution:
+    resolver = cluster_resolver(d.cluster)
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=d.collective_timeout_s)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
                                                          communication_options=options)
@@ -199,11 +233,27 @@ def shared_key(dist: Distribution, key):
             return tf.distribute.get_replica_context().all_reduce("sum", mine)
         return dist.strategy.run(contribute)
 
-    total = dist.strategy.experimental_local_results(broadcast())[0].numpy() / local
+    with collective_errors(dist):
+        total = dist.strategy.experimental_local_results(broadcast())[0].numpy() / local
     material = np.rint(total).astype(np.uint8).tobytes()
     if dist.is_chief and material != key.material:
         raise TrainingError("distribute: the run key did not survive its broadcast to the workers")
     return RunKey(material, key.mode)
+
+
+@contextlib.contextmanager
+def collective_errors(dist: Distribution):
+    """A failed or timed-out collective (a worker lost, unreachable or too slow) as one TrainingError."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.AbortedError, tf.errors.InternalError) as exc:
+        first = (exc.message or exc.__class__.__name__).strip().splitlines()[0][:160]
+        raise TrainingError(f"distribute: a collective across the {dist.workers} workers failed ({first}); "
+                            f"a worker was lost or did not answer within distribute.collective_timeout_s"
+                            ) from None
 
 
 def worker_config(dist: Distribution, cfg: ExperimentConfig, resume: bool) -> ExperimentConfig:
@@ -266,22 +316,41 @@ def make_distributed_step(dist: Distribution, model, optimizer, settings, grad_s
         replica_terms = tf.function(replica_terms, jit_compile=True)
         replica_sums = tf.function(replica_sums, jit_compile=True)
 
-    def own(fn, idx_rows, mask_rows):
+    def own(fn, idx_rows, mask_rows, *flags):
         ctx = tf.distribute.get_replica_context()
         r = ctx.replica_id_in_sync_group
-        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, fn(idx_rows[r], mask_rows[r]))
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, (fn(idx_rows[r], mask_rows[r]), *flags))
 
     def local(per_replica):  # every replica holds the same all-reduced values: take this process's first
         return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], per_replica)
 
-    def step(idx, mask, extra_sums, noise_seed):
+    def step(idx, mask, extra_sums, noise_seed, stop):
         rows = deal(idx, replicas, unit), deal(mask, replicas, unit)
-        sums, stats = local(strategy.run(own, args=(replica_terms, *rows)))
+        (sums, stats), stops = local(strategy.run(own, args=(replica_terms, *rows, stop)))
         optimizer.apply(engine.noisy_gradients(variables, settings, sums, extra_sums, noise_seed), variables)
-        return tuple(stats)
+        return tuple(stats), stops
 
     def chunk_sum(idx, mask):
         rows = deal(idx, replicas, unit), deal(mask, replicas, unit)
-        return local(strategy.run(own, args=(replica_sums, *rows)))
+        return local(strategy.run(own, args=(replica_sums, *rows)))[0]
 
-    return (tf.function(step, reduce_retracing=False), tf.function(chunk_sum))
+    step_graph, chunk_graph = tf.function(step, reduce_retracing=False), tf.function(chunk_sum)
+    if dist.workers == 1:  # one process: Ctrl-C / SIGTERM stop it as without tf.distribute
+        return (lambda idx, mask, extra, seed: step_graph(idx, mask, extra, seed, np.float32(0))[0],
+                chunk_graph)
+
+    def step_together(idx, mask, extra, seed):
+        """One step on every worker; the host waits for it (the all-reduced stop flag decides, for every
+        worker alike, whether this was the last step)."""
+        with collective_errors(dist):
+            stats, stops = step_graph(idx, mask, extra, seed, np.float32(_STOP["requested"]))
+            stopping = float(stops) > 0
+        if stopping:
+            raise KeyboardInterrupt
+        return stats
+
+    def chunk_together(idx, mask):
+        with collective_errors(dist):
+            return [v.numpy() for v in chunk_graph(idx, mask)]
+
+    return step_together, chunk_together
