@@ -319,6 +319,7 @@ def make_distributed_step(dist: Distribution, model, optimizer, settings, grad_s
     def own(fn, idx_rows, mask_rows, *flags):
         ctx = tf.distribute.get_replica_context()
         r = ctx.replica_id_in_sync_group
+        flags = [tf.identity(f) for f in flags]  # a copy on this replica's device (an input has none)
         return ctx.all_reduce(tf.distribute.ReduceOp.SUM, (fn(idx_rows[r], mask_rows[r]), *flags))
 
     def local(per_replica):  # every replica holds the same all-reduced values: take this process's first
