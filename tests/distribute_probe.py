@@ -4,9 +4,9 @@ TensorFlow starts): `python tests/distribute_probe.py MODE[+MODE] DATA_DIR`, pri
 Modes:
 - `equivalence`: 4 logical CPUs; epoch 1 (3 Poisson steps, padding, an overflow step) of `none` and of
   mirrored with 1, 2 and 4 replicas, for several (gradient path, optimizer, XLA) cases; the weights'
-  max |difference| to `none` per replica count, and whether R = 1 is bit-identical.
-- `padding`: one all-padding step (mask 0) under mirrored 2 and 4 replicas and `none`: the weight change
-  against the regenerated noise −lr·N(0, σ²C²)/B.
+  max |difference| to `none` per replica count, and whether R = 1 is bit-identical. Then, under
+  `padding`: one all-padding step (mask 0) of the SGD trainers (`none`, 2 and 4 replicas): the weight
+  change against the regenerated noise −lr·N(0, σ²C²)/B.
 - `plan`: the SHA-256 of epochs 1–2's dealt indices and masks for 4 replicas (numpy only).
 """
 
@@ -60,28 +60,33 @@ def trainer(cfg, dataset):
 
 
 def equivalence(data_dir: str) -> dict:
+    """Per case, each trainer trains epoch 1; SGD trainers then take one all-padding step (`padding`)."""
     from dpsgd_cli.training.data import load_dataset
 
     distribute.setup(config(data_dir, 4))  # the 4 logical CPUs, before TensorFlow starts
     dataset = load_dataset("fashion_mnist", data_dir, TRAIN, 100)
     seed, chunks = chosen_seed()
-    out = {"seed": seed, "chunks": chunks, "cases": []}
-    cases = [("fast", "sgd", 0.05, False), ("vectorized_map", "adam", 0.01, False),
-             ("fast", "adam", 0.01, True)]
-    for path, optimizer, lr, jit in cases:
+    out = {"seed": seed, "chunks": chunks, "cases": [], "padding": {}}
+    # (path, optimizer, lr, XLA, replica counts); the reference is `none` without XLA: under XLA
+    # tf.random.stateless_normal draws other (equally distributed) numbers than TensorFlow's kernel, and
+    # the distributed step compiles the clipped sum only, drawing its noise outside XLA
+    cases = [("fast", "sgd", 0.05, False, (1, 2, 4)), ("vectorized_map", "adam", 0.01, False, (1, 2, 4)),
+             ("fast", "sgd", 0.05, True, (2,))]  # XLA compiles once per device: 2 show it works
+    references = {}
+    for path, optimizer, lr, jit, counts in cases:
         weights = {}
-        for replicas in (None, 1, 2, 4):
-            if jit and replicas in (1, 4):
-                continue  # XLA compiles once per device: 2 replicas show the compiled path works
-            # the reference is `none` without XLA: under XLA, tf.random.stateless_normal draws other
-            # (equally distributed) numbers than TensorFlow's kernel, and the distributed step draws its
-            # noise outside the compiled clipped sum
+        for replicas in (None, *counts):
+            if replicas is None and (path, optimizer) in references:
+                weights[None] = references[path, optimizer]
+                continue
             t = trainer(config(data_dir, replicas, path=path, optimizer=optimizer, lr=lr,
                                jit=jit and replicas is not None, seed=seed), dataset)
             stats = t.train_epoch(1, None)
             weights[replicas] = ([w.copy() for w in t.model.get_weights()], stats, t.steps_done,
                                  t.ledger.steps, t.sampler.capacity, t.jit_compile)
-        base = weights.pop(None)
+            if optimizer == "sgd" and not jit and replicas != 1:
+                out["padding"][str(replicas or "none")] = padding_step(t, lr)
+        base = references[path, optimizer] = weights.pop(None)
         case = {"path": path, "optimizer": optimizer, "lr": lr, "jit": jit, "steps": base[2],
                 "weight_scale": max(float(np.abs(w).max()) for w in base[0]), "results": {}}
         for replicas, (ws, stats, steps, ledger, capacity, used_jit) in weights.items():
@@ -95,33 +100,24 @@ def equivalence(data_dir: str) -> dict:
     return out
 
 
-def padding(data_dir: str) -> dict:
+def padding_step(t, lr: float, step: int = 7) -> dict:
+    """One all-padding step (mask 0) of trainer `t` (SGD, learning rate `lr`): its weight change against
+    the regenerated noise, −lr·N(0, σ²C²)/B with σ = C = 1."""
     import tensorflow as tf
 
     from dpsgd_cli.training import engine
-    from dpsgd_cli.training.data import load_dataset
 
-    distribute.setup(config(data_dir, 4))
-    dataset = load_dataset("fashion_mnist", data_dir, TRAIN, 100)
-    key = new_run_key(reproducible=True, seed=0)
-    lr, step = 0.05, 7
-    out = {}
-    for replicas in (None, 2, 4):
-        t = trainer(config(data_dir, replicas, lr=lr), dataset)
-        before = [v.numpy().copy() for v in t.model.trainable_variables]
-        capacity = t.sampler.capacity
-        idx, mask = np.zeros(capacity, np.int64), np.zeros(capacity, np.float32)
-        t.step_fn(idx, mask, t.zeros, key.noise_seed(step))
-        seed = tf.constant(key.noise_seed(step))
-        noise = engine.gaussian_noise(t.model.trainable_variables, 1.0 * 1.0, seed)  # σ·C
-        expected = [-lr * n.numpy() / BATCH for n in noise]
-        change = [v.numpy() - b for v, b in zip(t.model.trainable_variables, before)]
-        out[str(replicas or "none")] = {
-            "max_error": max(float(np.abs(c - e).max()) for c, e in zip(change, expected)),
+    before = [v.numpy().copy() for v in t.model.trainable_variables]
+    capacity = t.sampler.capacity
+    idx, mask = np.zeros(capacity, np.int64), np.zeros(capacity, np.float32)
+    t.step_fn(idx, mask, t.zeros, t.key.noise_seed(step))
+    noise = engine.gaussian_noise(t.model.trainable_variables, 1.0 * 1.0, tf.constant(t.key.noise_seed(step)))
+    expected = [-lr * n.numpy() / BATCH for n in noise]
+    change = [v.numpy() - b for v, b in zip(t.model.trainable_variables, before)]
+    return {"max_error": max(float(np.abs(c - e).max()) for c, e in zip(change, expected)),
             "max_change": max(float(np.abs(c).max()) for c in change),
             "ratio": float(sum(np.vdot(c, e) for c, e in zip(change, expected))
                            / sum(np.vdot(e, e) for e in expected))}
-    return out
 
 
 def plan(_: str) -> dict:
@@ -137,5 +133,5 @@ def plan(_: str) -> dict:
 
 if __name__ == "__main__":
     modes, data = sys.argv[1].split("+"), sys.argv[2]  # e.g. equivalence+padding: one TensorFlow start
-    run = {"equivalence": equivalence, "padding": padding, "plan": plan}
+    run = {"equivalence": equivalence, "plan": plan}
     print("RESULT " + json.dumps({mode: run[mode](data) for mode in modes}))

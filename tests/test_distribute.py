@@ -105,6 +105,22 @@ def test_the_cluster_comes_from_slurm_or_tf_config(monkeypatch):
         distribute.cluster_resolver("tf_config")
 
 
+def test_a_failed_collective_is_one_training_error():
+    import tensorflow as tf
+
+    from dpsgd_cli.errors import TrainingError
+
+    dist = distribute.Distribution(None, "multi_worker", 2, 2, 0, True, ("CPU:0",))
+    for error in (tf.errors.UnavailableError, tf.errors.DeadlineExceededError):
+        with pytest.raises(TrainingError, match=r"^distribute: a collective across the 2 workers failed "
+                                                r"\(peer gone\); a worker was lost"):
+            with distribute.collective_errors(dist):
+                raise error(None, None, "peer gone\nmore detail")
+    with pytest.raises(tf.errors.InvalidArgumentError):  # a bug, not a lost worker: not disguised
+        with distribute.collective_errors(dist):
+            raise tf.errors.InvalidArgumentError(None, None, "bad shape")
+
+
 # ---- dealing the global sample into replica slices -------------------------------------------------------
 
 @pytest.mark.parametrize("replicas, unit", [(1, 1), (2, 1), (3, 1), (4, 1), (2, 4), (4, 2)])
@@ -153,12 +169,12 @@ def test_independently_started_workers_build_identical_plans(data_dir):
 
 @pytest.fixture(scope="module")
 def probe(data_dir):
-    return _probe("equivalence+padding", data_dir)
+    return _probe("equivalence", data_dir)["equivalence"]
 
 
 @pytest.mark.slow
 def test_replicas_train_like_one_device(probe):
-    eq = probe["equivalence"]
+    eq = probe
     assert max(eq["chunks"]) > 1 and len(eq["chunks"]) == 3  # an overflow step among the 3
     for case in eq["cases"]:
         results = case["results"]
@@ -176,6 +192,7 @@ def test_replicas_train_like_one_device(probe):
 
 @pytest.mark.slow
 def test_an_all_padding_step_moves_the_weights_by_the_noise_over_b(probe):
+    assert sorted(probe["padding"]) == ["2", "4", "none"]
     for replicas, r in probe["padding"].items():
         # noise counted R times (or √R too little) would give ratio R (or 1/√R); a missing draw, 0
         assert abs(r["ratio"] - 1.0) < 1e-5, (replicas, r)
@@ -314,3 +331,26 @@ def test_sigterm_to_one_worker_stops_both_and_the_run_resumes_on_one_device(tmp_
         {"from_epoch": 1, "strategy": "multi_worker", "replicas": 2, "workers": 2},
         {"from_epoch": done + 1, "strategy": "none", "replicas": 1, "workers": 1}]
     assert _metrics(run_dir)["step"] == "60"  # 6 epochs of 480 / 48 steps: the ledger composed each once
+
+
+@pytest.mark.slow
+def test_a_lost_worker_is_one_error_line_not_a_hang(tmp_path, data_dir):
+    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    workers = []
+    for index in range(2):
+        env = _env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        workers.append(_train(tmp_path, "lost", data_dir, [
+            "--set", "distribute.strategy=multi_worker", "--set", "distribute.collective_timeout_s=20",
+            "--set", "training.epochs=6"], env))
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "lost" / "metrics.csv").exists() and time.monotonic() < deadline:
+        assert all(w.poll() is None for w in workers), [w.stderr.read()[-2000:] for w in workers]
+        time.sleep(0.2)
+    workers[1].kill()  # SIGKILL: no goodbye
+    start = time.monotonic()
+    code = workers[0].wait(180)
+    stderr = workers[0].stderr.read()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code not in (0, 130) and "Traceback" not in stderr and len(errors) == 1, stderr[-3000:]
+    assert errors[0].startswith("error: distribute: a collective across the 2 workers failed")
+    assert time.monotonic() - start < 120

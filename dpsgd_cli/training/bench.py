@@ -311,9 +311,10 @@ def device_rows(replica_counts: Iterable[int], batch_size: int = 256, *, steps: 
         compile_s = time.perf_counter() - start
         for i in range(warmup):
             call(i + 1)
+        names = ",".join(distribute.short_name(d) for d in available[:replicas])
         prepared.append(({"path": f"mirrored_{replicas}", "replicas": replicas, "batch_size": batch_size,
                           "capacity": capacity, "jit_compile": False, "compile_s": compile_s,
-                          "devices": ",".join(distribute._short(d) for d in available[:replicas])}, call, []))
+                          "devices": names}, call, []))
     for i in range(steps):
         for _, call, times in prepared:
             start = time.perf_counter()

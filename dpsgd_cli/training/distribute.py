@@ -15,10 +15,19 @@ The mechanism is the one the accountant assumes, whatever the number of replicas
    Keras never all-reduces it again. The noise is thus added once to the global sum, as with `none`.
 Therefore (q, σ, steps), the `DpEvent` and ε do not depend on R.
 
-Stop decisions are global by construction: the step's loss statistics are all-reduced (a NaN is seen by
-every worker at the same step), every worker holds the same weights (hence the same test loss), and all
-workers run the same number of steps. A worker that disappears makes the others' next collective fail
-after `distribute.collective_timeout_s` instead of hanging.
+Why noise on the global sum (as jax-privacy) rather than on replica 0 before the all-reduce (as Opacus's
+`DistributedDPOptimizer`): the draw then never passes through a collective or Keras's own all-reduce
+(inside `strategy.run`, `optimizer.apply` all-reduces with SUM: noise added on every replica would count
+R times, σC/R per replica would be √R too little), the division by B happens once, on the total, and
+with R = 1 the step is the `none` step operation for operation (bit for bit, tests/test_distribute.py).
+The cost: every replica draws the same noise (one Philox pass per replica; small next to the gradients).
+
+Stop decisions are global: the step's loss statistics are all-reduced (a NaN is seen by every worker
+at the same step), every worker holds the same weights (hence the same test loss) and runs the same
+steps; under `multi_worker` SIGTERM / Ctrl-C only set a flag that each step all-reduces, so every worker
+stops after the same step (`KeyboardInterrupt`, as Ctrl-C does with one process). A worker that
+disappears makes the others' next collective fail (`collective_errors`: one TrainingError) at the latest
+after `distribute.collective_timeout_s`, instead of hanging.
 
 XLA: under a strategy the whole step (all-reduce + optimizer in cross-replica context) is not compiled;
 the per-replica clipped sum is, when `jit_compile` (or the planner, for `auto`) says so.
@@ -146,22 +155,22 @@ def mirrored(devices: list[str] | None) -> Distribution:
     import tensorflow as tf
 
     if devices:
-        known = {_short(d.name) for d in tf.config.list_logical_devices()}
-        missing = [d for d in devices if _short(d) not in known]
+        known = {short_name(d.name) for d in tf.config.list_logical_devices()}
+        missing = [d for d in devices if short_name(d) not in known]
         if missing:
             raise ConfigError(f"distribute.devices: {', '.join(missing)} not found; this process has "
                               f"{', '.join(sorted(known))}")
-        chosen = [_short(d) for d in devices]
+        chosen = [short_name(d) for d in devices]
     else:
         gpus = tf.config.list_logical_devices("GPU")
-        chosen = [_short(d.name) for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        chosen = [short_name(d.name) for d in (gpus or tf.config.list_logical_devices("CPU"))]
     cpu_only = all(d.startswith("CPU") for d in chosen)
     ops = tf.distribute.ReductionToOneDevice() if cpu_only else None  # NCCL (the default) needs GPUs
     strategy = tf.distribute.MirroredStrategy(chosen, cross_device_ops=ops)
     return Distribution(strategy, "mirrored", strategy.num_replicas_in_sync, 1, 0, True, tuple(chosen))
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
     """'/job:localhost/replica:0/task:0/device:CPU:1' or '/device:CPU:1' → 'CPU:1'."""
     return name.rsplit("/", 1)[-1].removeprefix("device:")
 
@@ -208,7 +217,7 @@ def _multi_worker(tf, d) -> Distribution:
     spec = resolver.cluster_spec().as_dict()
     workers = sum(len(v) for k, v in spec.items() if k in ("chief", "worker"))
     index = int(resolver.task_id or 0) + (1 if "chief" in spec and resolver.task_type == "worker" else 0)
-    local = tuple(_short(v) for v in strategy.extended.worker_devices)
+    local = tuple(short_name(v) for v in strategy.extended.worker_devices)
     return Distribution(strategy, "multi_worker", strategy.num_replicas_in_sync, workers, index,
                         bool(strategy.extended.should_checkpoint), local)
 
