@@ -27,6 +27,8 @@ SAMPLINGS = ("poisson", "shuffle")
 JIT_CHOICES = ("auto", True, False)
 GRADIENT_PATHS = ("auto", "fast", "vectorized_map")
 PLAN_CHOICES = {"forward": ("native", "patches", "slices"), "grads": ("materialize", "ghost", "depthwise")}
+STRATEGIES = ("none", "mirrored", "multi_worker")
+CLUSTERS = ("tf_config", "slurm")
 DATASET_SIZES = {"fashion_mnist": 60000, "mnist": 60000}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 _BUILDER_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -98,6 +100,22 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistributeConfig:
+    """tf.distribute (issue 17; `training.distribute`). `strategy`: none (one device, today's step),
+    mirrored (the devices of this machine) or multi_worker (several processes/hosts, `cluster` from the
+    TF_CONFIG environment variable or SLURM's). `devices`: e.g. [GPU:0, GPU:1]; null = all GPUs, else all
+    (logical) CPUs. `cpu_devices`: split the CPU into N logical devices (tests, benchmarks; null = no split).
+    `collective_timeout_s`: a collective (all-reduce) waiting longer for a lost worker raises an error.
+    The privacy mechanism and ε do not depend on any of these."""
+
+    strategy: str = "none"
+    devices: list | None = None
+    cpu_devices: int | None = None
+    cluster: str = "tf_config"
+    collective_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     name: str = "run"
     output_dir: str = "results"
@@ -106,6 +124,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -115,7 +134,8 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "privacy": PrivacyConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "privacy": PrivacyConfig,
+             "distribute": DistributeConfig}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -124,6 +144,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         raw = _read_yaml(Path(path))
     for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """`cfg` with `key.sub=value` overrides applied (as `--set` does), validated."""
+    raw = cfg.to_dict()
+    for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw)
 
@@ -293,6 +321,30 @@ def validate(cfg: ExperimentConfig) -> None:
            f"training.ema_decay: must be in [0, 1) or null (off), got {t.ema_decay}")
     _choice("training.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _validate_privacy(p, d)
+    _validate_distribute(cfg.distribute, p, d)
+
+
+def _validate_distribute(dist: DistributeConfig, p: PrivacyConfig, d: DataConfig) -> None:
+    """`distribute.*`; that the devices exist is checked when the run starts (`training.distribute`)."""
+    _choice("distribute.strategy", dist.strategy, STRATEGIES)
+    _choice("distribute.cluster", dist.cluster, CLUSTERS)
+    devices = dist.devices
+    _check(devices is None or (isinstance(devices, list) and devices and all(
+        isinstance(v, str) and re.fullmatch(r"(/[\w:.-]+)*/?(device:)?(CPU|GPU|TPU):\d+", v) for v in devices)
+        and len(set(devices)) == len(devices)),
+        f"distribute.devices: must be null (all GPUs, else all CPUs) or a list of distinct devices such as "
+        f"[GPU:0, GPU:1], got {_describe(devices)}")
+    _check(dist.cpu_devices is None or 1 <= dist.cpu_devices <= 64,
+           f"distribute.cpu_devices: must be in [1, 64] or null (no split), got {dist.cpu_devices}")
+    _check(0 < dist.collective_timeout_s < math.inf,
+           f"distribute.collective_timeout_s: must be > 0 seconds, got {dist.collective_timeout_s}")
+    _check(dist.strategy != "none" or (devices is None and dist.cpu_devices is None),
+           "distribute.strategy: is none, so distribute.devices and distribute.cpu_devices must be null; "
+           "choose mirrored or multi_worker")
+    m = p.num_microbatches
+    if m is not None and devices:
+        _check(m % len(devices) == 0, f"privacy.num_microbatches: {m} must be divisible by the number of "
+               f"replicas ({len(devices)} devices in distribute.devices)")
 
 
 def _validate_plan(plan: Any) -> None:

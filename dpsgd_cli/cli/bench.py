@@ -39,6 +39,9 @@ def bench(
     out: Annotated[Path, typer.Option(help="CSV to write (memory rows: bench_memory.csv beside it).")] = Path(
         "results/bench/bench.csv"),
     memory_batch: Annotated[int, typer.Option(min=1, help="Batch size of the memory rows.")] = 1024,
+    devices: Annotated[str | None, typer.Option(
+        help="Comma-separated replica counts, e.g. 1,2: instead of the other rows, the DP step under "
+             "tf.distribute (mirrored) on that many GPUs, else logical CPUs (issue 17).")] = None,
 ) -> None:
     """Seconds per training step of the non-private and the DP steps, in one process and one run.
 
@@ -50,7 +53,38 @@ def bench(
     jit_modes = {"both": (False, True), "on": (True,), "off": (False,)}.get(jit)
     if jit_modes is None:
         fail(f"--jit: choose both, on or off, got {jit!r}")
+    if devices is not None:
+        _run_devices(_ints(devices, "--devices"), _ints(batch_sizes, "--batch-sizes"), steps, warmup, out)
+        return
     _run(_ints(batch_sizes, "--batch-sizes"), jit_modes, chosen, steps, warmup, out, memory_batch)
+
+
+def _run_devices(counts: list[int], batch_sizes: list[int], steps: int, warmup: int, out: Path) -> None:
+    import tensorflow as tf
+
+    from dpsgd_cli.runs.results import write_table
+    from dpsgd_cli.training import bench as harness
+    from dpsgd_cli.training import distribute
+
+    if not tf.config.list_physical_devices("GPU"):
+        distribute.split_cpu(max(counts))  # logical CPUs, before TensorFlow starts its devices
+    console.print(f"DP step under MirroredStrategy with {', '.join(map(str, counts))} device(s), {steps} "
+                  f"timed steps each, on {_cpu_name()} (load average {_load()})", highlight=False)
+    rows = []
+    for batch in batch_sizes:
+        try:
+            rows += harness.device_rows(counts, batch, steps=steps, warmup=warmup)
+        except ValueError as exc:
+            fail(f"--devices: {exc}")
+    table = Table(title="DP step per replica count (median), same process")
+    for column in ("replicas", "devices", "batch", "ms/step", "examples/s", "compile s"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r["replicas"]), r["devices"], str(r["batch_size"]), f"{1000 * r['step_s']:.2f}",
+                      f"{r['examples_per_s']:,.0f}", f"{r['compile_s']:.1f}")
+    console.print(table)
+    write_table(rows, out)
+    console.print(f"wrote {out} (load average now {_load()})", highlight=False)
 
 
 def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path, memory_batch: int = 1024) -> None:

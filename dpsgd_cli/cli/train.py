@@ -52,13 +52,21 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     resume: Annotated[Path | None, typer.Option(
         "--resume", metavar="RUN_DIR", help="Continue the unfinished run in RUN_DIR from its last "
-        "checkpoint, with the config in RUN_DIR/run.yaml (no --config/--set).")] = None,
+        "checkpoint, with the config in RUN_DIR/run.yaml (no --config/--set, except --set distribute.*: "
+        "a run may resume on other devices).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train a CNN with DP-SGD; write results/<name>/metrics.csv (one row per epoch) and run.yaml."""
     if resume is not None:
-        given = {"--config": config, "--set": overrides, "--sigma": sigma, "--epochs": epochs, "--name": name}
+        # where it runs may change on resume (distribute.*: the mechanism and ε do not depend on it)
+        moves = [o for o in overrides or [] if o.strip().startswith("distribute.")]
+        others = [o for o in overrides or [] if o not in moves] or None
+        given = {"--config": config, "--set": others, "--sigma": sigma, "--epochs": epochs, "--name": name}
         cfg = _resume_config(resume, [flag for flag, value in given.items() if value is not None], overwrite)
+        if moves:
+            from dpsgd_cli.config import with_overrides
+
+            cfg = with_overrides(cfg, moves)
     else:
         cfg = config_with_shortcuts(config, overrides, **{
             "privacy.noise_multiplier": sigma, "training.epochs": epochs, "name": name})

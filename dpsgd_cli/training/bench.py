@@ -30,6 +30,11 @@ cached by another row's allocator is reused: `peak_mb` = the peak resident memor
 compiled and run `steps` times, minus the resident memory just before (TensorFlow imported, any plan
 already made); `ratio_to_nonprivate` divides by the Keras non-private step's `peak_mb`.
 
+Device rows (`device_rows`, issue 17): the DP step (fast path, XLA off, SGD) under tf.distribute's
+MirroredStrategy with R = 1, 2, … devices (GPUs if any, else logical CPUs: `distribute.split_cpu` must
+have run before TensorFlow started), on one fixed global batch dealt into R slices; `examples_per_s` =
+batch / step_s. Logical CPUs share the same cores, so on a CPU the point is that it runs, not speed.
+
 Whole-epoch rows (`epoch_rows`): one full epoch of Fashion-MNIST (60,000 examples, Poisson sampling,
 batch 256) through `Trainer.train_epoch`, DP and non-private, each after an untimed first epoch (tracing),
 timed epochs of the two alternating; `epoch_s` the median wall time of an epoch, `examples_per_s` =
@@ -323,3 +328,59 @@ def _memory_child(path: str, batch_size: int, steps: int, seed: int) -> None:
     if step_plan is not None:
         row["plan"] = step_plan.describe()
     print(json.dumps(row))
+
+def device_rows(replica_counts: Iterable[int], batch_size: int = 256, *, steps: int = 30, warmup: int = 3,
+                seed: int = 0) -> list[dict[str, Any]]:
+    """One row per replica count (see the module docstring), timed interleaved like `run_benchmark`."""
+    import keras
+    import tensorflow as tf
+
+    from dpsgd_cli.training import distribute, engine, fastgrad
+    from dpsgd_cli.training.model import build_model
+
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    available = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
+    rng = np.random.default_rng(seed)
+    data = (tf.constant(rng.random((batch_size, 28, 28, 1), dtype=np.float32)),
+            tf.constant(rng.integers(0, 10, size=batch_size).astype(np.int32)))
+    key = new_run_key(reproducible=False, seed=seed)
+    prepared = []
+    for replicas in replica_counts:
+        if replicas > len(available):
+            raise ValueError(f"{replicas} devices asked, {len(available)} available")
+        dist = distribute.mirrored(available[:replicas])
+        capacity = dist.capacity(batch_size, 1)
+        idx = np.arange(capacity) % batch_size
+        mask = (np.arange(capacity) < batch_size).astype(np.float32)
+        with dist.scope():
+            model = build_model(seed=seed)
+            optimizer = keras.optimizers.SGD(0.01)
+        settings = engine.StepSettings(private=True, noise_multiplier=1.1, l2_norm_clip=1.0,
+                                       microbatch_size=1, denominator=float(batch_size), jit_compile=False)
+        step_fn, _ = distribute.make_distributed_step(dist, model, optimizer, settings,
+                                                      fastgrad.fast_clipped_gradient_sum, data=data)
+        zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+
+        def call(i: int, step_fn=step_fn, zeros=zeros, idx=idx, mask=mask) -> None:
+            [float(v) for v in step_fn(idx, mask, zeros, key.noise_seed(i))]
+
+        start = time.perf_counter()
+        call(0)
+        compile_s = time.perf_counter() - start
+        for i in range(warmup):
+            call(i + 1)
+        names = ",".join(distribute.short_name(d) for d in available[:replicas])
+        prepared.append(({"path": f"mirrored_{replicas}", "replicas": replicas, "batch_size": batch_size,
+                          "capacity": capacity, "jit_compile": False, "compile_s": compile_s,
+                          "devices": names}, call, []))
+    for i in range(steps):
+        for _, call, times in prepared:
+            start = time.perf_counter()
+            call(warmup + 1 + i)
+            times.append(time.perf_counter() - start)
+    rows = []
+    for row, _, times in prepared:
+        row["step_s"] = statistics.median(times)
+        row["examples_per_s"] = batch_size / row["step_s"]
+        rows.append(row)
+    return rows

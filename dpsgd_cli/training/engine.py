@@ -164,30 +164,12 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     function (no host copy of the batch per step).
     """
     variables = model.trainable_variables
-    grad_sum_fn = grad_sum_fn or vmap_clipped_gradient_sum
-    s = settings
     optimizer.build(variables)  # create its slots now, so the compiled step is traced exactly once
-
-    def private_sum(x, y, mask):
-        return grad_sum_fn(model, x, y, mask, s.l2_norm_clip, s.microbatch_size, loss_fn=loss_fn)
-
-    def plain_sum(x, y, mask):
-        with tf.GradientTape() as tape:
-            logits = forward_fn(model, x, tape) if forward_fn else model(x, training=True)
-            losses = loss_fn(logits, y)
-            total = tf.reduce_sum(losses * mask)
-        return tape.gradient(total, variables), losses, logits
-
-    gradient_sum = private_sum if s.private else plain_sum
+    gradient_sum = make_gradient_sum(model, settings, grad_sum_fn, forward_fn, loss_fn=loss_fn)
 
     def step(x, y, mask, extra_sums, noise_seed):
         sums, losses, logits = gradient_sum(x, y, mask)
-        sums = [g + e for g, e in zip(sums, extra_sums)]
-        if s.private and s.noise_multiplier > 0:
-            noise = gaussian_noise(variables, s.noise_multiplier * s.l2_norm_clip, noise_seed)
-            sums = [g + n for g, n in zip(sums, noise)]
-        grads = [g / s.denominator for g in sums]
-        optimizer.apply(grads, variables)
+        optimizer.apply(noisy_gradients(variables, settings, sums, extra_sums, noise_seed), variables)
         correct = correct_predictions(logits, y)
         sums = (tf.reduce_sum(losses * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask))
         return (*sums, logits) if return_logits else sums
@@ -205,8 +187,42 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
         def chunk_sum(idx, mask):
             return take_chunk(tf.gather(x_all, idx), tf.gather(y_all, idx), mask)
 
-    return (tf.function(step, jit_compile=s.jit_compile, reduce_retracing=False),
-            tf.function(chunk_sum, jit_compile=s.jit_compile))
+    return (tf.function(step, jit_compile=settings.jit_compile, reduce_retracing=False),
+            tf.function(chunk_sum, jit_compile=settings.jit_compile))
+
+
+def make_gradient_sum(model: keras.Model, settings: StepSettings, grad_sum_fn: GradSumFn | None = None,
+                      forward_fn=None, *, loss_fn: LossFn = per_example_loss):
+    """`gradient_sum(x, y, mask) -> (sums, per-example loss, logits)`: the clipped, masked sums of the
+    per-unit gradients (`grad_sum_fn`, default `vmap_clipped_gradient_sum`) when `settings.private`, else
+    the plain gradient of the masked loss sum (through `forward_fn` when given). No noise, no division."""
+    variables = model.trainable_variables
+    grad_sum_fn = grad_sum_fn or vmap_clipped_gradient_sum
+    s = settings
+
+    def private_sum(x, y, mask):
+        return grad_sum_fn(model, x, y, mask, s.l2_norm_clip, s.microbatch_size, loss_fn=loss_fn)
+
+    def plain_sum(x, y, mask):
+        with tf.GradientTape() as tape:
+            logits = forward_fn(model, x, tape) if forward_fn else model(x, training=True)
+            losses = loss_fn(logits, y)
+            total = tf.reduce_sum(losses * mask)
+        return tape.gradient(total, variables), losses, logits
+
+    return private_sum if s.private else plain_sum
+
+
+def noisy_gradients(variables, settings: StepSettings, sums, extra_sums, noise_seed) -> list[tf.Tensor]:
+    """What the optimizer receives: (clipped sums + `extra_sums` of overflow chunks + ONE draw of
+    N(0, (σC)²) keyed by `noise_seed`) / denominator. `sums` must already be the sum over every example
+    of the step (under tf.distribute: after the all-reduce), so the noise is added exactly once."""
+    s = settings
+    sums = [g + e for g, e in zip(sums, extra_sums)]
+    if s.private and s.noise_multiplier > 0:
+        noise = gaussian_noise(variables, s.noise_multiplier * s.l2_norm_clip, noise_seed)
+        sums = [g + n for g, n in zip(sums, noise)]
+    return [g / s.denominator for g in sums]
 
 
 def overflow_sums(chunk_fn, overflow: Sequence[tuple], zeros: list[tf.Tensor]) -> list[tf.Tensor]:

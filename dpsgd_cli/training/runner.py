@@ -35,7 +35,7 @@ from dpsgd_cli.runs.run_dir import (
     check_run_dir,
     prepare_run_dir,
 )
-from dpsgd_cli.training import features
+from dpsgd_cli.training import distribute, features
 from dpsgd_cli.training.data import data_fingerprint, load_dataset
 from dpsgd_cli.training.sampling import steps_after_epochs
 from dpsgd_cli.training.trainer import StepCallback, Trainer, library_versions
@@ -43,7 +43,9 @@ from dpsgd_cli.training.trainer import StepCallback, Trainer, library_versions
 EpochCallback = Callable[[EpochRecord], None]
 # Keys of the config that may differ between a checkpoint and run.yaml: where the run lives and where the
 # data are read from (the data themselves are compared by fingerprint).
-_RELOCATABLE = ("name", "output_dir", "data.data_dir")
+# So are the distribute.* keys: the mechanism and ε do not depend on them (a run may resume on other devices).
+_RELOCATABLE = ("name", "output_dir", "data.data_dir", "distribute.strategy", "distribute.devices",
+                "distribute.cpu_devices", "distribute.cluster", "distribute.collective_timeout_s")
 
 
 @dataclass
@@ -72,11 +74,16 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     the one it was started with: see `resume_config`). `run_key`: the key of a new run (default: a fresh
     secret key, or the reproducible one when `privacy.reproducible` is true). Raises RunInterrupted on
     Ctrl-C, TrainingError on a non-finite loss (the last checkpoint and metrics.csv stay as they were)."""
+    dist = distribute.setup(cfg)  # first: devices and collectives are set up before TensorFlow starts
+    if dist is not None and not dist.is_chief:  # only the chief writes cfg.run_dir
+        cfg = distribute.worker_config(dist, cfg, resume)
     run_dir = cfg.run_dir
     check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     ckpt = RunDir(run_dir).checkpoint() if resume else None
     key = load_run_key(run_dir) if resume else run_key or new_run_key(
         reproducible=cfg.privacy.reproducible, seed=cfg.seed)
+    if dist is not None:  # every worker samples and draws noise with the chief's key
+        key = distribute.shared_key(dist, key)
     _check_key_mode(key, cfg, run_dir)
     dataset = load_dataset(cfg.data.dataset, resolved_data_dir(cfg), cfg.data.train_size, cfg.data.test_size)
     real_examples = len(dataset.y_train)
@@ -234,6 +241,7 @@ def _run_document(cfg, plan: PrivacyPlan, trainer: Trainer | None, status: str, 
         doc["resolved"].update({"dataset_size": trainer.n, "capacity": trainer.sampler.capacity,
                                 "jit_compile": trainer.jit_compile, "gradient_path": trainer.gradient_path,
                                 "plan": _plan_record(trainer.step_plan)})
+        doc["resolved"]["distribute"] = trainer.distribution_record()
         if trainer.resumed_at:
             doc["resumed_at_epochs"] = list(trainer.resumed_at)
     if result is not None and status != FINISHED:

@@ -6,6 +6,7 @@ and back. Importing this module does not import TensorFlow; creating a `Trainer`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 from collections.abc import Callable
@@ -73,7 +74,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from dpsgd_cli.training import engine, planner, recipes
+        from dpsgd_cli.training import distribute, engine, planner, recipes
         from dpsgd_cli.training.model import model_from_config
 
         self.tf = tf
@@ -83,14 +84,24 @@ class Trainer:
         self.sampler = Sampler(sampling=cfg.data.sampling, batch_size=cfg.data.batch_size,
                                dataset_size=self.n, population=len(dataset.y_train), key=key,
                                max_capacity=cfg.training.physical_batch_size)
-        self.model = model if model is not None else model_from_config(cfg.model, cfg.seed)
+        self.model = plain = model if model is not None else model_from_config(cfg.model, cfg.seed)
+        # tf.distribute (issue 17): R replicas each take capacity / R slots of every chunk
+        self.distribution = distribute.setup(cfg)
+        replicas = self.distribution.replicas if self.distribution else 1
+        if self.distribution:
+            self.sampler.capacity = self.distribution.capacity(self.sampler.capacity, plan.microbatch_size)
         keras.utils.set_random_seed(cfg.seed)  # not secret (initial weights are seeded in model_from_config)
-        self.optimizer = engine.make_optimizer(cfg.training.optimizer,
-                                               recipes.learning_rate(cfg, plan.total_steps),
-                                               cfg.training.momentum, **recipes.optimizer_options(cfg))
+        with self.distribution.scope() if self.distribution else contextlib.nullcontext():
+            if self.distribution:  # the same initial weights, in variables mirrored over the replicas
+                weights, self.model = self.model.get_weights(), model_from_config(cfg.model, cfg.seed)
+                self.model.set_weights(weights)
+            self.optimizer = engine.make_optimizer(cfg.training.optimizer,
+                                                   recipes.learning_rate(cfg, plan.total_steps),
+                                                   cfg.training.momentum, **recipes.optimizer_options(cfg))
         private = cfg.privacy.enabled
         self.step_plan = planner.plan_step(
-            self.model, capacity=self.sampler.capacity, private=private, microbatch_size=plan.microbatch_size,
+            plain, capacity=self.sampler.capacity // replicas,
+            private=private, microbatch_size=plan.microbatch_size,
             jit_compile=cfg.training.jit_compile, gradient_path=cfg.training.gradient_path,
             formulation=cfg.training.plan)
         grad_fn, forward_fn = self.step_plan.functions(private)
@@ -101,9 +112,14 @@ class Trainer:
             denominator=float(cfg.data.batch_size // plan.microbatch_size), jit_compile=self.jit_compile)
         # the training set stays on the device; the step gathers its batch from the sampler's indices
         on_device = (tf.constant(dataset.x_train), tf.constant(dataset.y_train))
-        self.step_fn, self.chunk_fn = engine.make_train_step(self.model, self.optimizer, settings, grad_fn,
-                                                             forward_fn, data=on_device)
-        self.predict = tf.function(lambda x: self.model(x, training=False), jit_compile=self.jit_compile)
+        if self.distribution:
+            self.step_fn, self.chunk_fn = distribute.make_distributed_step(
+                self.distribution, self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
+        else:
+            self.step_fn, self.chunk_fn = engine.make_train_step(
+                self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
+        self.predict = tf.function(lambda x: self.model(x, training=False),
+                                   jit_compile=self.jit_compile and not self.distribution)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
         # the ledger composes the event the engine states for the step it runs
         self.step_event = settings.dp_event(plan.sampling_rate) if private else None
@@ -113,6 +129,21 @@ class Trainer:
         self.fingerprint = fingerprint
         self.versions = library_versions()
         self.resumed_at: list[int] = []
+        # (provenance) the strategy and replica count from each epoch on; a resume may change them
+        self.distribution_history = [{"from_epoch": 1, **self._distribution()}]
+
+    def _distribution(self) -> dict[str, Any]:
+        if self.distribution is None:
+            return {"strategy": "none", "replicas": 1, "workers": 1}
+        return {k: v for k, v in self.distribution.record().items() if k != "devices_per_worker"}
+
+    def distribution_record(self) -> dict[str, Any]:
+        """run.yaml's `resolved.distribute`: this process's strategy, R and, if a resume changed them, the
+        history (from which epoch on which R ran). ε does not depend on them."""
+        record = self.distribution.record() if self.distribution else {**self._distribution()}
+        if len(self.distribution_history) > 1:
+            record["history"] = list(self.distribution_history)
+        return record
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
         """Train one epoch. The step's statistics stay on the device and are read in one transfer every
@@ -233,6 +264,7 @@ class Trainer:
             "dataset_size": self.n, "data_fingerprint": self.fingerprint,
             "model_variables": [v.path for v in self.model.weights],
             "optimizer_variables": self._optimizer_names(), "resumed_at": self.resumed_at,
+            "distribution_history": self.distribution_history,
             "versions": self.versions,
         }
         return checkpoint.Checkpoint(state, weights, [v.numpy() for v in self.optimizer.variables])
@@ -257,6 +289,12 @@ class Trainer:
                 raise RunDirError(f"{where}: replaying the privacy ledger to step {self.ledger.steps} gives "
                                   f"{replayed}, but the run recorded {recorded}; cannot resume")
         self.resumed_at = [*ckpt.state.get("resumed_at", []), ckpt.epochs_done]
+        history = list(ckpt.state.get("distribution_history") or [{"from_epoch": 1, "strategy": "none",
+                                                                     "replicas": 1, "workers": 1}])
+        now = self._distribution()
+        if {k: v for k, v in history[-1].items() if k != "from_epoch"} != now:
+            history.append({"from_epoch": ckpt.epochs_done + 1, **now})
+        self.distribution_history = history
 
     @staticmethod
     def _assign(where: Path, what: str, variables, names, arrays, stored_names) -> None:
