@@ -195,11 +195,7 @@ def run_benchmark(cases: list[BenchCase], *, steps: int = 30, warmup: int = 3, s
         prepared.append((row, call, []))
         if on_compiled:
             on_compiled(row)
-    for i in range(steps):
-        for _, call, times in prepared:
-            start = time.perf_counter()
-            call(warmup + 1 + i)
-            times.append(time.perf_counter() - start)
+    _time_interleaved(prepared, steps, warmup)
     rows = []
     for row, _, times in prepared:
         step_s = statistics.median(times)
@@ -373,14 +369,20 @@ def device_rows(replica_counts: Iterable[int], batch_size: int = 256, *, steps: 
         prepared.append(({"path": f"mirrored_{replicas}", "replicas": replicas, "batch_size": batch_size,
                           "capacity": capacity, "jit_compile": False, "compile_s": compile_s,
                           "devices": names}, call, []))
-    for i in range(steps):
-        for _, call, times in prepared:
-            start = time.perf_counter()
-            call(warmup + 1 + i)
-            times.append(time.perf_counter() - start)
+    _time_interleaved(prepared, steps, warmup)
     rows = []
     for row, _, times in prepared:
         row["step_s"] = statistics.median(times)
         row["examples_per_s"] = batch_size / row["step_s"]
         rows.append(row)
     return rows
+
+
+def _time_interleaved(prepared: list[tuple[dict, Any, list[float]]], steps: int, warmup: int) -> None:
+    """Round i times one call (step number warmup + 1 + i) of every prepared row, appending seconds to
+    the row's list: load from other jobs falls on all rows alike."""
+    for i in range(steps):
+        for _, call, times in prepared:
+            start = time.perf_counter()
+            call(warmup + 1 + i)
+            times.append(time.perf_counter() - start)
