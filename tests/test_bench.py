@@ -90,3 +90,22 @@ def test_memory_rows_run_each_path_in_its_own_process_and_the_cli_writes_them(tm
     assert result.exit_code == 0, result.output
     assert "memory at batch 8: planned" in result.output
     assert len((tmp_path / "bench_memory.csv").read_text().splitlines()) == 1 + 4
+
+
+@pytest.mark.slow
+def test_device_rows_run_the_dp_step_on_one_and_two_logical_cpus(tmp_path):
+    """`dpsgd bench --devices 1,2` in its own process (the CPU split must precede TensorFlow's start)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "devices.csv"
+    command = [sys.executable, "-m", "dpsgd_cli", "bench", "--devices", "1,2", "--batch-sizes", "16",
+               "--steps", "5", "--warmup", "0", "--out", str(out)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["replicas"], r["devices"]) for r in rows] == [("1", "CPU:0"), ("2", "CPU:0,CPU:1")]
+    assert all(float(r["step_s"]) > 0 and float(r["examples_per_s"]) > 0 for r in rows)
