@@ -21,6 +21,7 @@ from dpsgd_cli.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist")
 ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_cnn", "scatter_cnn_wide")
+PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on 28×28 pixels (the others on scattering features)
 ACTIVATIONS = ("relu", "tanh")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SAMPLINGS = ("poisson", "shuffle")
@@ -50,11 +51,15 @@ class DataConfig:
 class ModelConfig:
     """The built-in `architecture` (with `activation`), or `builder`: "package.module:function", a function
     called as `function(input_shape=(28, 28, 1), num_classes=10)` that returns an un-compiled Keras model
-    whose outputs are logits; when given, it replaces `architecture` and `activation`."""
+    whose outputs are logits; when given, it replaces `architecture` and `activation`.
+    `input_mean`, `input_std`: the pixel models (`tfp_cnn`, `tanh_cnn`) see (x − mean) / std instead of the
+    pixels x in [0, 1] (a weightless first layer; the defaults 0, 1 leave the model as it is)."""
 
     architecture: str = "tfp_cnn"
     activation: str = "relu"
     builder: str | None = None
+    input_mean: float = 0.0
+    input_std: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,6 +314,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("model.activation", m.activation, ACTIVATIONS)
     _check(m.builder is None or bool(_BUILDER_RE.match(m.builder)),
            f"model.builder: {m.builder!r} must name a function as \"package.module:function\"")
+    _check(math.isfinite(m.input_mean), f"model.input_mean: must be finite, got {m.input_mean}")
+    _check(0 < m.input_std < math.inf, f"model.input_std: must be > 0, got {m.input_std}")
+    if (m.input_mean, m.input_std) != (0.0, 1.0):
+        _check(m.builder is None and m.architecture in PIXEL_ARCHITECTURES,
+               "model.input_mean, model.input_std: only for the pixel models "
+               f"({', '.join(PIXEL_ARCHITECTURES)}), not for a builder or scattering features")
     _check(t.epochs >= 1, f"training.epochs: must be ≥ 1, got {t.epochs}")
     _choice("training.optimizer", t.optimizer, OPTIMIZERS)
     _choice("training.gradient_path", t.gradient_path, GRADIENT_PATHS)

@@ -55,12 +55,22 @@ def test_overrides_and_float_strings():
     ("model.activation=gelu", "model.activation"),
     ("privacy.sigma=1.0", "privacy.sigma"),
     ("name=../escape", "name"),
+    ("model.input_std=0", "model.input_std"),
+    ("model.input_mean=nan", "model.input_mean"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, ["privacy.noise_multiplier=1.0", override])
     assert str(info.value).startswith(key)
     assert "\n" not in str(info.value)
+
+
+def test_input_standardization_is_for_pixel_models_only():
+    cfg = load_config(None, ["privacy.noise_multiplier=1.0", "model.input_mean=0.5", "model.input_std=0.5"])
+    assert (cfg.model.input_mean, cfg.model.input_std) == (0.5, 0.5)
+    for other in ("model.architecture=scatter_cnn", "model.builder=pkg.mod:fn"):
+        with pytest.raises(ConfigError, match="^model.input_mean, model.input_std: only for the pixel"):
+            load_config(None, ["privacy.noise_multiplier=1.0", "model.input_mean=0.5", other])
 
 
 def test_privacy_needs_exactly_one_of_sigma_or_target():

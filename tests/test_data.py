@@ -72,3 +72,18 @@ def test_write_idx_round_trips(tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(DataError, match="data directory not found"):
         load_dataset("mnist", tmp_path / "nope")
+
+
+def test_validation_split_holds_out_the_last_training_examples(data_dir, tmp_path):
+    from dpsgd_cli.training.data import write_validation_split
+
+    full = load_dataset("fashion_mnist", data_dir)
+    write_validation_split(data_dir, tmp_path, "fashion_mnist", validation_size=100)
+    split = load_dataset("fashion_mnist", tmp_path)
+    n = len(full.y_train) - 100
+    np.testing.assert_array_equal(split.x_train, full.x_train[:n])
+    np.testing.assert_array_equal(split.y_train, full.y_train[:n])
+    np.testing.assert_array_equal(split.x_test, full.x_train[n:])  # evaluation on held-out training data
+    np.testing.assert_array_equal(split.y_test, full.y_train[n:])
+    with pytest.raises(DataError, match="validation_size"):
+        write_validation_split(data_dir, tmp_path, "fashion_mnist", validation_size=len(full.y_train))

@@ -63,3 +63,24 @@ def test_affine_group_norm_is_not_weightless():
                               keras.layers.Flatten(), keras.layers.Dense(10)])
     assert not fastgrad.supports_fast_path(model)  # γ, β have no fast rule: the vmap reference runs
     assert fastgrad.choose_gradient_sum_fn(model, "auto") is engine.vmap_clipped_gradient_sum
+
+
+def test_input_standardization_is_a_weightless_first_layer_on_the_fast_path():
+    from dpsgd_cli.config import load_config
+    from dpsgd_cli.training.model import InputStandardization, model_from_config
+
+    sigma = "privacy.noise_multiplier=1.0"
+    cfg = load_config(None, [sigma, "model.activation=tanh", "model.input_mean=0.286",
+                             "model.input_std=0.353"])
+    model = model_from_config(cfg.model, seed=2)
+    plain = model_from_config(load_config(None, [sigma, "model.activation=tanh"]).model, seed=2)
+    assert isinstance(model.layers[0], InputStandardization) and not model.layers[0].weights
+    assert [v.shape for v in model.trainable_variables] == [v.shape for v in plain.trainable_variables]
+    x, y, mask = _batch("tfp_cnn")
+    np.testing.assert_allclose(model(x), plain((x - 0.286) / 0.353), rtol=1e-5, atol=1e-6)  # same init
+    assert fastgrad.choose_gradient_sum_fn(model, "auto") is fastgrad.fast_clipped_gradient_sum
+    clip, expected = _loop_reference(model, x, y, mask)
+    sums, _, _ = tf.function(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(model, x, y, m, clip))(
+        x, y, mask)
+    for s, e, v in zip(sums, expected, model.trainable_variables):
+        np.testing.assert_allclose(s, e, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(e).max()), err_msg=v.path)

@@ -149,3 +149,21 @@ def data_fingerprint(dataset: Dataset) -> str:
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).data)
     return digest.hexdigest()
+
+
+def write_validation_split(data_dir: str | Path | None, out_dir: str | Path, name: str,
+                           validation_size: int = 10000) -> Path:
+    """Hold the last `validation_size` training examples out as a validation set: write `<out_dir>/<name>/`
+    with the first n − validation_size training examples as its training split and the held-out ones as
+    its test split, and return that folder. A run with `data.data_dir: <out_dir>` then trains and is
+    accounted on the rest and evaluates on the held-out examples: tune hyper-parameters there, never on
+    the test set (issue 15)."""
+    full = load_dataset(name, data_dir)
+    n = len(full.y_train) - validation_size
+    if not 0 < validation_size < len(full.y_train):
+        raise DataError(f"validation_size: must be in 1..{len(full.y_train) - 1}, got {validation_size}")
+    folder = Path(out_dir) / name
+    pixels = np.rint(full.x_train[..., 0] * 255.0).astype(np.uint8)
+    write_idx(folder, pixels[:n], full.y_train[:n], "train")
+    write_idx(folder, pixels[n:], full.y_train[n:], "test")
+    return folder

@@ -55,12 +55,36 @@ def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: i
     )
 
 
+class InputStandardization(keras.layers.Activation):
+    """x ↦ (x − mean) / std with fixed constants (`model.input_mean`, `model.input_std`): weightless, a
+    function of each example alone, so it changes no sensitivity; an Activation, so the fast per-example
+    path passes through it like any other weightless layer."""
+
+    def __init__(self, mean: float, std: float, name: str = "input_standardization", **kwargs):
+        kwargs.pop("activation", None)
+        super().__init__("linear", name=name, **kwargs)
+        self.mean, self.std = float(mean), float(std)
+
+    def call(self, inputs):
+        return (inputs - self.mean) / self.std
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.pop("activation", None)
+        return {**config, "mean": self.mean, "std": self.std}
+
+
 def model_from_config(model_cfg: Any, seed: int) -> keras.Model:
     """The un-compiled model of a config's `model` section: `model.builder` if given, else the built-in
     `model.architecture`. Raises ConfigError (one line) for a builder that cannot be used."""
     if not getattr(model_cfg, "builder", None):
         keras.utils.set_random_seed(seed)
-        return build_model(model_cfg.architecture, model_cfg.activation, seed=seed)
+        model = build_model(model_cfg.architecture, model_cfg.activation, seed=seed)
+        mean, std = getattr(model_cfg, "input_mean", 0.0), getattr(model_cfg, "input_std", 1.0)
+        if (mean, std) != (0.0, 1.0):
+            model = keras.Sequential([keras.Input(shape=INPUT_SHAPE), InputStandardization(mean, std),
+                                      *model.layers], name=model.name)
+        return model
     return build_from_builder(model_cfg.builder, seed)
 
 
