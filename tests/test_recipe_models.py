@@ -67,14 +67,14 @@ def test_affine_group_norm_is_not_weightless():
 
 def test_input_standardization_is_a_weightless_first_layer_on_the_fast_path():
     from dpsgd_cli.config import load_config
-    from dpsgd_cli.training.model import InputStandardization, model_from_config
+    from dpsgd_cli.training.model import model_from_config
 
     sigma = "privacy.noise_multiplier=1.0"
     cfg = load_config(None, [sigma, "model.activation=tanh", "model.input_mean=0.286",
                              "model.input_std=0.353"])
     model = model_from_config(cfg.model, seed=2)
     plain = model_from_config(load_config(None, [sigma, "model.activation=tanh"]).model, seed=2)
-    assert isinstance(model.layers[0], InputStandardization) and not model.layers[0].weights
+    assert isinstance(model.layers[0], keras.layers.Rescaling) and not model.layers[0].weights
     assert [v.shape for v in model.trainable_variables] == [v.shape for v in plain.trainable_variables]
     x, y, mask = _batch("tfp_cnn")
     np.testing.assert_allclose(model(x), plain((x - 0.286) / 0.353), rtol=1e-5, atol=1e-6)  # same init

@@ -264,6 +264,7 @@ REGISTRY: dict[type, LayerRule] = {
     keras.layers.LayerNormalization: PerExampleNormRule(),
     **{layer_type: LayerRule() for layer_type in (
         keras.layers.AveragePooling2D, keras.layers.Flatten, keras.layers.Activation, keras.layers.ReLU,
+        keras.layers.Rescaling,
         keras.layers.Reshape, keras.layers.Dropout, keras.layers.ZeroPadding2D,
         keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)},
 }

@@ -55,23 +55,11 @@ def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: i
     )
 
 
-class InputStandardization(keras.layers.Activation):
-    """x ↦ (x − mean) / std with fixed constants (`model.input_mean`, `model.input_std`): weightless, a
-    function of each example alone, so it changes no sensitivity; an Activation, so the fast per-example
-    path passes through it like any other weightless layer."""
-
-    def __init__(self, mean: float, std: float, name: str = "input_standardization", **kwargs):
-        kwargs.pop("activation", None)
-        super().__init__("linear", name=name, **kwargs)
-        self.mean, self.std = float(mean), float(std)
-
-    def call(self, inputs):
-        return (inputs - self.mean) / self.std
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.pop("activation", None)
-        return {**config, "mean": self.mean, "std": self.std}
+def input_standardization(mean: float, std: float) -> keras.layers.Rescaling:
+    """x ↦ (x − mean) / std with fixed constants (`model.input_mean`, `model.input_std`), as Keras's own
+    weightless `Rescaling` (scale 1/std, offset −mean/std): a function of each example alone, so it changes
+    no sensitivity; registered as weightless in `fastgrad.REGISTRY`, so the fast path passes through it."""
+    return keras.layers.Rescaling(1.0 / std, offset=-mean / std, name="input_standardization")
 
 
 def model_from_config(model_cfg: Any, seed: int) -> keras.Model:
@@ -82,7 +70,7 @@ def model_from_config(model_cfg: Any, seed: int) -> keras.Model:
         model = build_model(model_cfg.architecture, model_cfg.activation, seed=seed)
         mean, std = getattr(model_cfg, "input_mean", 0.0), getattr(model_cfg, "input_std", 1.0)
         if (mean, std) != (0.0, 1.0):
-            model = keras.Sequential([keras.Input(shape=INPUT_SHAPE), InputStandardization(mean, std),
+            model = keras.Sequential([keras.Input(shape=INPUT_SHAPE), input_standardization(mean, std),
                                       *model.layers], name=model.name)
         return model
     return build_from_builder(model_cfg.builder, seed)
