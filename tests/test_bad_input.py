@@ -411,6 +411,7 @@ def test_noise_with_random_and_extreme_numbers(world, args):
 
 # Calibrating σ with the PLD accountant for a plausible target takes 5–60 s (a new PLD for every σ tried,
 # tested in test_calibration): here only targets too small or too large for any σ, or not numbers at all.
+@pytest.mark.slow  # a PLD per σ tried
 @settings(max_examples=15, **SETTINGS)
 @given(args=privacy_questions("noise", ["pld"], st.sampled_from(UNREACHABLE_TARGETS)))
 def test_noise_with_the_pld_accountant_and_extreme_targets(world, args):

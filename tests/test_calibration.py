@@ -21,7 +21,7 @@ from dpsgd_cli.privacy.plan import plan_privacy
     ("rdp", 3.0, 256 / 60000, 23438),
     ("rdp", 0.5, 0.1, 10),
     ("rdp", 8.0, 1.0, 100),
-    ("pld", 2.0, 50 / 2000, 120),  # the config of the plan_privacy test below
+    pytest.param("pld", 2.0, 50 / 2000, 120, marks=pytest.mark.slow),  # plan_privacy test below
 ])
 def test_calibrated_sigma_reaches_target_and_a_slightly_smaller_one_does_not(accountant, target, q, steps):
     sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant)

@@ -158,6 +158,7 @@ def test_config_with_shuffling_microbatches_and_train_size(tmp_path):
     assert "optimistic" in out["statement"] and "Chua et al., 2024" in out["statement"]
 
 
+@pytest.mark.slow  # σ calibrated with the PLD accountant
 def test_config_with_target_epsilon_calibrates_like_the_run(tmp_path):
     config = _write(tmp_path / "target.yaml", """\
         name: t
@@ -186,7 +187,7 @@ def test_config_counts_all_canaries_like_the_run(tmp_path):
     assert out["sampling_rate"] == 32 / 540 and out["steps"] == math.ceil(2 * 540 / 32)
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.parametrize("accountant", ["rdp", pytest.param("pld", marks=pytest.mark.slow)])
 def test_noise_round_trips_through_epsilon(accountant):
     steps = ["--epochs", "100"] if accountant == "rdp" else ["--steps", "120"]
     size = ["--batch-size", "256", "--dataset-size", "60000"] if accountant == "rdp" else [

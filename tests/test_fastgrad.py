@@ -82,6 +82,7 @@ def test_fast_path_matches_vmap_and_loop(model, k):
         np.testing.assert_allclose(n, ref_norms, rtol=RTOL, atol=ATOL, err_msg=strategy)
 
 
+@pytest.mark.slow  # XLA compiles
 @pytest.mark.parametrize(("activation", "k"), [("relu", 1), ("tanh", 2)])
 def test_fast_path_under_xla_matches_loop(activation, k):
     model = build_model(activation=activation, seed=3)
@@ -179,7 +180,7 @@ def test_dense_on_sequences_and_no_bias_matches_vmap():
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["graph", "xla"])
 def test_train_step_without_noise_or_clipping_is_plain_sgd(jit):
     x, y, _ = _batch(seed=4)
     mask = tf.ones([BATCH])
@@ -223,6 +224,7 @@ def test_formulations_cover_every_choice():
     assert all(c.get("grads") != "depthwise" for f in formulations for c in (f["conv2"],))  # 16 inputs
 
 
+@pytest.mark.slow  # every formulation of every layer (the default one: test_fast_path_matches_vmap_and_loop)
 @pytest.mark.parametrize("k", [1, 4], ids=["per_example", "microbatch4"])
 def test_every_formulation_matches_the_loop(model, k):
     """Each formulation (native/patches forward, slices/native pooling, materialized/ghost/depthwise
@@ -244,6 +246,7 @@ def test_every_formulation_matches_the_loop(model, k):
         np.testing.assert_allclose(losses, ref_losses, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.slow  # XLA compiles
 @pytest.mark.parametrize("index", range(5))
 def test_every_formulation_under_xla_matches_the_loop(index):
     model = build_model(activation="relu", seed=3)
@@ -255,7 +258,7 @@ def test_every_formulation_under_xla_matches_the_loop(index):
     _assert_sums_close(sums, ref_sums, model.trainable_variables, f"xla {f} vs loop")
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["graph", "xla"])
 def test_every_nonprivate_formulation_is_the_keras_gradient(model, jit):
     x, y, mask = _batch(seed=10)
     x = tf.concat([tf.zeros_like(x[:2]), x[2:]], axis=0)
