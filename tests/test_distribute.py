@@ -236,6 +236,22 @@ def _metrics(run_dir: Path) -> dict[str, str]:
         return list(csv.DictReader(handle))[-1]
 
 
+def _two_workers(out: Path, name: str, data_dir: str, extra: list[str], scratch: Path) -> list:
+    """Two `dpsgd train` processes joined by TF_CONFIG on free localhost ports (chief = index 0); the
+    non-chief keeps its scratch run directory under `scratch` (its TMPDIR)."""
+    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    return [_train(out, name, data_dir, ["--set", "distribute.strategy=multi_worker", *extra],
+                   _env(TF_CONFIG=tf_config, TMPDIR=str(scratch))) for tf_config in configs]
+
+
+def _wait_for_first_epoch(run_dir: Path, workers: list) -> None:
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.csv").exists() and time.monotonic() < deadline:
+        assert all(w.poll() is None for w in workers), [w.stderr.read()[-2000:] for w in workers]
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("dist_runs")
@@ -249,16 +265,9 @@ def runs(tmp_path_factory, data_dir):
                                                   "--set", "distribute.cpu_devices=2"])
     assert mirrored.wait(600) == 0, mirrored.stderr.read()[-3000:]
     timings["mirrored"] = time.perf_counter() - start
-    ports = _free_ports(2)
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    workers = []
     start = time.perf_counter()
     scratch = tmp_path_factory.mktemp("worker_tmp")  # where the non-chief keeps its scratch run directory
-    for index in range(2):
-        env = _env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                   TMPDIR=str(scratch))
-        workers.append(_train(out, "multi", data_dir, ["--set", "distribute.strategy=multi_worker",
-                                                       "--set", "distribute.collective_timeout_s=120"], env))
+    workers = _two_workers(out, "multi", data_dir, ["--set", "distribute.collective_timeout_s=120"], scratch)
     for w in workers:
         assert w.wait(600) == 0, w.stderr.read()[-3000:]
     timings["two_workers"] = time.perf_counter() - start
@@ -305,19 +314,10 @@ def test_sigterm_to_one_worker_stops_both_and_the_run_resumes_on_one_device(tmp_
 
     import yaml
 
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
-    workers = []
-    for index in range(2):
-        env = _env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                   TMPDIR=str(tmp_path))
-        workers.append(_train(tmp_path, "stop", data_dir, [
-            "--set", "distribute.strategy=multi_worker", "--set", "distribute.collective_timeout_s=120",
-            "--set", "training.epochs=3"], env))
+    workers = _two_workers(tmp_path, "stop", data_dir, ["--set", "distribute.collective_timeout_s=120",
+                                                        "--set", "training.epochs=3"], tmp_path)
     run_dir = tmp_path / "stop"
-    deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.csv").exists() and time.monotonic() < deadline:
-        assert all(w.poll() is None for w in workers), [w.stderr.read()[-2000:] for w in workers]
-        time.sleep(0.2)
+    _wait_for_first_epoch(run_dir, workers)
     workers[1].send_signal(signal.SIGTERM)  # the non-chief only: both must stop after the same step
     codes = [w.wait(180) for w in workers]
     assert codes == [130, 130], [w.stderr.read()[-2000:] for w in workers]
@@ -339,18 +339,10 @@ def test_sigterm_to_one_worker_stops_both_and_the_run_resumes_on_one_device(tmp_
 
 @pytest.mark.slow
 def test_a_lost_worker_is_one_error_line_not_a_hang(tmp_path, data_dir):
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
-    workers = []
-    for index in range(2):
-        env = _env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                   TMPDIR=str(tmp_path))  # the killed worker cannot remove its scratch directory
-        workers.append(_train(tmp_path, "lost", data_dir, [
-            "--set", "distribute.strategy=multi_worker", "--set", "distribute.collective_timeout_s=20",
-            "--set", "training.epochs=6"], env))
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "lost" / "metrics.csv").exists() and time.monotonic() < deadline:
-        assert all(w.poll() is None for w in workers), [w.stderr.read()[-2000:] for w in workers]
-        time.sleep(0.2)
+    # scratch under tmp_path: the killed worker cannot remove its scratch directory
+    workers = _two_workers(tmp_path, "lost", data_dir, ["--set", "distribute.collective_timeout_s=20",
+                                                        "--set", "training.epochs=6"], tmp_path)
+    _wait_for_first_epoch(tmp_path / "lost", workers)
     workers[1].kill()  # SIGKILL: no goodbye
     start = time.monotonic()
     code = workers[0].wait(180)
