@@ -73,6 +73,9 @@ class TrainingConfig:
     # auto: the planner times the formulations on this device (dpsgd_cli.training.planner); or fix some
     # layers by hand, e.g. {conv1: {forward: native, grads: depthwise}, pool1: {forward: slices}}
     plan: Any = "auto"
+    # auto: the planner measures how many slots a private step's per-example work handles per pass (fewer
+    # per pass = less memory, same update); or a number of slots
+    chunk_size: Any = "auto"
     # issue 15: examples per compiled pass (the logical batch is summed over passes before the noise);
     # EMA of the weights used for evaluation (null = off); "constant" or "cosine" learning rate
     physical_batch_size: int | None = None
@@ -243,6 +246,10 @@ def _coerce(cls, key: str, value: Any, section: str) -> Any:
         if value in ("auto", True, False):
             return value
         raise ConfigError(f"{dotted}: must be true, false or auto, got {_describe(value)}")
+    if key == "chunk_size":
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ConfigError(f"{dotted}: must be auto or a whole number of examples ≥ 1, got {_describe(value)}")
     optional = "None" in annotation
     if value is None:
         if optional:

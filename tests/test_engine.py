@@ -211,3 +211,28 @@ def test_the_step_states_its_dp_event(microbatch_size, accounted):
     assert settings.dp_event(1.0) == dp_accounting.GaussianDpEvent(accounted)
     with pytest.raises(ValueError):
         _settings(private=False).dp_event(0.01)
+
+
+def test_chunk_bounds_cover_the_capacity_in_whole_microbatches():
+    assert engine.chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert engine.chunk_bounds(12, 5, microbatch_size=2) == [(0, 6), (6, 12)]
+    assert engine.chunk_bounds(8, 0) == engine.chunk_bounds(8, 8) == engine.chunk_bounds(8, 50) == [(0, 8)]
+
+
+@pytest.mark.parametrize(("path", "microbatch_size"), [("fast", 1), ("fast", 2), ("vectorized_map", 1)])
+def test_passes_give_the_sums_losses_and_logits_of_one_pass(path, microbatch_size):
+    model = build_model(activation="tanh", seed=4)
+    x, y = _batch(12, seed=2)
+    mask = tf.constant([1.0] * 10 + [0.0] * 2)
+    fn = fastgrad.fast_clipped_gradient_sum if path == "fast" else engine.vmap_clipped_gradient_sum
+    whole = fn(model, x, y, mask, 0.5, microbatch_size)
+    passes = engine.chunked_gradient_sum(fn, 5)(model, x, y, mask, 0.5, microbatch_size)
+    for one, parts in zip(whole[0], passes[0]):
+        np.testing.assert_allclose(parts.numpy(), one.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(passes[1].numpy(), whole[1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(passes[2].numpy(), whole[2].numpy(), rtol=1e-6)
+    # and the passes are really smaller: a backend that records the batch sizes it was called with
+    seen = []
+    engine.chunked_gradient_sum(lambda m, xs, *a, **k: seen.append(xs.shape[0]) or fn(m, xs, *a, **k), 5)(
+        model, x, y, mask, 0.5, microbatch_size)
+    assert seen == ([5, 5, 2] if microbatch_size == 1 else [6, 6])

@@ -110,3 +110,85 @@ def test_run_yaml_records_the_measured_plan(planner_on, tiny_overrides):
     assert resolved["jit_compile"] is False and resolved["gradient_path"] == "fast"
     assert resolved["plan"]["source"] == "measured" and set(resolved["plan"]["formulation"]) == {
         "conv1", "pool1", "conv2", "pool2", "dense1", "logits"}
+    assert resolved["plan"]["chunk_size"] == 0  # the tiny run's capacity is below MIN_CHUNK: one pass
+
+
+@pytest.mark.slow
+def test_a_run_in_passes_trains_like_one_pass_and_records_them(tiny_overrides, tmp_path, monkeypatch):
+    from dpsgd_cli.config import load_config
+    from dpsgd_cli.training.runner import run
+
+    monkeypatch.setenv(planner.OFF_ENV, "off")
+    # the same reproducible key (seed and name) in two folders: the same batches and noise
+    base = [*tiny_overrides, "training.epochs=1", "training.jit_compile=false", "seed=3", "name=passes",
+            "privacy.reproducible=true"]
+    runs = [run(load_config(None, [*base, f"training.chunk_size={size}", f"output_dir={tmp_path}/{size}"]))
+            for size in (1000, 5)]
+    plans = [yaml.safe_load((r.run_dir / "run.yaml").read_text())["resolved"]["plan"] for r in runs]
+    assert [p["chunk_size"] for p in plans] == [0, 5]
+    metrics = [(r.run_dir / "metrics.csv").read_text().splitlines()[1].split(",") for r in runs]
+    header = (runs[0].run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("train_loss", "test_accuracy", "epsilon_rdp"):
+        i = header.index(column)
+        assert abs(float(metrics[0][i]) - float(metrics[1][i])) < 1e-4 * max(1.0, abs(float(metrics[0][i])))
+
+
+def test_pass_sizes_halve_down_to_the_minimum_in_whole_microbatches():
+    assert planner.chunk_sizes(1024) == [1024, 512, 256, 128]
+    assert planner.chunk_sizes(288) == [288, 144]
+    assert planner.chunk_sizes(300, microbatch_size=4) == [300, 152]
+    assert planner.chunk_sizes(64) == [64]
+
+
+def test_equally_fast_candidates_go_to_the_one_with_least_memory():
+    slots = {"one pass": 1024, "passes of 512": 512, "passes of 256": 256}
+    # within TIE of the fastest: the smallest pass wins even if a little slower
+    assert planner.choose({"one pass": 40.0, "passes of 512": 41.0, "passes of 256": 41.5}, slots) \
+        == "passes of 256"
+    # clearly slower: speed wins
+    assert planner.choose({"one pass": 40.0, "passes of 512": 41.0, "passes of 256": 60.0}, slots) \
+        == "passes of 512"
+    assert planner.choose({"one pass": 40.0, "passes of 512": 50.0, "passes of 256": 60.0}, slots) \
+        == "one pass"
+
+
+def test_config_pass_size_is_obeyed(planner_on, monkeypatch):
+    model = build_model()
+    fixed = {"conv1": {"forward": "native", "grads": "depthwise"}}
+    plan = planner.plan_step(model, capacity=8, private=True, jit_compile=False, formulation=fixed,
+                             chunk_size=4)
+    assert plan.source == "config" and plan.chunk_size == 4 and "passes of 4" in plan.describe()
+    one = planner.plan_step(model, capacity=8, private=True, jit_compile=False, formulation=fixed,
+                            chunk_size=100)
+    assert one.chunk_size == 0  # a pass as large as the capacity is one pass
+    nonprivate = planner.plan_step(model, capacity=8, private=False, jit_compile=False, chunk_size=4)
+    assert nonprivate.chunk_size == 0
+    monkeypatch.setenv(planner.OFF_ENV, "off")
+    assert planner.plan_step(model, capacity=8, private=True, chunk_size=4).chunk_size == 4
+    assert planner.plan_step(model, capacity=8, private=True).chunk_size == 0
+
+
+@pytest.mark.slow
+def test_pass_sizes_are_measured_with_layers_chosen_at_each_size(planner_on, monkeypatch):
+    monkeypatch.setattr(planner, "MIN_CHUNK", 4)
+    model = build_model()
+    plan = planner.plan_step(model, capacity=16, private=True, jit_compile=False)
+    assert set(plan.step_ms) == {"fast graph", "fast graph passes of 8", "fast graph passes of 4"}
+    assert set(plan.layer_ms) == {"graph", "graph passes of 8", "graph passes of 4"}
+    assert plan.chunk_size in (0, 8, 4)
+    assert plan == planner.StepPlan(**{**plan.to_dict()})
+    vmap = planner.plan_step(model, capacity=16, private=True, jit_compile=False,
+                             gradient_path="vectorized_map")
+    assert set(vmap.step_ms) == {"vectorized_map graph", "vectorized_map graph passes of 8",
+                                 "vectorized_map graph passes of 4"}
+
+
+def test_config_accepts_pass_sizes_and_rejects_bad_ones():
+    from dpsgd_cli.config import load_config
+
+    base = ["privacy.noise_multiplier=1.0"]
+    assert load_config(None, base).training.chunk_size == "auto"
+    assert load_config(None, [*base, "training.chunk_size=256"]).training.chunk_size == 256
+    for bad in ("0", "-3", "true", "big", "1.5"):
+        with pytest.raises(ConfigError, match=r"^training\.chunk_size: must be auto or a whole number"):
+            load_config(None, [*base, f"training.chunk_size={bad}"])

@@ -107,6 +107,41 @@ def vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1
                        microbatch_size)
 
 
+def chunk_bounds(capacity: int, chunk_size: int, microbatch_size: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of each pass over `capacity` slots, `chunk_size` slots each (rounded up to whole
+    microbatches; the last pass takes what is left). `chunk_size` ≤ 0 or ≥ capacity: one pass."""
+    if chunk_size <= 0 or chunk_size >= capacity:
+        return [(0, capacity)]
+    size = -(-chunk_size // microbatch_size) * microbatch_size
+    return [(start, min(start + size, capacity)) for start in range(0, capacity, size)]
+
+
+def chunked_gradient_sum(grad_sum_fn: GradSumFn, chunk_size: int) -> GradSumFn:
+    """`grad_sum_fn` computed in sequential passes of `chunk_size` slots inside the same compiled step.
+
+    The clipped sums of the passes are added (a sum over units does not care how units are grouped, and
+    no unit is split: passes hold whole microbatches), losses and logits are concatenated in slot order:
+    the result equals one pass, only peak memory (per-example intermediates of one pass at a time) and
+    speed (smaller operands may suit the caches better) change. Each pass starts after the previous
+    pass's sums exist (control dependencies), so the passes do not run side by side."""
+    def grad_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, loss_fn: LossFn = per_example_loss):
+        bounds = chunk_bounds(x.shape[0], chunk_size, microbatch_size)
+        if len(bounds) == 1:
+            return grad_sum_fn(model, x, y, mask, l2_norm_clip, microbatch_size, loss_fn=loss_fn)
+        total, losses, logits = None, [], []
+        for start, stop in bounds:
+            with tf.control_dependencies(total or []):
+                part = [tf.identity(t[start:stop]) for t in (x, y, mask)]
+            sums, part_losses, part_logits = grad_sum_fn(model, *part, l2_norm_clip, microbatch_size,
+                                                         loss_fn=loss_fn)
+            total = list(sums) if total is None else [a + b for a, b in zip(total, sums)]
+            losses.append(part_losses)
+            logits.append(part_logits)
+        return total, tf.concat(losses, 0), tf.concat(logits, 0)
+
+    return grad_sum
+
+
 def gaussian_noise(variables, stddev: float, noise_seed: tf.Tensor) -> list[tf.Tensor]:
     """Fresh N(0, stddev²) noise shaped like each variable, from TensorFlow's stateless generator (Philox)
     keyed by `noise_seed` ([2] int64; one per step, `run_key.RunKey.noise_seed(step)`).

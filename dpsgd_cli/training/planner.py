@@ -45,18 +45,22 @@ from dpsgd_cli.errors import ConfigError
 CACHE_ENV = "DPSGD_PLAN_CACHE"
 OFF_ENV = "DPSGD_PLANNER"  # "off": no measuring; the default formulation, XLA off unless forced (tests, CI)
 CACHE_FILE = "plans.json"
-PLAN_VERSION = 2  # bumped when a formulation's implementation changes: cached plans timed the old one
+PLAN_VERSION = 3  # bumped when a formulation's implementation changes: cached plans timed the old one
 PROBE = 16  # examples per call when probing a candidate
 PRUNE = 3.0  # drop a candidate whose probe time exceeds this multiple of the best probe time
 PROBE_CALLS = 3  # timed calls per layer candidate at the probe batch
 LAYER_CALLS = 5  # timed calls per layer candidate at full capacity
 STEP_CALLS = 5  # timed calls per whole-step candidate
+MIN_CHUNK = 128  # smallest pass the planner tries (smaller passes pay per-op overhead for little memory)
+TIE = 1.05  # whole steps within this factor of the fastest count as equally fast: the least memory wins
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """What the step runs: `gradient_path` ('fast', 'vectorized_map' or, non-private, 'keras'),
-    `jit_compile`, `formulation` ({layer: choice} for the fast path, else {}); `source` says how it was
+    `jit_compile`, `formulation` ({layer: choice} for the fast path, else {}), `chunk_size` (a private
+    step's per-example work runs in sequential passes of this many slots, 0 = one pass over the capacity:
+    `engine.chunked_gradient_sum`); `source` says how it was
     decided ('measured', 'cache', 'config'), `planning_s` how long measuring took, `step_ms` the
     whole-step candidates' median milliseconds (what the choice was made on), `layer_ms` the per-layer
     candidates' (per XLA setting: at full capacity without XLA, at the probe batch with XLA)."""
@@ -64,6 +68,7 @@ class StepPlan:
     gradient_path: str
     jit_compile: bool
     formulation: dict[str, dict[str, str]] = field(default_factory=dict)
+    chunk_size: int = 0
     source: str = "measured"
     planning_s: float = 0.0
     step_ms: dict[str, float] = field(default_factory=dict)
@@ -76,17 +81,18 @@ class StepPlan:
         """(grad_sum_fn, forward_fn) for `engine.make_train_step`."""
         from dpsgd_cli.training import engine, fastgrad
 
-        if self.gradient_path == "vectorized_map":
-            return (engine.vmap_clipped_gradient_sum if private else None), None
         if not private:
             fast = self.gradient_path == "fast"
             return None, (fastgrad.make_forward_fn(self.formulation) if fast else None)
-        return fastgrad.make_grad_sum_fn(self.formulation), None
+        fn = (engine.vmap_clipped_gradient_sum if self.gradient_path == "vectorized_map"
+              else fastgrad.make_grad_sum_fn(self.formulation))
+        return (engine.chunked_gradient_sum(fn, self.chunk_size) if self.chunk_size else fn), None
 
     def describe(self) -> str:
-        """One line: XLA, path, and each layer's choice."""
+        """One line: XLA, path, passes, and each layer's choice."""
         layers = ", ".join(f"{name} {'/'.join(choice.values())}" for name, choice in self.formulation.items())
-        return (f"{self.gradient_path}, XLA {'on' if self.jit_compile else 'off'}"
+        passes = f", passes of {self.chunk_size}" if self.chunk_size else ""
+        return (f"{self.gradient_path}, XLA {'on' if self.jit_compile else 'off'}{passes}"
                 + (f": {layers}" if layers else "") + f" ({self.source})")
 
 
@@ -164,11 +170,14 @@ def _layer_options(model, private: bool) -> list[tuple[str, list[dict[str, str]]
 
 
 def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, jit_compile: Any = "auto",
-              gradient_path: str = "auto", formulation: Any = "auto", use_cache: bool = True) -> StepPlan:
+              gradient_path: str = "auto", formulation: Any = "auto", chunk_size: Any = "auto",
+              use_cache: bool = True) -> StepPlan:
     """The plan for this model's step at `capacity` slots (see the module docstring).
 
     `jit_compile`: 'auto' (measure) or True/False (forced). `gradient_path`: 'auto', 'fast' or
-    'vectorized_map' (training.gradient_path). `formulation`: 'auto' or {layer: choice} (training.plan)."""
+    'vectorized_map' (training.gradient_path). `formulation`: 'auto' or {layer: choice} (training.plan).
+    `chunk_size`: 'auto' (measure) or slots per pass of a private step (training.chunk_size; ≥ capacity
+    means one pass)."""
     import tensorflow as tf
 
     from dpsgd_cli.training import fastgrad
@@ -182,16 +191,19 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
         raise ConfigError("training.plan: formulations need the fast path (training.gradient_path: auto "
                           "or fast, and a model of Dense, Conv2D and weightless layers)")
     jit_modes = (False, True) if jit_compile == "auto" else (bool(jit_compile),)
+    sizes = chunk_sizes(capacity, microbatch_size) if chunk_size == "auto" else [int(chunk_size)]
+    sizes = [0 if size >= capacity else size for size in sizes] if private else [0]
     if os.environ.get(OFF_ENV, "").lower() == "off":
         formulation = {**fastgrad.default_formulation(model), **(fixed or {})} if fast else {}
         if fast and not private:
             formulation = {name: {"forward": c["forward"]} for name, c in formulation.items()}
         path = "fast" if fast else ("vectorized_map" if private else "keras")
-        return StepPlan(path, jit_modes[0], formulation, source=f"default ({OFF_ENV}=off)")
+        chunk = sizes[0] if chunk_size != "auto" else 0
+        return StepPlan(path, jit_modes[0], formulation, chunk, source=f"default ({OFF_ENV}=off)")
     key = json.dumps({"v": PLAN_VERSION, "device": device_description(), "tensorflow": tf.__version__,
                       "model": model_signature(model), "capacity": capacity, "private": private,
                       "microbatch_size": microbatch_size, "jit": list(jit_modes), "fast": fast,
-                      "formulation": fixed}, sort_keys=True)
+                      "formulation": fixed, "chunks": sizes}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     if use_cache:
         cached = _read_cache().get(digest)
@@ -205,11 +217,12 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
     level = logger.level
     logger.setLevel("ERROR")  # each candidate is its own tf.function: TF's retracing warnings are expected
     try:
-        plan = _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed)
+        plan = _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed, sizes)
     finally:
         logger.setLevel(level)
+    decided = fixed is not None and len(jit_modes) == 1 and len(sizes) == 1
     plan = StepPlan(**{**plan.to_dict(), "planning_s": round(time.perf_counter() - start, 2),
-                       "source": "config" if fixed is not None and len(jit_modes) == 1 else "measured"})
+                       "source": "config" if decided else "measured"})
     if use_cache:
         _write_cache(digest, plan.to_dict())
     return plan
@@ -233,8 +246,21 @@ def _write_cache(digest: str, plan: dict[str, Any]) -> None:
         pass
 
 
-def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed) -> StepPlan:
-    """Steps 1 and 2 of the module docstring."""
+def chunk_sizes(capacity: int, microbatch_size: int = 1) -> list[int]:
+    """Pass sizes the planner tries for a private step: the capacity, then halves (whole microbatches)
+    down to MIN_CHUNK slots."""
+    sizes, parts = [capacity], 2
+    while True:
+        size = -(-capacity // parts // microbatch_size) * microbatch_size
+        if size < MIN_CHUNK or size >= sizes[-1]:
+            return sizes
+        sizes.append(size)
+        parts *= 2
+
+
+def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed, sizes) -> StepPlan:
+    """Steps 1 and 2 of the module docstring; for a private step, each candidate formulation is also
+    tried in passes of each of `sizes` slots (0 = the capacity), its layers chosen at that size."""
     from dpsgd_cli.training import fastgrad
 
     candidates: dict[str, StepPlan] = {}
@@ -243,28 +269,48 @@ def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed) 
         tag = "xla" if jit else "graph"
         if not fast:
             path = "vectorized_map" if private else "keras"
-            candidates[f"{path} {tag}"] = StepPlan(path, jit)
+            for size in sizes:
+                candidates[_name(path, tag, size)] = StepPlan(path, jit, chunk_size=size)
             continue
-        if fixed is not None:
-            chosen = {**fastgrad.default_formulation(model), **fixed}
-        else:
-            # without XLA a candidate compiles in ~0.1 s, so layers are timed at full capacity too; under
-            # XLA each compile takes seconds, so the probe alone decides (see the module docstring)
-            chosen, layer_ms[tag] = _fastest_per_layer(model, capacity, private, microbatch_size, jit,
-                                                       full=not jit)
-        if private:
-            candidates[f"fast {tag}"] = StepPlan("fast", jit, chosen)
+        if not private:
+            if fixed is not None:
+                chosen = {**fastgrad.default_formulation(model), **fixed}
+            else:
+                chosen, layer_ms[tag] = _fastest_per_layer(model, capacity, private, microbatch_size, jit,
+                                                           full=not jit)
+            chosen = {name: {"forward": c["forward"]} for name, c in chosen.items()}
+            if fastgrad.make_forward_fn(chosen) is not None:
+                candidates[f"fast {tag}"] = StepPlan("fast", jit, chosen)
+            if fixed is None or fastgrad.make_forward_fn(chosen) is None:
+                candidates[f"keras {tag}"] = StepPlan("keras", jit)
             continue
-        chosen = {name: {"forward": c["forward"]} for name, c in chosen.items()}
-        if fastgrad.make_forward_fn(chosen) is not None:
-            candidates[f"fast {tag}"] = StepPlan("fast", jit, chosen)
-        if fixed is None or fastgrad.make_forward_fn(chosen) is None:
-            candidates[f"keras {tag}"] = StepPlan("keras", jit)
+        # under XLA each compile takes seconds: the probe alone chooses the layers (the same at every
+        # size), and only the one-pass step and the smallest pass compete
+        for size in (sizes if not jit else sorted({sizes[0], sizes[-1]})):
+            if fixed is not None:
+                chosen = {**fastgrad.default_formulation(model), **fixed}
+            else:
+                # without XLA a candidate compiles in ~0.1 s, so layers are timed at the pass size too
+                chosen, layer_ms[_name("", tag, size).strip()] = _fastest_per_layer(
+                    model, size or capacity, private, microbatch_size, jit, full=not jit)
+            candidates[_name("fast", tag, size)] = StepPlan("fast", jit, chosen, size)
     if len(candidates) == 1:
         return StepPlan(**{**next(iter(candidates.values())).to_dict(), "layer_ms": layer_ms})
     step_ms = _time_steps(model, capacity, private, microbatch_size, candidates)
-    best = min(step_ms, key=step_ms.get)
+    best = choose(step_ms, {name: plan.chunk_size or capacity for name, plan in candidates.items()})
     return StepPlan(**{**candidates[best].to_dict(), "step_ms": step_ms, "layer_ms": layer_ms})
+
+
+def choose(step_ms: dict[str, float], slots_per_pass: dict[str, int]) -> str:
+    """The candidate to run: among those within TIE× of the fastest median (equally fast, given the
+    timing noise), the one with the fewest slots per pass (the least memory), then the fastest."""
+    fastest = min(step_ms.values())
+    return min((name for name, ms in step_ms.items() if ms <= TIE * fastest),
+               key=lambda name: (slots_per_pass[name], step_ms[name]))
+
+
+def _name(path: str, tag: str, size: int) -> str:
+    return f"{path} {tag}" + (f" passes of {size}" if size else "")
 
 
 def _shapes(model, capacity: int) -> dict[str, tuple[int, ...]]:

@@ -217,7 +217,8 @@ NONPRIVATE_STATEMENT = ("No differential privacy: privacy.enabled is false (non-
 
 def _plan_record(step_plan) -> dict[str, Any]:
     """The step's plan for run.yaml: the formulation of each layer, how it was decided, and the timings."""
-    record = {"formulation": step_plan.formulation, "source": step_plan.source}
+    record = {"formulation": step_plan.formulation, "chunk_size": step_plan.chunk_size,
+              "source": step_plan.source}
     if step_plan.source == "measured":
         record.update({"planning_s": step_plan.planning_s, "step_ms": step_plan.step_ms})
     return record

@@ -103,7 +103,7 @@ class Trainer:
             plain, capacity=self.sampler.capacity // replicas,
             private=private, microbatch_size=plan.microbatch_size,
             jit_compile=cfg.training.jit_compile, gradient_path=cfg.training.gradient_path,
-            formulation=cfg.training.plan)
+            formulation=cfg.training.plan, chunk_size=cfg.training.chunk_size)
         grad_fn, forward_fn = self.step_plan.functions(private)
         self.gradient_path, self.jit_compile = self.step_plan.gradient_path, self.step_plan.jit_compile
         settings = engine.StepSettings(
