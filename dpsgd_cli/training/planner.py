@@ -18,11 +18,18 @@ How a plan is made, for one model, capacity (slots per step), private or not, mi
 2. The fastest choice per layer makes one whole-step candidate per XLA setting (non-private: also the
    plain Keras step); the whole steps are built as `engine.make_train_step` builds them and timed
    interleaved; the fastest wins.
+3. Memory: a private step may run its per-example work in sequential passes of fewer slots
+   (`engine.chunked_gradient_sum`; per-example intermediates then exist for one pass at a time). Without
+   XLA, step 1 is repeated at each pass size (`chunk_sizes`: the capacity, then halves down to
+   `MIN_CHUNK`; a layer's best formulation changes with the size) and each size is a whole-step
+   candidate; candidates within `TIE`× of the fastest count as equally fast and the smallest pass wins
+   (`choose`). Under XLA only the one-pass step is tried unless `training.chunk_size` fixes the size.
 `DPSGD_PLANNER=off` skips measuring (the default formulation, XLA off unless forced): for tests and CI.
 The plan is cached as JSON under `$DPSGD_PLAN_CACHE`, else `$XDG_CACHE_HOME/dpsgd`, else `~/.cache/dpsgd`,
 keyed by (device, TensorFlow version, model signature, capacity, private, microbatch size, XLA setting,
-gradient path), so later runs reuse it. `training.plan` in the config fixes formulations by hand and
-`training.jit_compile: true/false` fixes XLA; what is left is measured.
+gradient path, pass sizes), so later runs reuse it. `training.plan` in the config fixes formulations by
+hand, `training.chunk_size` the pass size and `training.jit_compile: true/false` XLA; what is left is
+measured.
 """
 
 from __future__ import annotations
@@ -284,9 +291,9 @@ def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed, 
             if fixed is None or fastgrad.make_forward_fn(chosen) is None:
                 candidates[f"keras {tag}"] = StepPlan("keras", jit)
             continue
-        # under XLA each compile takes seconds: the probe alone chooses the layers (the same at every
-        # size), and only the one-pass step and the smallest pass compete
-        for size in (sizes if not jit else sorted({sizes[0], sizes[-1]})):
+        # under XLA each compile takes seconds: the probe alone chooses the layers, and passes are tried
+        # only when the config fixes them (XLA schedules memory itself)
+        for size in (sizes if not jit or len(sizes) == 1 else [0]):
             if fixed is not None:
                 chosen = {**fastgrad.default_formulation(model), **fixed}
             else:
