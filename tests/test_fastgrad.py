@@ -137,8 +137,8 @@ def _model_with(layer: keras.layers.Layer) -> keras.Model:
     return keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(4), layer, keras.layers.Dense(3)])
 
 
-@pytest.mark.parametrize("layer", [keras.layers.LayerNormalization(name="norm"),
-                                   keras.layers.BatchNormalization(name="bn")], ids=["layer", "batch"])
+@pytest.mark.parametrize("layer", [keras.layers.UnitNormalization(name="unit"),
+                                   keras.layers.BatchNormalization(name="bn")], ids=["unregistered", "batch"])
 def test_unsupported_layer_falls_back(layer):
     model = _model_with(layer)
     assert not fastgrad.supports_fast_path(model)
@@ -365,10 +365,10 @@ def test_registering_a_weight_rule_gives_per_example_gradients_equal_to_the_loop
                                  keras.layers.LayerNormalization(name="norm"), keras.layers.Flatten(),
                                  keras.layers.Dense(3)])
 
-    assert not fastgrad.supports_fast_path(build())
     monkeypatch.setitem(fastgrad.REGISTRY, keras.layers.LayerNormalization, _AffineLayerNormRule())
     model = build()
     assert fastgrad.supports_fast_path(model)
+    assert isinstance(fastgrad.rule_for(model.get_layer("norm")), _AffineLayerNormRule)  # replaced
     rng = np.random.default_rng(4)  # γ, β away from their initial 1 and 0
     for v in model.get_layer("norm").trainable_variables:
         v.assign(v + rng.normal(scale=0.3, size=v.shape).astype(np.float32))
@@ -389,3 +389,44 @@ def test_normalising_across_examples_is_off_the_fast_path():
     model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(4),
                               keras.layers.LayerNormalization(axis=0, center=False, scale=False, name="bad")])
     assert "(normalises across examples" in fastgrad.fast_path_problem(model)
+
+
+def _perturbed(model):
+    rng = np.random.default_rng(5)  # γ, β away from their initial 1 and 0
+    for v in model.trainable_variables:
+        v.assign(v + rng.normal(scale=0.3, size=v.shape).astype(np.float32))
+    return model
+
+
+@pytest.mark.parametrize("k", [1, 4], ids=["per_example", "microbatch4"])
+@pytest.mark.parametrize("make", [
+    lambda: keras.layers.LayerNormalization(name="norm"),
+    lambda: keras.layers.LayerNormalization(axis=[1, 2], name="norm"),
+    lambda: keras.layers.LayerNormalization(center=False, name="norm"),
+    lambda: keras.layers.GroupNormalization(2, name="norm"),
+    lambda: keras.layers.GroupNormalization(4, scale=False, name="norm")],
+    ids=["layer", "layer_two_axes", "layer_scale_only", "group", "group_center_only"])
+def test_affine_normalisations_have_per_example_gradients_equal_to_the_loop(make, k):
+    """The built-in rule: γ's gradient Σ dL/dy ⊙ x̂ and β's Σ dL/dy per example (issue 15)."""
+    model = keras.Sequential([keras.Input(shape=(5, 6)), keras.layers.Dense(8, activation="tanh"), make(),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    assert isinstance(fastgrad.rule_for(model.get_layer("norm")), fastgrad.AffineNormRule)
+    _assert_fast_equals_loop(_perturbed(model), k)
+
+
+def test_affine_group_norm_after_a_convolution_equals_the_loop():
+    model = keras.Sequential([keras.Input(shape=(5, 6)), keras.layers.Reshape((5, 6, 1)),
+                              keras.layers.Conv2D(8, 3, padding="same", activation="tanh"),
+                              keras.layers.GroupNormalization(4, name="norm"), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    _assert_fast_equals_loop(_perturbed(model), 1)
+
+
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
+@pytest.mark.parametrize(("layer", "why"), [
+    (keras.layers.LayerNormalization(rms_scaling=True, name="norm"), "rms_scaling"),
+    (keras.layers.GroupNormalization(2, axis=1, name="norm"), "groups over an axis other than the last")])
+def test_normalisations_the_rules_do_not_cover_stay_off_the_fast_path(layer, why):
+    model = keras.Sequential([keras.Input(shape=(4, 6)), keras.layers.Dense(8), layer, keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    assert f"({why})" in fastgrad.fast_path_problem(model)

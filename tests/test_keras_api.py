@@ -85,14 +85,14 @@ def test_fit_equals_the_cli_trainer_with_the_same_config_and_key(data_dir, sampl
 
 @pytest.mark.slow
 def test_unsupported_layer_trains_through_vectorized_map_and_equals_a_tape_loop():
-    """A LayerNormalization layer keeps the model off the fast path: fit says so once and uses
+    """A UnitNormalization layer (no fast rule) keeps the model off the fast path: fit says so once and uses
     tf.vectorized_map. With q = 1 (every example in the one step) and SGD at rate 1, the update must be
     (Σ_i clip(g_i) from a GradientTape loop + the noise regenerated from the key) / B."""
     n, sigma = 16, 0.7
     rng = np.random.default_rng(1)
     x = rng.normal(size=(n, 6)).astype(np.float32)
     y = rng.integers(0, 3, size=n).astype(np.int32)
-    model = _small_model(seed=2, extra=keras.layers.LayerNormalization())
+    model = _small_model(seed=2, extra=keras.layers.UnitNormalization())
     before = [v.numpy() for v in model.trainable_variables]
 
     per_example = []
@@ -108,7 +108,7 @@ def test_unsupported_layer_trains_through_vectorized_map_and_equals_a_tape_loop(
     key = new_run_key(reproducible=True, seed=5, label="vmap-test")
     dp_model = DPModel(model, l2_norm_clip=clip, noise_multiplier=sigma, run_key=key)
     dp_model.compile(optimizer=keras.optimizers.SGD(1.0), loss=_sparse_ce())
-    with pytest.warns(UserWarning, match="vectorized_map.*LayerNormalization") as caught:
+    with pytest.warns(UserWarning, match="vectorized_map.*UnitNormalization") as caught:
         dp_model.fit(x, y, epochs=2, batch_size=n, verbose=0)
     assert sum("vectorized_map" in str(w.message) for w in caught) == 1  # said once, not per epoch
     assert dp_model.gradient_path == "vectorized_map" and dp_model.steps_done == 2
@@ -116,7 +116,7 @@ def test_unsupported_layer_trains_through_vectorized_map_and_equals_a_tape_loop(
     # replay the first step on a fresh copy, from the reference sum and the key's noise
     noise = engine.gaussian_noise(model.trainable_variables, sigma * clip, key.noise_seed(0))
     expected = [w - (s + z.numpy()) / n for w, s, z in zip(before, loop_sum, noise)]
-    again = _small_model(seed=2, extra=keras.layers.LayerNormalization())
+    again = _small_model(seed=2, extra=keras.layers.UnitNormalization())
     dp_again = DPModel(again, l2_norm_clip=clip, noise_multiplier=sigma, run_key=key)
     dp_again.compile(optimizer=keras.optimizers.SGD(1.0), loss=_sparse_ce())
     with warnings.catch_warnings():

@@ -71,7 +71,7 @@ def test_vectorized_map_and_unsupported_models_skip_formulations(planner_on):
                              gradient_path="vectorized_map")
     assert plan.gradient_path == "vectorized_map" and plan.formulation == {}
     model = keras.Sequential([keras.Input(shape=(6,)), keras.layers.Dense(4),
-                              keras.layers.LayerNormalization(), keras.layers.Dense(3)])
+                              keras.layers.UnitNormalization(), keras.layers.Dense(3)])
     assert planner.plan_step(model, capacity=8, private=False, jit_compile=False).gradient_path == "keras"
     with pytest.raises(ConfigError, match="training.gradient_path 'fast'"):
         planner.plan_step(model, capacity=8, private=True, jit_compile=False, gradient_path="fast")

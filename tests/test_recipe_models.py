@@ -58,11 +58,11 @@ def test_group_norm_uses_per_example_statistics_only():
     np.testing.assert_allclose(alone, in_batch, rtol=1e-5, atol=1e-6)  # no mixing across examples
 
 
-def test_affine_group_norm_is_not_weightless():
-    model = keras.Sequential([keras.Input((7, 7, 81)), keras.layers.GroupNormalization(27),
+def test_affine_group_norm_has_its_own_weight_rule():
+    model = keras.Sequential([keras.Input((7, 7, 81)), keras.layers.GroupNormalization(27, name="gn"),
                               keras.layers.Flatten(), keras.layers.Dense(10)])
-    assert not fastgrad.supports_fast_path(model)  # γ, β have no fast rule: the vmap reference runs
-    assert fastgrad.choose_gradient_sum_fn(model, "auto") is engine.vmap_clipped_gradient_sum
+    assert isinstance(fastgrad.rule_for(model.get_layer("gn")), fastgrad.AffineNormRule)  # γ, β per example
+    assert fastgrad.choose_gradient_sum_fn(model, "auto") is not engine.vmap_clipped_gradient_sum
 
 
 def test_input_standardization_is_a_weightless_first_layer_on_the_fast_path():

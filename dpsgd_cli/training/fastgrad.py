@@ -77,6 +77,11 @@ class LayerRule:
         """The layer's training-mode output under `choice` (the same values as `layer(h)`)."""
         return layer(h, training=True)
 
+    def for_layer(self, layer) -> LayerRule:
+        """The rule for this very layer (a type's entry may hand a layer to another rule, e.g. by whether
+        it has trainable variables)."""
+        return self
+
 
 class WeightRule(LayerRule):
     """A layer with trainable variables. The step keeps `pre_activation`'s z, gets every example's dz =
@@ -256,12 +261,98 @@ class PerExampleNormRule(LayerRule):
         return super().problem(layer)
 
 
+class AffineNormRule(WeightRule):
+    """Group/Layer normalisation, each example by its own statistics, with or without γ (scale) and β
+    (center): y = x̂ ⊙ γ + β. Per unit (k examples, mean loss): γ's gradient is Σ dL/dy ⊙ x̂ and β's
+    Σ dL/dy over the unit's examples and every input axis γ does not span, / k. Without γ and β it is a
+    weightless layer (no per-unit terms). Not handled (off the fast path): normalising over the batch
+    axis, LayerNormalization's `rms_scaling`, GroupNormalization over an axis other than the last."""
+
+    def problem(self, layer):
+        axes = self._axes(layer)
+        if 0 in axes:
+            return "normalises across examples (axis 0)"
+        if getattr(layer, "rms_scaling", False):
+            return "rms_scaling"
+        if isinstance(layer, keras.layers.GroupNormalization) and axes != [len(layer.input.shape) - 1]:
+            return "groups over an axis other than the last"
+        if layer.compute_dtype != "float32":
+            return f"compute dtype {layer.compute_dtype}"
+        affine = (getattr(layer, "gamma", None), getattr(layer, "beta", None))
+        expected = {id(v) for v in affine if v is not None}
+        if not {id(v) for v in layer.trainable_variables} <= expected:
+            return "extra trainable variables"
+        return None
+
+    @staticmethod
+    def _axes(layer) -> list[int]:
+        """Input axes (batch = 0) that γ and β span: LayerNormalization's `axis`, GroupNormalization's
+        channel axis."""
+        rank = len(layer.input.shape)
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        return sorted(a % rank for a in axes)
+
+    def _normalised(self, layer, a: tf.Tensor) -> tf.Tensor:
+        """x̂: zero mean, unit variance per example (and group) over the layer's axes, + epsilon."""
+        if isinstance(layer, keras.layers.GroupNormalization):
+            c, g = a.shape[-1], layer.groups
+            grouped = tf.reshape(a, [-1, *a.shape[1:-1], g, c // g])
+            axes = [i for i in range(1, grouped.shape.rank) if i != grouped.shape.rank - 2]
+            mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
+            return tf.reshape((grouped - mean) * tf.math.rsqrt(variance + layer.epsilon), tf.shape(a))
+        mean, variance = tf.nn.moments(a, axes=self._axes(layer), keepdims=True)
+        return (a - mean) * tf.math.rsqrt(variance + layer.epsilon)
+
+    def _broadcast(self, layer, v: tf.Variable, rank: int) -> tf.Tensor:
+        axes = self._axes(layer)
+        return tf.reshape(v, [v.shape[axes.index(i)] if i in axes else 1 for i in range(rank)])
+
+    def pre_activation(self, layer, a, choice):
+        x_hat = self._normalised(layer, a)
+        z = x_hat
+        if layer.scale:
+            z = z * self._broadcast(layer, layer.gamma, a.shape.rank)
+        if layer.center:
+            z = z + self._broadcast(layer, layer.beta, a.shape.rank)
+        return z, x_hat
+
+    def unit_terms(self, layer, a, x_hat, dz, units, k, choice, strategy="auto"):
+        rank, axes = dz.shape.rank, self._axes(layer)
+        others = [i for i in range(1, rank) if i not in axes]
+
+        def per_unit(t):  # Σ over the axes γ does not span, then over each unit's k examples, / k
+            t = tf.reduce_sum(t, axis=others) if others else t
+            return tf.reduce_sum(tf.reshape(t, [units, k, *t.shape[1:]]), axis=1) / k
+
+        grads = {}
+        if layer.scale:
+            grads[id(layer.gamma)] = per_unit(dz * x_hat)
+        if layer.center:
+            grads[id(layer.beta)] = per_unit(dz)
+        sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [units, -1]), axis=1) for g in grads.values()]
+                      or [tf.zeros([units])])
+        return sq, grads
+
+    def weighted_sums(self, layer, term, weights):
+        return [tf.reshape(tf.tensordot(weights, term[id(v)], 1), v.shape) for v in layer.trainable_variables]
+
+
+class NormRule(PerExampleNormRule):
+    """Group/Layer normalisation: the weightless rule without trainable γ, β, else `AffineNormRule`."""
+
+    def __init__(self) -> None:
+        self.affine = AffineNormRule()
+
+    def for_layer(self, layer) -> LayerRule:
+        return self.affine if layer.trainable_variables else self
+
+
 REGISTRY: dict[type, LayerRule] = {
     keras.layers.Dense: DenseRule(),
     keras.layers.Conv2D: Conv2DRule(),
     keras.layers.MaxPooling2D: MaxPool2DRule(),
-    keras.layers.GroupNormalization: PerExampleNormRule(),
-    keras.layers.LayerNormalization: PerExampleNormRule(),
+    keras.layers.GroupNormalization: NormRule(),
+    keras.layers.LayerNormalization: NormRule(),
     **{layer_type: LayerRule() for layer_type in (
         keras.layers.AveragePooling2D, keras.layers.Flatten, keras.layers.Activation, keras.layers.ReLU,
         keras.layers.Rescaling,
@@ -280,7 +371,7 @@ def rule_for(layer) -> LayerRule | None:
     for cls in type(layer).__mro__:
         rule = REGISTRY.get(cls)
         if rule is not None:
-            return rule if cls is type(layer) or rule.subclasses else None
+            return rule.for_layer(layer) if cls is type(layer) or rule.subclasses else None
     return None
 
 
