@@ -192,3 +192,14 @@ def test_config_accepts_pass_sizes_and_rejects_bad_ones():
     for bad in ("0", "-3", "true", "big", "1.5"):
         with pytest.raises(ConfigError, match=r"^training\.chunk_size: must be auto or a whole number"):
             load_config(None, [*base, f"training.chunk_size={bad}"])
+
+
+def test_the_oneDNN_switch_is_part_of_the_cache_key(planner_on, monkeypatch):
+    """Kernels differ with oneDNN on or off: a plan measured with one must not be reused with the other."""
+    model = build_model()
+    fixed = {"conv1": {"forward": "native", "grads": "depthwise"}}
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    planner.plan_step(model, capacity=8, private=True, jit_compile=False, formulation=fixed, chunk_size=8)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    planner.plan_step(model, capacity=8, private=True, jit_compile=False, formulation=fixed, chunk_size=8)
+    assert len(json.loads((planner_on / planner.CACHE_FILE).read_text())) == 2

@@ -26,10 +26,10 @@ How a plan is made, for one model, capacity (slots per step), private or not, mi
    (`choose`). Under XLA only the one-pass step is tried unless `training.chunk_size` fixes the size.
 `DPSGD_PLANNER=off` skips measuring (the default formulation, XLA off unless forced): for tests and CI.
 The plan is cached as JSON under `$DPSGD_PLAN_CACHE`, else `$XDG_CACHE_HOME/dpsgd`, else `~/.cache/dpsgd`,
-keyed by (device, TensorFlow version, model signature, capacity, private, microbatch size, XLA setting,
-gradient path, pass sizes), so later runs reuse it. `training.plan` in the config fixes formulations by
-hand, `training.chunk_size` the pass size and `training.jit_compile: true/false` XLA; what is left is
-measured.
+keyed by (device, oneDNN switch and thread pools, TensorFlow version, model signature, capacity, private,
+microbatch size, XLA setting, gradient path, pass sizes), so later runs reuse it. `training.plan` in the
+config fixes formulations by hand, `training.chunk_size` the pass size and `training.jit_compile:
+true/false` XLA; what is left is measured.
 """
 
 from __future__ import annotations
@@ -129,6 +129,16 @@ def device_description() -> str:
     return f"{cpu} × {os.cpu_count()} threads" + (f"; GPU {', '.join(gpus)}" if gpus else "")
 
 
+def runtime_settings() -> dict[str, Any]:
+    """What else changes which kernels run, beside the device: TensorFlow's oneDNN switch (the environment
+    variable; unset = the build's default) and its thread pools (0 = TensorFlow's default)."""
+    import tensorflow as tf
+
+    return {"TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()}
+
+
 def model_signature(model) -> list:
     """Layer names, types, shapes and the configuration that changes the work (not initial weights: each
     layer rule's `signature_keys`)."""
@@ -207,7 +217,8 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
         path = "fast" if fast else ("vectorized_map" if private else "keras")
         chunk = sizes[0] if chunk_size != "auto" else 0
         return StepPlan(path, jit_modes[0], formulation, chunk, source=f"default ({OFF_ENV}=off)")
-    key = json.dumps({"v": PLAN_VERSION, "device": device_description(), "tensorflow": tf.__version__,
+    key = json.dumps({"v": PLAN_VERSION, "device": device_description(), "runtime": runtime_settings(),
+                      "tensorflow": tf.__version__,
                       "model": model_signature(model), "capacity": capacity, "private": private,
                       "microbatch_size": microbatch_size, "jit": list(jit_modes), "fast": fast,
                       "formulation": fixed, "chunks": sizes}, sort_keys=True)
