@@ -173,7 +173,8 @@ def test_pass_sizes_are_measured_with_layers_chosen_at_each_size(planner_on, mon
     monkeypatch.setattr(planner, "MIN_CHUNK", 4)
     model = build_model()
     plan = planner.plan_step(model, capacity=16, private=True, jit_compile=False)
-    assert set(plan.step_ms) == {"fast graph", "fast graph passes of 8", "fast graph passes of 4"}
+    assert set(plan.step_ms) - {"default graph"} == {"fast graph", "fast graph passes of 8",
+                                                      "fast graph passes of 4"}
     assert set(plan.layer_ms) == {"graph", "graph passes of 8", "graph passes of 4"}
     assert plan.chunk_size in (0, 8, 4)
     assert plan == planner.StepPlan(**{**plan.to_dict()})
@@ -203,3 +204,18 @@ def test_the_oneDNN_switch_is_part_of_the_cache_key(planner_on, monkeypatch):
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     planner.plan_step(model, capacity=8, private=True, jit_compile=False, formulation=fixed, chunk_size=8)
     assert len(json.loads((planner_on / planner.CACHE_FILE).read_text())) == 2
+
+
+def test_the_default_step_competes_unless_a_candidate_is_it():
+    model = build_model()
+    default = fastgrad.default_formulation(model)
+    candidates = {"fast graph": planner.StepPlan("fast", False, {**default, "conv1": {"forward": "native",
+                                                                                     "grads": "depthwise"}})}
+    planner._add_default(candidates, model, private=True)
+    assert candidates["default graph"] == planner.StepPlan("fast", False, default)
+    again = {"fast graph": planner.StepPlan("fast", False, default)}
+    planner._add_default(again, model, private=True)
+    assert list(again) == ["fast graph"]  # already there
+    nonprivate = {"keras graph": planner.StepPlan("keras", False)}
+    planner._add_default(nonprivate, model, private=False)  # the default forward: conv1 patches, pools slices
+    assert nonprivate["default graph"].formulation["conv1"] == {"forward": "patches"}

@@ -24,6 +24,8 @@ How a plan is made, for one model, capacity (slots per step), private or not, mi
    `MIN_CHUNK`; a layer's best formulation changes with the size) and each size is a whole-step
    candidate; candidates within `TIE`× of the fastest count as equally fast and the smallest pass wins
    (`choose`). Under XLA only the one-pass step is tried unless `training.chunk_size` fixes the size.
+4. The default step (what `DPSGD_PLANNER=off` runs) is one more whole-step candidate, so a plan is never
+   slower than not planning by more than the timing noise.
 `DPSGD_PLANNER=off` skips measuring (the default formulation, XLA off unless forced): for tests and CI.
 The plan is cached as JSON under `$DPSGD_PLAN_CACHE`, else `$XDG_CACHE_HOME/dpsgd`, else `~/.cache/dpsgd`,
 keyed by (device, oneDNN switch and thread pools, TensorFlow version, model signature, capacity, private,
@@ -312,6 +314,8 @@ def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed, 
                 chosen, layer_ms[_name("", tag, size).strip()] = _fastest_per_layer(
                     model, size or capacity, private, microbatch_size, jit, full=not jit)
             candidates[_name("fast", tag, size)] = StepPlan("fast", jit, chosen, size)
+    if fast and fixed is None and False in jit_modes:
+        _add_default(candidates, model, private)
     if len(candidates) == 1:
         return StepPlan(**{**next(iter(candidates.values())).to_dict(), "layer_ms": layer_ms})
     step_ms = _time_steps(model, capacity, private, microbatch_size, candidates)
@@ -325,6 +329,23 @@ def choose(step_ms: dict[str, float], slots_per_pass: dict[str, int]) -> str:
     fastest = min(step_ms.values())
     return min((name for name, ms in step_ms.items() if ms <= TIE * fastest),
                key=lambda name: (slots_per_pass[name], step_ms[name]))
+
+
+def _add_default(candidates: dict[str, StepPlan], model, private: bool) -> None:
+    """The step `DPSGD_PLANNER=off` runs (each rule's default, one pass, XLA off) competes too, unless a
+    candidate already is it: layers timed alone can mislead (a loaded machine, kernels that interact), and
+    then the plan is still no slower than not planning."""
+    from dpsgd_cli.training import fastgrad
+
+    default = fastgrad.default_formulation(model)
+    if not private:
+        default = {name: {"forward": c["forward"]} for name, c in default.items()}
+        if fastgrad.make_forward_fn(default) is None:
+            return  # all native: the Keras step, already a candidate
+    plan = StepPlan("fast", False, default)
+    if all((c.gradient_path, c.jit_compile, c.formulation, c.chunk_size) != ("fast", False, default, 0)
+           for c in candidates.values()):
+        candidates["default graph"] = plan
 
 
 def _name(path: str, tag: str, size: int) -> str:
