@@ -191,3 +191,24 @@ def test_canary_audit_of_a_perfect_attack_matches_the_one_run_bound():
     # δ = 0: P[Bin(16, q) = 16] = q^16 ≤ 0.05  ⇔  q ≥ 0.05^(1/16);  ε = log(q / (1 − q))
     q = 0.05 ** (1 / 16)
     assert out["epsilon_lower_bound"] == pytest.approx(np.log(q / (1 - q)), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_scatternet_run_with_canaries_trains_and_is_audited_on_features(tmp_path, monkeypatch):
+    """ScatterNet models take features: the run trains on features of its real images (cached) plus its
+    canaries' (computed apart), and the audit scores members, non-members and canaries as features."""
+    monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "features"))
+    rng = np.random.default_rng(5)
+    root = tmp_path / "idx"
+    for split, n in (("train", 160), ("test", 80)):  # a whole (small) dataset: the audit loads all of it
+        write_idx(root / "fashion_mnist", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8),
+                  rng.integers(0, 10, n).astype(np.uint8), split)
+    run_dir = _train(root, tmp_path / "runs", "scatter", 160, "model.architecture=scatter_linear",
+                     "privacy.noise_multiplier=5", "data.batch_size=32", "training.epochs=1",
+                     "privacy.canaries=16", "training.optimizer=sgd", "training.learning_rate=0.5")
+    rows = sorted(len(np.load(f)) for f in (tmp_path / "features").glob("*.npy"))
+    assert rows == [80, 160]  # the real training and test images only: the canaries are not cached
+    report = audit.audit_run(run_dir)
+    assert report.summary["canary_audit"]["m"] == 16
+    assert len(report.canary_scores) == 16 and np.isfinite(report.canary_scores).all()
+    assert np.isfinite(report.member_scores).all() and len(report.member_scores) > 0

@@ -53,3 +53,23 @@ def test_prepare_scattering_features_once(tmp_path, monkeypatch):
     monkeypatch.setattr(scattering, "scattering", fail)
     again = features.prepare(data, "scatter_cnn", tmp_path)  # same transform: the same cache entries
     assert np.array_equal(again.x_train, out.x_train)
+
+
+def test_canary_rows_are_transformed_apart_and_not_cached(tmp_path):
+    """A run's canaries (the last rows of its training split, different in every run) must not change
+    the cache entry of the real images: their features are computed apart and never written."""
+    rng = np.random.default_rng(2)
+    real = Dataset("fashion_mnist", rng.random((6, 28, 28, 1)).astype(np.float32), np.arange(6) % 10,
+                   rng.random((3, 28, 28, 1)).astype(np.float32), np.arange(3))
+    canaries = rng.random((2, 28, 28, 1)).astype(np.float32)
+    grown = Dataset("fashion_mnist", np.concatenate([real.x_train, canaries]), np.arange(8) % 10,
+                    real.x_test, real.y_test)
+    out = features.prepare(grown, "scatter_linear", tmp_path, uncached_tail=2)
+    assert out.x_train.shape == (8, 7, 7, 81)
+    np.testing.assert_allclose(out.x_train[6:], scattering.scattering(canaries), rtol=1e-6)
+    np.testing.assert_allclose(out.x_train[:6], scattering.scattering(real.x_train), rtol=1e-6)
+    entries = sorted(tmp_path.glob("*.npy"))
+    assert len(entries) == 2  # the real training images and the test images, nothing with canaries
+    again = features.prepare(real, "scatter_linear", tmp_path)  # the plain run finds the same entries
+    assert sorted(tmp_path.glob("*.npy")) == entries and np.array_equal(again.x_train, out.x_train[:6])
+    assert features.transform_images(canaries, "tfp_cnn") is canaries

@@ -40,6 +40,7 @@ from dpsgd_cli.audit.canaries import CanarySet, load_canaries
 from dpsgd_cli.config import ExperimentConfig, resolved_data_dir
 from dpsgd_cli.errors import ConfigError, RunDirError
 from dpsgd_cli.runs.run_dir import AUDIT_FILE, FINISHED, WEIGHTS_FILE, RunDir
+from dpsgd_cli.training import features
 from dpsgd_cli.training.data import load_dataset
 
 GUESS_FRACTION = 0.2  # of m canaries guessed "in", and as many guessed "out"; fixed before looking
@@ -123,6 +124,7 @@ def membership_split(run: _Run, canary_set: CanarySet | None, data_dir: str | No
             raise RunDirError(f"{run.run_dir}: the canaries were not drawn from the data found now; point "
                               "--data-dir at the data the run used")
         keep[source] = False
+    full = features.prepare(full, cfg.model.architecture)  # ScatterNet models score features (cached)
     x_in, y_in = full.x_train[:n_real][keep], full.y_train[:n_real][keep]
     rest = len(full.y_train) - n_real
     if rest > 0:
@@ -165,7 +167,8 @@ def audit_run(run_dir: Path, *, confidence: float = 0.95, data_dir: str | None =
                                                         run.cfg.seed)
     canary_scores = None
     if canary_set is not None:
-        canary_scores = -per_example_losses(model, canary_set.x, canary_set.y)
+        canary_x = features.transform_images(canary_set.x, run.cfg.model.architecture)
+        canary_scores = -per_example_losses(model, canary_x, canary_set.y)
         summary["canary_audit"] = _canary_audit(canary_scores, canary_set.included, delta, confidence,
                                                 guess_fraction)
     summary["verdict"] = _verdict(summary)

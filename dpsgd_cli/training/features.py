@@ -72,8 +72,13 @@ def needs_features(architecture: str) -> bool:
     return architecture in FEATURES
 
 
-def prepare(dataset: Dataset, architecture: str, folder: Path | None = None) -> Dataset:
-    """The dataset the model of `architecture` trains on: features for ScatterNet models, else as is."""
+def prepare(dataset: Dataset, architecture: str, folder: Path | None = None,
+            uncached_tail: int = 0) -> Dataset:
+    """The dataset the model of `architecture` trains on: features for ScatterNet models, else as is.
+
+    `uncached_tail`: the last rows of the training split that are not the dataset's own (a run's audit
+    canaries, different in every run): their features are computed apart and not cached, so the cache
+    entry of the real training images is found again."""
     if not needs_features(architecture):
         return dataset
     from dpsgd_cli.training import scattering
@@ -85,4 +90,18 @@ def prepare(dataset: Dataset, architecture: str, folder: Path | None = None) -> 
         return cached(images, transform, lambda x: scattering.scattering(x, params), params.output_shape,
                       folder)
 
-    return dataclasses.replace(dataset, x_train=features(dataset.x_train), x_test=features(dataset.x_test))
+    n = len(dataset.x_train) - uncached_tail
+    x_train = features(dataset.x_train[:n])
+    if uncached_tail:
+        x_train = np.concatenate([x_train, transform_images(dataset.x_train[n:], architecture)])
+    return dataclasses.replace(dataset, x_train=x_train, x_test=features(dataset.x_test))
+
+
+def transform_images(images: np.ndarray, architecture: str) -> np.ndarray:
+    """The model input for `images` (not cached: for a few images, e.g. canaries); images unchanged for a
+    model without a feature transform."""
+    if not needs_features(architecture):
+        return images
+    from dpsgd_cli.training import scattering
+
+    return np.asarray(scattering.scattering(images, scattering.ScatteringParams()), np.float32)

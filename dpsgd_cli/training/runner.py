@@ -109,7 +109,8 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     if canary_set is not None:  # deterministic in (seed, key): a resumed run writes the same file again
         canaries.save_canaries(canary_set, run_dir)
     if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features (issue 15)
-        dataset = features.prepare(dataset, cfg.model.architecture)
+        dataset = features.prepare(dataset, cfg.model.architecture,
+                                   uncached_tail=len(dataset.y_train) - real_examples)
     trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:
