@@ -30,7 +30,8 @@ def _loop_unit_grads(model, x, y, k):
         with tf.GradientTape() as tape:
             logits = model(x[start:start + k], training=True)
             loss = tf.reduce_mean(engine.per_example_loss(logits, y[start:start + k]))
-        grads.append([g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)])
+        grads.append([tf.convert_to_tensor(g).numpy().astype(np.float64)  # an Embedding's are IndexedSlices
+                      for g in tape.gradient(loss, model.trainable_variables)])
     return grads
 
 
@@ -149,10 +150,11 @@ def test_unsupported_layer_falls_back(layer):
     assert "\n" not in str(info.value)
 
 
-def test_embedding_model_and_bad_path_name():
-    model = keras.Sequential([keras.Input(shape=(5,), dtype="int32"), keras.layers.Embedding(20, 4),
-                              keras.layers.Flatten(), keras.layers.Dense(3)])
-    assert not fastgrad.supports_fast_path(model)
+def test_masked_embedding_is_off_the_fast_path_and_bad_path_name():
+    model = keras.Sequential([keras.Input(shape=(5,), dtype="int32"),
+                              keras.layers.Embedding(20, 4, mask_zero=True, name="emb"),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    assert "(mask_zero)" in fastgrad.fast_path_problem(model)
     with pytest.raises(ConfigError, match="training.gradient_path"):
         fastgrad.choose_gradient_sum_fn(build_model(), "fastest")
 
@@ -423,10 +425,34 @@ def test_affine_group_norm_after_a_convolution_equals_the_loop():
 
 
 @pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
-@pytest.mark.parametrize(("layer", "why"), [
-    (keras.layers.LayerNormalization(rms_scaling=True, name="norm"), "rms_scaling"),
-    (keras.layers.GroupNormalization(2, axis=1, name="norm"), "groups over an axis other than the last")])
-def test_normalisations_the_rules_do_not_cover_stay_off_the_fast_path(layer, why):
-    model = keras.Sequential([keras.Input(shape=(4, 6)), keras.layers.Dense(8), layer, keras.layers.Flatten(),
-                              keras.layers.Dense(3)])
+@pytest.mark.parametrize(("make", "why"), [
+    (lambda: keras.layers.LayerNormalization(rms_scaling=True, name="norm"), "rms_scaling"),
+    (lambda: keras.layers.GroupNormalization(2, axis=1, name="norm"),
+     "groups over an axis other than the last")])
+def test_normalisations_the_rules_do_not_cover_stay_off_the_fast_path(make, why):
+    model = keras.Sequential([keras.Input(shape=(4, 6)), keras.layers.Dense(8), make(),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
     assert f"({why})" in fastgrad.fast_path_problem(model)
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["per_example", "microbatch2"])
+@pytest.mark.parametrize("pool", [keras.layers.Flatten, keras.layers.GlobalAveragePooling1D])
+def test_embedding_per_example_gradients_equal_the_loop(k, pool):
+    """Token ids repeat within a sequence and across examples: a row's gradient sums its positions."""
+    layers = [keras.layers.Embedding(9, 4, name="emb"), keras.layers.Dense(5, activation="tanh"), pool(),
+              keras.layers.Dense(3)]
+    model = keras.Sequential([keras.Input(shape=(7,), dtype="int32"), *layers])
+    assert isinstance(fastgrad.rule_for(model.get_layer("emb")), fastgrad.EmbeddingRule)
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.integers(0, 9, (12, 7)).astype(np.int32))  # 84 ids from 9: many repeats
+    y = tf.constant(rng.integers(0, 3, 12), dtype=tf.int32)
+    mask = tf.constant([1.0] * 10 + [0.0] * 2)
+    l2_norm_clip, ref_norms, ref_sums = _clip_between_norms(model, x, y, mask, k)
+
+    def fast(x, y, mask):
+        return (fastgrad.fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, k)[0],
+                fastgrad.per_unit_norms(model, x, y, k))
+
+    sums, norms = _compiled(fast, jit=False)(x, y, mask)
+    _assert_sums_close(sums, ref_sums, model.trainable_variables, "embedding")
+    np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL)

@@ -266,3 +266,21 @@ def test_readme_example_runs(data_dir, monkeypatch, capsys):
     assert 0.0 <= history["val_accuracy"][-1] <= 1.0
     out = capsys.readouterr().out
     assert "-DP by the PLD accountant" in out and "q = 0.125" in out
+
+
+@pytest.mark.slow
+def test_a_text_model_with_an_embedding_fits_on_the_fast_path():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 30, (96, 12)).astype(np.int32)
+    y = (x[:, 0] % 3).astype(np.int32)
+    model = keras.Sequential([keras.Input((12,), dtype="int32"), keras.layers.Embedding(30, 8),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0)
+    dp_model.compile(optimizer=keras.optimizers.SGD(0.5), loss=_sparse_ce())
+    before = model.get_weights()[0].copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dp_model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    assert not [w for w in caught if "vectorized_map" in str(w.message)]
+    assert dp_model.gradient_path == "fast" and dp_model.steps_done > 0
+    assert not np.allclose(model.get_weights()[0], before)

@@ -450,7 +450,12 @@ def _time_steps(model, capacity, private, microbatch_size, candidates: dict[str,
     from dpsgd_cli.training import engine
 
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.random((capacity, *model.inputs[0].shape[1:]), dtype=np.float32))
+    shape = (capacity, *model.inputs[0].shape[1:])
+    if "int" in str(model.inputs[0].dtype):  # token ids: spread over the first layer's vocabulary
+        vocabulary = getattr(model.layers[0], "input_dim", 2)
+        x = tf.constant(rng.integers(0, vocabulary, shape), model.inputs[0].dtype)
+    else:
+        x = tf.constant(rng.random(shape, dtype=np.float32))
     y = tf.constant(rng.integers(0, model.outputs[0].shape[-1], capacity).astype(np.int32))
     mask = tf.ones([capacity])
     seed = tf.constant([1, 2], tf.int64)
