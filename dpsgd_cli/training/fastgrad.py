@@ -299,7 +299,7 @@ class AffineNormRule(WeightRule):
             grouped = tf.reshape(a, [-1, *a.shape[1:-1], g, c // g])
             axes = [i for i in range(1, grouped.shape.rank) if i != grouped.shape.rank - 2]
             mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
-            return tf.reshape((grouped - mean) * tf.math.rsqrt(variance + layer.epsilon), tf.shape(a))
+            return tf.reshape((grouped - mean) * tf.math.rsqrt(variance + layer.epsilon), [-1, *a.shape[1:]])
         mean, variance = tf.nn.moments(a, axes=self._axes(layer), keepdims=True)
         return (a - mean) * tf.math.rsqrt(variance + layer.epsilon)
 
