@@ -15,7 +15,8 @@ from dpsgd_cli.training import runner
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 BEST = ("fashion_mnist_best", "mnist_best", "fashion_mnist_tutorial_cnn_best")
-TWINS = {"fashion_mnist_best_nonprivate": "fashion_mnist_best", "mnist_best_nonprivate": "mnist_best"}
+TWINS = {"fashion_mnist_best_nonprivate": "fashion_mnist_best", "mnist_best_nonprivate": "mnist_best",
+         "fashion_mnist_tutorial_cnn_best_nonprivate": "fashion_mnist_tutorial_cnn_best"}
 
 
 @pytest.mark.parametrize("name", BEST)
