@@ -1,4 +1,6 @@
-"""The best-recipe configs (issue 15) run end to end on a slice of the data for one epoch and record ε."""
+"""The best-recipe configs (issue 15) run end to end on a slice of the data for one epoch and record ε; their
+non-private twins (`*_best_nonprivate.yaml`, for `dpsgd class-gap`) differ only in privacy and learning
+rate."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from dpsgd_cli.training import runner
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 BEST = ("fashion_mnist_best", "mnist_best", "fashion_mnist_tutorial_cnn_best")
+TWINS = {"fashion_mnist_best_nonprivate": "fashion_mnist_best", "mnist_best_nonprivate": "mnist_best",
+         "fashion_mnist_tutorial_cnn_best_nonprivate": "fashion_mnist_tutorial_cnn_best"}
 
 
 @pytest.mark.parametrize("name", BEST)
@@ -34,4 +38,27 @@ def test_best_config_runs_on_a_slice(name, data_dir, tmp_path, monkeypatch):
     assert record["epsilon_pld"] == pytest.approx(3.0, rel=1e-3)  # σ calibrated for this run's length
     assert math.isfinite(record["epsilon_rdp"]) and record["epsilon_rdp"] > record["epsilon_pld"]
     assert 0.0 <= record["test_accuracy"] <= 1.0 and result.noise_multiplier > 0
+    assert (result.run_dir / WEIGHTS_FILE).is_file()
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_twin_differs_from_its_best_config_only_in_privacy_and_learning_rate(twin):
+    cfg, best = load_config(CONFIGS / f"{twin}.yaml"), load_config(CONFIGS / f"{TWINS[twin]}.yaml")
+    assert not cfg.privacy.enabled and best.privacy.enabled
+    assert cfg.training.learning_rate < best.training.learning_rate  # lr 4 diverges on unclipped gradients
+    assert (cfg.data, cfg.model, cfg.seed) == (best.data, best.model, best.seed)
+    same = ("epochs", "optimizer", "momentum", "lr_schedule", "ema_decay", "physical_batch_size")
+    assert all(getattr(cfg.training, k) == getattr(best.training, k) for k in same)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("twin", TWINS)
+def test_twin_runs_on_a_slice(twin, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(CONFIGS / f"{twin}.yaml", [
+        f"data.data_dir={data_dir}", "data.train_size=1024", "data.test_size=200", "data.batch_size=256",
+        "training.epochs=1", f"output_dir={tmp_path / 'results'}"])
+    result = runner.run(cfg)
+    (record,) = result.records
+    assert 0.0 <= record["test_accuracy"] <= 1.0 and math.isfinite(record["train_loss"])
     assert (result.run_dir / WEIGHTS_FILE).is_file()

@@ -4,8 +4,9 @@
   16@8×8 stride 2 (zero padding 2), MaxPool 2 stride 1, Conv 32@4×4 stride 2, MaxPool 2 stride 1, Dense 32,
   Dense 10, tanh throughout (the TF Privacy tutorial CNN up to the first padding: 2 instead of 'same').
 * `scatter_linear`: ScatterNet features [7, 7, 81] → GroupNorm(27 groups, no affine) → Dense 10.
-* `scatter_cnn` / `scatter_cnn_wide`: the features → GroupNorm(27, no affine) → Conv c1@3×3 stride 2
-  'same' → Conv c2@3×3 'same' → Dense 32 → Dense 10, tanh; (c1, c2) = (16, 32) or (32, 64).
+* `scatter_cnn` / `scatter_cnn_wide` / `scatter_cnn_wider`: the features → GroupNorm(27, no affine) → Conv
+  c1@3×3 stride 2 'same' → Conv c2@3×3 'same' → Dense 32 → Dense 10, tanh; (c1, c2) = (16, 32), (32, 64)
+  or (64, 128).
 
 ScatterNet models take precomputed scattering features as input (`features.prepare`): the transform is
 weightless and stays outside the gradient tape. GroupNorm without γ, β normalises each example by its own
@@ -22,7 +23,7 @@ from dpsgd_cli.training.scattering import ScatteringParams
 
 NUM_CLASSES = 10
 GROUPS = 27  # Tramèr & Boneh's GroupNorm groups over the 81 scattering channels
-WIDTHS = {"scatter_cnn": (16, 32), "scatter_cnn_wide": (32, 64)}
+WIDTHS = {"scatter_cnn": (16, 32), "scatter_cnn_wide": (32, 64), "scatter_cnn_wider": (64, 128)}
 
 
 def input_shape(architecture: str) -> tuple[int, int, int]:
