@@ -74,16 +74,21 @@ def test_missing_directory(tmp_path):
         load_dataset("mnist", tmp_path / "nope")
 
 
-def test_validation_split_holds_out_the_last_training_examples(data_dir, tmp_path):
+def test_validation_split_holds_out_the_last_training_examples(tmp_path):
     from dpsgd_cli.training.data import write_validation_split
 
+    rng = np.random.default_rng(4)  # a small dataset of its own: writing 60 000 real images takes ~15 s
+    data_dir = tmp_path / "idx"
+    for split_name, n in (("train", 400), ("test", 50)):
+        write_idx(data_dir / "fashion_mnist", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8),
+                  rng.integers(0, 10, n).astype(np.uint8), split_name)
     full = load_dataset("fashion_mnist", data_dir)
-    write_validation_split(data_dir, tmp_path, "fashion_mnist", validation_size=100)
-    split = load_dataset("fashion_mnist", tmp_path)
+    write_validation_split(data_dir, tmp_path / "out", "fashion_mnist", validation_size=100)
+    split = load_dataset("fashion_mnist", tmp_path / "out")
     n = len(full.y_train) - 100
     np.testing.assert_array_equal(split.x_train, full.x_train[:n])
     np.testing.assert_array_equal(split.y_train, full.y_train[:n])
     np.testing.assert_array_equal(split.x_test, full.x_train[n:])  # evaluation on held-out training data
     np.testing.assert_array_equal(split.y_test, full.y_train[n:])
     with pytest.raises(DataError, match="validation_size"):
-        write_validation_split(data_dir, tmp_path, "fashion_mnist", validation_size=len(full.y_train))
+        write_validation_split(data_dir, tmp_path / "out", "fashion_mnist", validation_size=len(full.y_train))
