@@ -26,15 +26,22 @@ def test_best_config_targets_epsilon_3(name):
     assert cfg.privacy.noise_multiplier is None and cfg.data.sampling == "poisson"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", BEST)
-def test_best_config_runs_on_a_slice(name, data_dir, tmp_path, monkeypatch):
+def _run_on_a_slice(name, data_dir, tmp_path, monkeypatch, *extra):
+    """One epoch of configs/<name>.yaml on 1024 training and 200 test examples, features cached in tmp."""
     monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "cache"))
     cfg = load_config(CONFIGS / f"{name}.yaml", [
         f"data.data_dir={data_dir}", "data.train_size=1024", "data.test_size=200", "data.batch_size=256",
-        "training.physical_batch_size=128", "training.epochs=1", f"output_dir={tmp_path / 'results'}"])
+        "training.epochs=1", f"output_dir={tmp_path / 'results'}", *extra])
     result = runner.run(cfg)
     (record,) = result.records
+    return result, record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BEST)
+def test_best_config_runs_on_a_slice(name, data_dir, tmp_path, monkeypatch):
+    result, record = _run_on_a_slice(name, data_dir, tmp_path, monkeypatch,
+                                     "training.physical_batch_size=128")
     assert record["epsilon_pld"] == pytest.approx(3.0, rel=1e-3)  # σ calibrated for this run's length
     assert math.isfinite(record["epsilon_rdp"]) and record["epsilon_rdp"] > record["epsilon_pld"]
     assert 0.0 <= record["test_accuracy"] <= 1.0 and result.noise_multiplier > 0
@@ -54,11 +61,6 @@ def test_twin_differs_from_its_best_config_only_in_privacy_and_learning_rate(twi
 @pytest.mark.slow
 @pytest.mark.parametrize("twin", TWINS)
 def test_twin_runs_on_a_slice(twin, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = load_config(CONFIGS / f"{twin}.yaml", [
-        f"data.data_dir={data_dir}", "data.train_size=1024", "data.test_size=200", "data.batch_size=256",
-        "training.epochs=1", f"output_dir={tmp_path / 'results'}"])
-    result = runner.run(cfg)
-    (record,) = result.records
+    result, record = _run_on_a_slice(twin, data_dir, tmp_path, monkeypatch)
     assert 0.0 <= record["test_accuracy"] <= 1.0 and math.isfinite(record["train_loss"])
     assert (result.run_dir / WEIGHTS_FILE).is_file()
