@@ -115,6 +115,18 @@ class WeightRule(LayerRule):
         raise NotImplementedError
 
 
+def _extra_variables(layer, allowed) -> bool:
+    """Whether `layer` trains variables other than `allowed` (which a rule's per-unit terms would miss)."""
+    return not {id(v) for v in layer.trainable_variables} <= {id(v) for v in allowed if v is not None}
+
+
+def _norm_axes(layer) -> list[int]:
+    """A normalisation layer's `axis` as sorted non-negative input axes (batch = 0)."""
+    rank = len(layer.input.shape)
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return sorted(a % rank for a in axes)
+
+
 class KernelRule(WeightRule):
     """Dense and Conv2D: z = op(input, kernel) + bias. A unit's kernel gradient is A_u·D_u with A_u
     [p, T] its inputs (Conv2D: patches) and D_u [T, c] its dz / k; its bias gradient Σ_T D_u."""
@@ -124,8 +136,7 @@ class KernelRule(WeightRule):
             return "LoRA or quantization"
         if layer.compute_dtype != "float32":
             return f"compute dtype {layer.compute_dtype}"
-        expected = {id(layer.kernel)} | ({id(layer.bias)} if layer.use_bias else set())
-        if not {id(v) for v in layer.trainable_variables} <= expected:
+        if _extra_variables(layer, (layer.kernel, layer.bias if layer.use_bias else None)):
             return "extra trainable variables"
         return None
 
@@ -255,8 +266,7 @@ class PerExampleNormRule(LayerRule):
     """Group/Layer normalisation without γ, β: each example normalised by its own statistics."""
 
     def problem(self, layer):
-        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-        if 0 in [a % len(layer.input.shape) for a in axes]:
+        if 0 in _norm_axes(layer):
             return "normalises across examples (axis 0)"
         return super().problem(layer)
 
@@ -269,7 +279,7 @@ class AffineNormRule(WeightRule):
     axis, LayerNormalization's `rms_scaling`, GroupNormalization over an axis other than the last."""
 
     def problem(self, layer):
-        axes = self._axes(layer)
+        axes = _norm_axes(layer)
         if 0 in axes:
             return "normalises across examples (axis 0)"
         if getattr(layer, "rms_scaling", False):
@@ -278,19 +288,9 @@ class AffineNormRule(WeightRule):
             return "groups over an axis other than the last"
         if layer.compute_dtype != "float32":
             return f"compute dtype {layer.compute_dtype}"
-        affine = (getattr(layer, "gamma", None), getattr(layer, "beta", None))
-        expected = {id(v) for v in affine if v is not None}
-        if not {id(v) for v in layer.trainable_variables} <= expected:
+        if _extra_variables(layer, (getattr(layer, "gamma", None), getattr(layer, "beta", None))):
             return "extra trainable variables"
         return None
-
-    @staticmethod
-    def _axes(layer) -> list[int]:
-        """Input axes (batch = 0) that γ and β span: LayerNormalization's `axis`, GroupNormalization's
-        channel axis."""
-        rank = len(layer.input.shape)
-        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-        return sorted(a % rank for a in axes)
 
     def _normalised(self, layer, a: tf.Tensor) -> tf.Tensor:
         """x̂: zero mean, unit variance per example (and group) over the layer's axes, + epsilon."""
@@ -300,11 +300,11 @@ class AffineNormRule(WeightRule):
             axes = [i for i in range(1, grouped.shape.rank) if i != grouped.shape.rank - 2]
             mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
             return tf.reshape((grouped - mean) * tf.math.rsqrt(variance + layer.epsilon), [-1, *a.shape[1:]])
-        mean, variance = tf.nn.moments(a, axes=self._axes(layer), keepdims=True)
+        mean, variance = tf.nn.moments(a, axes=_norm_axes(layer), keepdims=True)
         return (a - mean) * tf.math.rsqrt(variance + layer.epsilon)
 
     def _broadcast(self, layer, v: tf.Variable, rank: int) -> tf.Tensor:
-        axes = self._axes(layer)
+        axes = _norm_axes(layer)
         return tf.reshape(v, [v.shape[axes.index(i)] if i in axes else 1 for i in range(rank)])
 
     def pre_activation(self, layer, a, choice):
@@ -317,7 +317,7 @@ class AffineNormRule(WeightRule):
         return z, x_hat
 
     def unit_terms(self, layer, a, x_hat, dz, units, k, choice, strategy="auto"):
-        rank, axes = dz.shape.rank, self._axes(layer)
+        rank, axes = dz.shape.rank, _norm_axes(layer)
         others = [i for i in range(1, rank) if i not in axes]
 
         def per_unit(t):  # Σ over the axes γ does not span, then over each unit's k examples, / k
@@ -349,7 +349,7 @@ class EmbeddingRule(WeightRule):
             return "mask_zero"
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             return "LoRA or quantization"
-        if {id(v) for v in layer.trainable_variables} - {id(layer.embeddings)}:
+        if _extra_variables(layer, (layer.embeddings,)):
             return "extra trainable variables"
         return None
 
