@@ -26,6 +26,8 @@ PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on 28×28 pixels (the others on
 ACTIVATIONS = ("relu", "tanh")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SAMPLINGS = ("poisson", "shuffle")
+# data.augmentation → views per example (augmentation multiplicity K)
+AUGMENTATIONS = {"none": 1, "mirror": 2}
 JIT_CHOICES = ("auto", True, False)
 GRADIENT_PATHS = ("auto", "fast", "vectorized_map")
 PLAN_CHOICES = {"forward": ("native", "patches", "slices"), "grads": ("materialize", "ghost", "depthwise")}
@@ -46,6 +48,7 @@ class DataConfig:
     sampling: str = "poisson"
     train_size: int | None = None
     test_size: int | None = None
+    augmentation: str = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,6 +314,7 @@ def validate(cfg: ExperimentConfig) -> None:
     d, m, t, p = cfg.data, cfg.model, cfg.training, cfg.privacy
     _choice("data.dataset", d.dataset, DATASETS)
     _choice("data.sampling", d.sampling, SAMPLINGS)
+    _choice("data.augmentation", d.augmentation, tuple(AUGMENTATIONS))
     _check(d.batch_size >= 1, f"data.batch_size: must be ≥ 1, got {d.batch_size}")
     for key in ("train_size", "test_size"):
         size = getattr(d, key)
@@ -413,6 +417,12 @@ def microbatch_size(cfg: ExperimentConfig) -> int:
     """Examples per clipped unit: 1 for per-example clipping, batch_size / num_microbatches otherwise."""
     m = cfg.privacy.num_microbatches
     return 1 if m is None else cfg.data.batch_size // m
+
+
+def views_per_example(cfg: ExperimentConfig) -> int:
+    """K of augmentation multiplicity: model inputs per training example, all in that example's one clipped
+    unit (1 without `data.augmentation`)."""
+    return AUGMENTATIONS[cfg.data.augmentation]
 
 
 def resolved_data_dir(cfg: ExperimentConfig) -> str | None:

@@ -299,3 +299,13 @@ def test_commands_import_neither_tensorflow_nor_what_they_do_not_need(args, need
     assert loaded["tensorflow"] is False and loaded["keras"] is False
     if not needs_pld:
         assert loaded["dp_accounting.pld"] is False and loaded["scipy.signal"] is False
+
+
+def test_config_with_augmentation_multiplicity_keeps_sigma_and_says_so():
+    config = ROOT / "configs" / "mnist_tutorial.yaml"
+    plain = run_json("epsilon", "--config", config, "--accountant", "all")
+    views = run_json("epsilon", "--config", config, "--accountant", "all",
+                     "--set", "data.augmentation=mirror")
+    assert views["epsilon_rdp"] == plain["epsilon_rdp"] and views["epsilon_pld"] == plain["epsilon_pld"]
+    assert views["accounting_noise_multiplier"] == plain["accounting_noise_multiplier"] == 1.1
+    assert "2 augmented views" in views["statement"] and "augmented" not in plain["statement"]

@@ -41,6 +41,7 @@ class PrivacyQuestion:
     source: str  # "options" or "config"
     target_epsilon: float | None = None  # set when σ was calibrated from a config's target ε
     randomness: str | None = None  # a config's: "secret" or "reproducible" (privacy_statement.PrivacyFacts)
+    views: int = 1  # a config's augmentation multiplicity K (one clipped unit per example)
 
     @property
     def accounting_sigma(self) -> float:
@@ -199,7 +200,7 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
 
 def resolve_config(config: Path, overrides: list[str] | None) -> PrivacyQuestion:
     """The privacy setting of an experiment file, from `privacy_plan.plan_privacy` as `dpsgd train` uses."""
-    from dpsgd_cli.config import dataset_size, load_config
+    from dpsgd_cli.config import dataset_size, load_config, views_per_example
     from dpsgd_cli.privacy.plan import plan_privacy
 
     cfg = load_config(config, overrides)
@@ -215,7 +216,7 @@ def resolve_config(config: Path, overrides: list[str] | None) -> PrivacyQuestion
                    sampling=cfg.data.sampling, batch_size=cfg.data.batch_size, dataset_size=n,
                    epochs=float(cfg.training.epochs), l2_norm_clip=p.l2_norm_clip, source="config",
                    target_epsilon=p.target_epsilon if p.noise_multiplier is None else None,
-                   randomness="reproducible" if p.reproducible else "secret")
+                   randomness="reproducible" if p.reproducible else "secret", views=views_per_example(cfg))
 
 
 def answer_statement(s: PrivacyQuestion, sigma: float, eps: dict[str, float]) -> str:
@@ -224,7 +225,7 @@ def answer_statement(s: PrivacyQuestion, sigma: float, eps: dict[str, float]) ->
         accounting_noise_multiplier=accounting.accounting_noise_multiplier(sigma, s.microbatch_size),
         l2_norm_clip=s.l2_norm_clip, sampling_rate=s.sampling_rate, steps=s.steps, delta=s.delta,
         sampling=s.sampling, microbatch_size=s.microbatch_size, epsilon_rdp=eps.get("rdp"),
-        epsilon_pld=eps.get("pld"), source=s.source, randomness=s.randomness))
+        epsilon_pld=eps.get("pld"), source=s.source, randomness=s.randomness, views=s.views))
 
 
 def describe_question(s: PrivacyQuestion, sigma: float) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class PrivacyFacts:
     key_location: str = "the run's run.key"
     reproducible_from: str | None = None  # where a reproducible key came from; None = the CLI's wording
     coverage: str | None = None  # which outputs the guarantee covers (a run's); None = COVERAGE
+    views: int = 1  # augmentation multiplicity K: an example's K views share its one clipped unit
 
 
 def _fmt(eps: float) -> str:
@@ -64,6 +65,9 @@ def privacy_statement(f: PrivacyFacts) -> str:
     if f.microbatch_size > 1:
         parts.append(f"Microbatches of {f.microbatch_size} examples double the sensitivity, so it is "
                      f"accounted with σ/2 = {f.accounting_noise_multiplier:g}.")
+    if f.views > 1:
+        parts.append(f"Each example was trained as {f.views} augmented views whose mean-loss gradient is "
+                     "clipped as one unit, so one example still moves the sum by at most C (σ unchanged).")
     if f.sampling == "shuffle":
         who = {"run": "The run used", "config": "The config uses"}.get(f.source, "You asked about")
         parts.append(f"{who} shuffled fixed-size batches, for which the Poisson analysis is an optimistic "

@@ -40,6 +40,9 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    # [N, K, *input]: the model inputs of each training example's K views (augmentation multiplicity,
+    # `augmentation.with_views`; view 0 is x_train's row), or None: one view, x_train itself
+    train_views: np.ndarray | None = None
 
 
 def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,

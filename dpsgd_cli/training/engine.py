@@ -167,6 +167,7 @@ class StepSettings:
     microbatch_size: int
     denominator: float
     jit_compile: bool
+    views: int = 1  # K: inputs per example (augmentation multiplicity), all in the example's one unit
 
     def dp_event(self, sampling_rate: float):
         """The dp-accounting event of one step of this mechanism, from the very σ and microbatch size the
@@ -230,22 +231,36 @@ def make_gradient_sum(model: keras.Model, settings: StepSettings, grad_sum_fn: G
                       forward_fn=None, *, loss_fn: LossFn = per_example_loss):
     """`gradient_sum(x, y, mask) -> (sums, per-example loss, logits)`: the clipped, masked sums of the
     per-unit gradients (`grad_sum_fn`, default `vmap_clipped_gradient_sum`) when `settings.private`, else
-    the plain gradient of the masked loss sum (through `forward_fn` when given). No noise, no division."""
+    the plain gradient of the masked loss sum (through `forward_fn` when given). No noise, no division.
+
+    With `settings.views` K > 1, x is [slots, K, *input]: each example's loss is the mean of its K views'
+    losses and its K views form one clipped unit (K·microbatch_size consecutive rows), so one example
+    still moves the sum by at most C. The per-example loss is then that mean, the logits view 0's."""
     variables = model.trainable_variables
     grad_sum_fn = grad_sum_fn or vmap_clipped_gradient_sum
-    s = settings
+    s, k = settings, settings.views
 
     def private_sum(x, y, mask):
-        return grad_sum_fn(model, x, y, mask, s.l2_norm_clip, s.microbatch_size, loss_fn=loss_fn)
+        return grad_sum_fn(model, x, y, mask, s.l2_norm_clip, s.microbatch_size * k, loss_fn=loss_fn)
 
     def plain_sum(x, y, mask):
         with tf.GradientTape() as tape:
             logits = forward_fn(model, x, tape) if forward_fn else model(x, training=True)
             losses = loss_fn(logits, y)
-            total = tf.reduce_sum(losses * mask)
+            total = tf.reduce_sum(losses * mask) / k
         return tape.gradient(total, variables), losses, logits
 
-    return private_sum if s.private else plain_sum
+    inner = private_sum if s.private else plain_sum
+    if k == 1:
+        return inner
+
+    def views_sum(x, y, mask):
+        rows = tf.reshape(x, [-1, *x.shape[2:]])  # example-major: the K views of one example are adjacent
+        sums, losses, logits = inner(rows, tf.repeat(y, k, axis=0), tf.repeat(mask, k, axis=0))
+        return (sums, tf.reduce_mean(tf.reshape(losses, [-1, k]), axis=1),
+                tf.reshape(logits, [-1, k, *logits.shape[1:]])[:, 0])
+
+    return views_sum
 
 
 def noisy_gradients(variables, settings: StepSettings, sums, extra_sums, noise_seed) -> list[tf.Tensor]:

@@ -82,20 +82,26 @@ def prepare(dataset: Dataset, architecture: str, folder: Path | None = None,
     entry of the real training images is found again."""
     if not needs_features(architecture):
         return dataset
+    x_train = model_inputs(dataset.x_train, architecture, folder, uncached_tail)
+    x_test = model_inputs(dataset.x_test, architecture, folder)
+    return dataclasses.replace(dataset, x_train=x_train, x_test=x_test)
+
+
+def model_inputs(images: np.ndarray, architecture: str, folder: Path | None = None,
+                 uncached_tail: int = 0) -> np.ndarray:
+    """What the model of `architecture` sees for `images`: their features (cached, but for the last
+    `uncached_tail` rows), or the images themselves for a model without a feature transform."""
+    if not needs_features(architecture):
+        return images
     from dpsgd_cli.training import scattering
 
     params = scattering.ScatteringParams()
-    transform = params.describe()
-
-    def features(images: np.ndarray) -> np.ndarray:
-        return cached(images, transform, lambda x: scattering.scattering(x, params), params.output_shape,
-                      folder)
-
-    n = len(dataset.x_train) - uncached_tail
-    x_train = features(dataset.x_train[:n])
+    n = len(images) - uncached_tail
+    out = cached(images[:n], params.describe(), lambda x: scattering.scattering(x, params),
+                 params.output_shape, folder)
     if uncached_tail:
-        x_train = np.concatenate([x_train, transform_images(dataset.x_train[n:], architecture)])
-    return dataclasses.replace(dataset, x_train=x_train, x_test=features(dataset.x_test))
+        out = np.concatenate([out, transform_images(images[n:], architecture)])
+    return out
 
 
 def transform_images(images: np.ndarray, architecture: str) -> np.ndarray:

@@ -35,7 +35,7 @@ from dpsgd_cli.runs.run_dir import (
     check_run_dir,
     prepare_run_dir,
 )
-from dpsgd_cli.training import distribute, features
+from dpsgd_cli.training import augmentation, distribute, features
 from dpsgd_cli.training.data import data_fingerprint, load_dataset
 from dpsgd_cli.training.sampling import steps_after_epochs
 from dpsgd_cli.training.trainer import StepCallback, Trainer, library_versions
@@ -108,9 +108,11 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         write_yaml(_run_document(cfg, plan, None, "running", None), run_dir / RUN_FILE)
     if canary_set is not None:  # deterministic in (seed, key): a resumed run writes the same file again
         canaries.save_canaries(canary_set, run_dir)
+    tail = len(dataset.y_train) - real_examples  # the canaries: their features are not cached
+    dataset = augmentation.with_views(dataset, cfg.data.augmentation, cfg.model.architecture,
+                                      uncached_tail=tail)
     if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features (issue 15)
-        dataset = features.prepare(dataset, cfg.model.architecture,
-                                   uncached_tail=len(dataset.y_train) - real_examples)
+        dataset = features.prepare(dataset, cfg.model.architecture, uncached_tail=tail)
     trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:

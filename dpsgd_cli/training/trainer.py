@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dpsgd_cli import __version__
-from dpsgd_cli.config import ExperimentConfig
+from dpsgd_cli.config import ExperimentConfig, views_per_example
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.plan import PrivacyPlan
@@ -99,9 +99,10 @@ class Trainer:
                                                    recipes.learning_rate(cfg, plan.total_steps),
                                                    cfg.training.momentum, **recipes.optimizer_options(cfg))
         private = cfg.privacy.enabled
+        views = views_per_example(cfg)  # the step's model sees K rows per example
         self.step_plan = planner.plan_step(
-            plain, capacity=self.sampler.capacity // replicas,
-            private=private, microbatch_size=plan.microbatch_size,
+            plain, capacity=self.sampler.capacity // replicas * views,
+            private=private, microbatch_size=plan.microbatch_size * views,
             jit_compile=cfg.training.jit_compile, gradient_path=cfg.training.gradient_path,
             formulation=cfg.training.plan, chunk_size=cfg.training.chunk_size)
         grad_fn, forward_fn = self.step_plan.functions(private)
@@ -109,9 +110,15 @@ class Trainer:
         settings = engine.StepSettings(
             private=private, noise_multiplier=plan.noise_multiplier, l2_norm_clip=cfg.privacy.l2_norm_clip,
             microbatch_size=plan.microbatch_size,
-            denominator=float(cfg.data.batch_size // plan.microbatch_size), jit_compile=self.jit_compile)
-        # the training set stays on the device; the step gathers its batch from the sampler's indices
-        on_device = (tf.constant(dataset.x_train), tf.constant(dataset.y_train))
+            denominator=float(cfg.data.batch_size // plan.microbatch_size), jit_compile=self.jit_compile,
+            views=views)
+        # the training set (each example's K views) stays on the device; the step gathers its batch from
+        # the sampler's indices
+        x_train = dataset.x_train if views == 1 else dataset.train_views
+        if x_train is None or (views > 1 and x_train.shape[:2] != (len(dataset.y_train), views)):
+            raise TrainingError(f"data.augmentation: {cfg.data.augmentation} needs the training set's "
+                                f"{views} views per example (augmentation.with_views)")
+        on_device = (tf.constant(x_train), tf.constant(dataset.y_train))
         if self.distribution:
             self.step_fn, self.chunk_fn = distribute.make_distributed_step(
                 self.distribution, self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
@@ -245,7 +252,7 @@ class Trainer:
             steps=self.ledger.steps, delta=self.cfg.privacy.delta, sampling=self.cfg.data.sampling,
             microbatch_size=self.plan.microbatch_size,
             epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"),
-            randomness=self.key.mode)
+            randomness=self.key.mode, views=views_per_example(self.cfg))
 
     def snapshot(self, epoch: int, records: list[EpochRecord], elapsed: float) -> checkpoint.Checkpoint:
         """The checkpoint after `epoch`; TrainingError if the weights or the test loss are not finite (a
