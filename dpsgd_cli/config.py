@@ -364,6 +364,9 @@ def _validate_distribute(dist: DistributeConfig, p: PrivacyConfig, d: DataConfig
     _check(dist.strategy != "none" or (devices is None and dist.cpu_devices is None),
            "distribute.strategy: is none, so distribute.devices and distribute.cpu_devices must be null; "
            "choose mirrored or multi_worker")
+    _check(d.augmentation == "none" or dist.strategy == "none",
+           f"data.augmentation: {d.augmentation} is not supported with distribute.strategy: "
+           f"{dist.strategy} yet (views are tested on one device only); use none, or strategy none")
     m = p.num_microbatches
     if m is not None and devices:
         _check(m % len(devices) == 0, f"privacy.num_microbatches: {m} must be divisible by the number of "

@@ -131,6 +131,9 @@ def test_augmentation_config():
     with pytest.raises(ConfigError, match=r"data\.augmentation: 'flip' is not allowed; choose one of: none, "
                                           r"mirror"):
         load_config(None, [sigma, "data.augmentation=flip"])
+    with pytest.raises(ConfigError, match=r"data\.augmentation: mirror is not supported with "
+                                          r"distribute\.strategy: mirrored yet"):
+        load_config(None, [sigma, "data.augmentation=mirror", "distribute.strategy=mirrored"])
 
 
 @pytest.mark.slow
