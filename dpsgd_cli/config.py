@@ -24,6 +24,7 @@ ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_cnn", "scatte
                  "scatter_cnn_wider")
 PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on 28×28 pixels (the others on scattering features)
 ACTIVATIONS = ("relu", "tanh")
+FEATURE_NORMS = ("group_norm", "private_stats")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SAMPLINGS = ("poisson", "shuffle")
 # data.augmentation → views per example (augmentation multiplicity K)
@@ -57,13 +58,17 @@ class ModelConfig:
     called as `function(input_shape=(28, 28, 1), num_classes=10)` that returns an un-compiled Keras model
     whose outputs are logits; when given, it replaces `architecture` and `activation`.
     `input_mean`, `input_std`: the pixel models (`tfp_cnn`, `tanh_cnn`) see (x − mean) / std instead of the
-    pixels x in [0, 1] (a weightless first layer; the defaults 0, 1 leave the model as it is)."""
+    pixels x in [0, 1] (a weightless first layer; the defaults 0, 1 leave the model as it is).
+    `feature_norm`: how the ScatterNet models normalise their features — `group_norm` (GroupNorm, 27 groups,
+    per example) or `private_stats` (per-channel mean and variance of the training set, released with
+    noise before training and composed into ε; `training.feature_norm`)."""
 
     architecture: str = "tfp_cnn"
     activation: str = "relu"
     builder: str | None = None
     input_mean: float = 0.0
     input_std: float = 1.0
+    feature_norm: str = "group_norm"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +114,10 @@ class PrivacyConfig:
     delta: float = 1e-5
     canaries: int = 0
     reproducible: bool = False
+    # model.feature_norm: private_stats — the release of the features' per-channel statistics
+    feature_norm_noise_multiplier: float = 8.0
+    feature_norm_clip_mean: float = 0.3
+    feature_norm_clip_square: float = 0.15
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,6 +341,11 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(m.builder is None and m.architecture in PIXEL_ARCHITECTURES,
                "model.input_mean, model.input_std: only for the pixel models "
                f"({', '.join(PIXEL_ARCHITECTURES)}), not for a builder or scattering features")
+    _choice("model.feature_norm", m.feature_norm, FEATURE_NORMS)
+    pixel_or_builder = m.builder is not None or m.architecture in PIXEL_ARCHITECTURES
+    _check(m.feature_norm == "group_norm" or not pixel_or_builder,
+           "model.feature_norm: private_stats is only for the ScatterNet models (scatter_*), not for the "
+           "pixel models or a builder")
     _check(t.epochs >= 1, f"training.epochs: must be ≥ 1, got {t.epochs}")
     _choice("training.optimizer", t.optimizer, OPTIMIZERS)
     _choice("training.gradient_path", t.gradient_path, GRADIENT_PATHS)
@@ -395,6 +409,10 @@ def _validate_privacy(p: PrivacyConfig, d: DataConfig) -> None:
     _check(math.isfinite(p.l2_norm_clip) or not p.noise_multiplier,
            "privacy.l2_norm_clip: must be finite when noise_multiplier > 0 (the noise std is σ·C)")
     _check(p.canaries >= 0, f"privacy.canaries: must be ≥ 0, got {p.canaries}")
+    _check(0 < p.feature_norm_noise_multiplier < math.inf,
+           f"privacy.feature_norm_noise_multiplier: must be > 0, got {p.feature_norm_noise_multiplier}")
+    for key in ("feature_norm_clip_mean", "feature_norm_clip_square"):
+        _check(0 < getattr(p, key) < math.inf, f"privacy.{key}: must be > 0, got {getattr(p, key)}")
     _check(p.canaries == 0 or d.sampling == "poisson",
            "privacy.canaries: the canary audit needs data.sampling: poisson (each canary may join any step)")
     if p.noise_multiplier is not None:
@@ -420,6 +438,20 @@ def microbatch_size(cfg: ExperimentConfig) -> int:
     """Examples per clipped unit: 1 for per-example clipping, batch_size / num_microbatches otherwise."""
     m = cfg.privacy.num_microbatches
     return 1 if m is None else cfg.data.batch_size // m
+
+
+def feature_releases(cfg: ExperimentConfig) -> tuple[float, ...]:
+    """Noise multipliers of the full-batch Gaussian mechanisms a private run releases before training
+    (composed with its DP-SGD steps into ε): the two feature statistics of `model.feature_norm:
+    private_stats`, else none."""
+    if cfg.privacy.enabled and cfg.model.feature_norm == "private_stats":
+        return (cfg.privacy.feature_norm_noise_multiplier,) * 2
+    return ()
+
+
+def release_bounds(cfg: ExperimentConfig) -> tuple[float, float]:
+    """The L2 bounds of the two feature-statistics releases (per-channel mean, mean square)."""
+    return cfg.privacy.feature_norm_clip_mean, cfg.privacy.feature_norm_clip_square
 
 
 def views_per_example(cfg: ExperimentConfig) -> int:

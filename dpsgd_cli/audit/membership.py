@@ -101,6 +101,17 @@ def load_model(run: _Run):
     return model
 
 
+def model_inputs(run: _Run, x: np.ndarray) -> np.ndarray:
+    """`x` (images or their features) as the run's model saw them: normalised by the statistics a
+    `model.feature_norm: private_stats` run released (run.yaml, resolved.feature_norm), else as is."""
+    stats = (run.doc.get("resolved") or {}).get("feature_norm")
+    if not stats:
+        return x
+    from dpsgd_cli.training.feature_norm import normalize
+
+    return normalize(x, np.asarray(stats["mean"], np.float32), np.asarray(stats["variance"], np.float32))
+
+
 def per_example_losses(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Softmax cross-entropy of each example under `model` (inference mode), float64 [N]."""
     from dpsgd_cli.training.engine import per_example_loss
@@ -125,13 +136,13 @@ def membership_split(run: _Run, canary_set: CanarySet | None, data_dir: str | No
                               "--data-dir at the data the run used")
         keep[source] = False
     full = features.prepare(full, cfg.model.architecture)  # ScatterNet models score features (cached)
-    x_in, y_in = full.x_train[:n_real][keep], full.y_train[:n_real][keep]
+    x_in, y_in = model_inputs(run, full.x_train[:n_real][keep]), full.y_train[:n_real][keep]
     rest = len(full.y_train) - n_real
     if rest > 0:
         stop = n_real + min(rest, len(y_in))
-        return x_in, y_in, full.x_train[n_real:stop], full.y_train[n_real:stop], (
+        return x_in, y_in, model_inputs(run, full.x_train[n_real:stop]), full.y_train[n_real:stop], (
             f"training split examples {n_real}..{stop - 1} (not in the run)")
-    return x_in, y_in, full.x_test, full.y_test, "test split"
+    return x_in, y_in, model_inputs(run, full.x_test), full.y_test, "test split"
 
 
 def _check_dataset_size(run: _Run, n_real: int, canary_set: CanarySet | None) -> None:
@@ -167,7 +178,7 @@ def audit_run(run_dir: Path, *, confidence: float = 0.95, data_dir: str | None =
                                                         run.cfg.seed)
     canary_scores = None
     if canary_set is not None:
-        canary_x = features.transform_images(canary_set.x, run.cfg.model.architecture)
+        canary_x = model_inputs(run, features.transform_images(canary_set.x, run.cfg.model.architecture))
         canary_scores = -per_example_losses(model, canary_x, canary_set.y)
         summary["canary_audit"] = _canary_audit(canary_scores, canary_set.included, delta, confidence,
                                                 guess_fraction)

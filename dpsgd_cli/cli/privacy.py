@@ -138,7 +138,7 @@ def epsilon(
     points = s.epoch_points() if per_epoch else [(s.epochs, s.steps)]
     try:
         curves = {a: accounting.epsilon_curve(s.accounting_sigma, s.sampling_rate, [k for _, k in points],
-                                              s.delta, a) for a in accountants}
+                                              s.delta, a, s.releases) for a in accountants}
     except AccountingInputError as exc:  # e.g. σ out of range, or too small for the PLD accountant
         raise s.option_error(exc) from None
     final = {a: curve[-1] for a, curve in curves.items()}

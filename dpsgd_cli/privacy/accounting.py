@@ -180,6 +180,46 @@ def _rdp_epsilons(noise_multiplier: float, sampling_rate: float, steps: Sequence
     return [found[k] for k in steps]
 
 
+def _release_events(releases: Sequence[float]) -> list:
+    return [dp_module("dp_event").GaussianDpEvent(r) for r in releases]
+
+
+@functools.lru_cache(maxsize=8)
+def _rdp_of_releases(releases: tuple[float, ...]):
+    """(orders, RDP) of full-batch Gaussian releases by dp-accounting's RdpAccountant (the orders are
+    `_rdp_of_one_step`'s: both use the accountant's defaults)."""
+    import numpy as np
+
+    acc = make_accountant("rdp")
+    acc.compose(dp_module("dp_event").ComposedDpEvent(_release_events(releases)))
+    return np.array(acc._orders), np.array(acc._rdp, dtype=np.float64)
+
+
+def _epsilons_with_releases(noise_multiplier: float, sampling_rate: float, steps: Sequence[int], delta: float,
+                            accountant: str, releases: tuple[float, ...]) -> list[float]:
+    """ε after each entry of `steps` of DP-SGD composed with the full-batch Gaussian `releases` made before
+    it. RDP: the releases' RDP added to k steps' (as RdpAccountant.compose adds them); PLD: dp-accounting's
+    PLDAccountant on the ComposedDpEvent, directly (slower than `PldComposer`, exact by construction)."""
+    events = dp_module("dp_event")
+    found: dict[int, float] = {}
+    for k in sorted(set(steps)):
+        if noise_multiplier == 0 and k > 0:
+            found[k] = math.inf
+        elif accountant == "rdp":
+            orders, total = _rdp_of_releases(releases)
+            if k:
+                step_orders, per_step = _rdp_of_one_step(noise_multiplier, sampling_rate)
+                assert list(step_orders) == list(orders)
+                total = total + k * per_step
+            found[k] = float(dp_module("rdp").compute_epsilon(orders, total, delta)[0])
+        else:
+            parts = _release_events(releases)
+            if k:
+                parts.append(events.SelfComposedDpEvent(step_event(noise_multiplier, sampling_rate), k))
+            found[k] = float(make_accountant("pld").compose(events.ComposedDpEvent(parts)).get_epsilon(delta))
+    return [found[k] for k in steps]
+
+
 def _pld_epsilons(noise_multiplier: float, sampling_rate: float, steps: Sequence[int],
                   delta: float) -> list[float]:
     composer = pld_composer(noise_multiplier, sampling_rate)
@@ -200,10 +240,12 @@ def _pld_epsilons(noise_multiplier: float, sampling_rate: float, steps: Sequence
 
 
 def epsilon_curve(noise_multiplier: float, sampling_rate: float, steps: Sequence[int], delta: float,
-                  accountant: str = "rdp") -> list[float]:
+                  accountant: str = "rdp", releases: Sequence[float] = ()) -> list[float]:
     """ε after each number of steps in `steps` (best in increasing order), at δ; σ is the accounting σ.
 
-    inf when σ = 0, 0 at 0 steps."""
+    `releases`: noise multipliers of full-batch Gaussian mechanisms (sensitivity 1 in units of their
+    noise) run once before training (e.g. `feature_norm`), composed with the steps.
+    inf when σ = 0, 0 at 0 steps (the releases' ε when there are any)."""
     check_args(noise_multiplier, sampling_rate, delta)
     check_accountant(accountant)
     steps = [int(k) for k in steps]
@@ -213,6 +255,9 @@ def epsilon_curve(noise_multiplier: float, sampling_rate: float, steps: Sequence
         check_pld_delta(delta)
     if not steps:
         return []
+    if releases:
+        return _epsilons_with_releases(noise_multiplier, sampling_rate, steps, delta, accountant,
+                                       tuple(float(r) for r in releases))
     if noise_multiplier == 0:
         return [0.0 if k == 0 else math.inf for k in steps]
     if accountant == "rdp":
@@ -223,9 +268,10 @@ def epsilon_curve(noise_multiplier: float, sampling_rate: float, steps: Sequence
 
 
 def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-            accountant: str = "rdp") -> float:
-    """ε after `steps` steps at δ; inf when σ = 0, 0 when steps = 0."""
-    return epsilon_curve(noise_multiplier, sampling_rate, [steps], delta, accountant)[0]
+            accountant: str = "rdp", releases: Sequence[float] = ()) -> float:
+    """ε after `steps` steps at δ (composed with `releases`, see `epsilon_curve`); inf when σ = 0, 0 when
+    steps = 0 and there are no releases."""
+    return epsilon_curve(noise_multiplier, sampling_rate, [steps], delta, accountant, releases)[0]
 
 
 class PrivacyLedger:
@@ -237,8 +283,9 @@ class PrivacyLedger:
     """
 
     def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, releases: Sequence[float] = ()):
         check_args(noise_multiplier, sampling_rate, delta)
+        self.releases = tuple(float(r) for r in releases)  # full-batch Gaussians before the first step
         self.noise_multiplier = noise_multiplier
         self.sampling_rate = sampling_rate
         self.delta = delta
@@ -248,12 +295,13 @@ class PrivacyLedger:
         self._cache: dict[tuple[str, int], float] = {}
 
     @classmethod
-    def for_event(cls, event, delta: float, total_steps: int | None = None) -> PrivacyLedger:
+    def for_event(cls, event, delta: float, total_steps: int | None = None,
+                  releases: Sequence[float] = ()) -> PrivacyLedger:
         """A ledger that composes `event` (one step's `step_event`: a Gaussian, possibly Poisson-sampled)
-        once per `advance`d step."""
+        once per `advance`d step, after the full-batch Gaussian `releases` (see `epsilon_curve`)."""
         q = getattr(event, "sampling_probability", 1.0)
         gaussian = getattr(event, "event", event)
-        return cls(gaussian.noise_multiplier, q, delta, total_steps)
+        return cls(gaussian.noise_multiplier, q, delta, total_steps, releases)
 
     def advance(self, steps: int) -> None:
         """Account for `steps` more steps."""
@@ -264,6 +312,12 @@ class PrivacyLedger:
         """ε after the steps accounted so far, or after `steps` steps (e.g. to look one epoch ahead)."""
         check_accountant(accountant)
         steps = self.steps if steps is None else int(steps)
+        if self.releases:
+            key = (accountant, steps)
+            if key not in self._cache:
+                self._cache[key] = epsilon(self.noise_multiplier, self.sampling_rate, steps, self.delta,
+                                           accountant, self.releases)
+            return self._cache[key]
         if steps == 0:
             return 0.0
         if self.noise_multiplier == 0:

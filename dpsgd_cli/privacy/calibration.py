@@ -24,14 +24,17 @@ CALIBRATION_RTOL = 1e-5  # calibrated σ is within this relative distance above 
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
-                               accountant: str = "rdp", microbatch_size: int = 1) -> float:
+                               accountant: str = "rdp", microbatch_size: int = 1,
+                               releases: tuple[float, ...] = ()) -> float:
     """Smallest σ (the one training uses) whose ε after `steps` steps at δ is ≤ `target_epsilon`.
 
     The returned σ has ε ≤ the target as `accounting.epsilon` computes it, and is within CALIBRATION_RTOL
     relative above the smallest such σ. PLD is bracketed by the RDP answer (PLD's ε is the tighter bound,
     so its σ is usually smaller). For microbatches of > 1 example the accountant sees σ/2, so the returned
-    σ is twice the accounting σ. AccountingInputError (a ValueError naming the input) for inputs the
-    accountants do not take and for targets no σ they take can meet.
+    σ is twice the accounting σ. `releases`: full-batch Gaussian mechanisms composed with the steps (see
+    `accounting.epsilon_curve`); what they spend is not left for the steps. AccountingInputError (a
+    ValueError naming the input) for inputs the accountants do not take and for targets no σ they take can
+    meet.
     """
     accounting.check_args(1.0, sampling_rate, delta)
     accounting.check_accountant(accountant)
@@ -43,23 +46,34 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rat
     if accountant == "pld":
         accounting.check_pld_delta(delta)
     factor = 2.0 if microbatch_size > 1 else 1.0
-    sigma = _calibrate(float(target_epsilon), float(delta), float(sampling_rate), int(steps), accountant)
+    releases = tuple(float(r) for r in releases)
+    if releases:
+        alone = accounting.epsilon(1.0, sampling_rate, 0, delta, accountant, releases)
+        if alone >= target_epsilon:
+            raise AccountingInputError(
+                f"ε = {target_epsilon:g} is spent before training: the releases made before it (noise "
+                f"multipliers {', '.join(f'{r:g}' for r in releases)}) already cost ε = {alone:.3g}; allow a "
+                "larger ε or add noise to the releases", "target_epsilon")
+    sigma = _calibrate(float(target_epsilon), float(delta), float(sampling_rate), int(steps), accountant,
+                       releases)
     return sigma * factor
 
 
 @functools.lru_cache(maxsize=32)
 def _calibrate(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
-               accountant: str) -> float:
-    sigma = _calibrate_one("rdp", target_epsilon, delta, sampling_rate, steps, guess=1.0, first_step=2.0)
+               accountant: str, releases: tuple[float, ...] = ()) -> float:
+    sigma = _calibrate_one("rdp", target_epsilon, delta, sampling_rate, steps, guess=1.0, first_step=2.0,
+                           releases=releases)
     if accountant == "pld":  # PLD needs less noise than RDP, usually 80-95%: first look just below it
         sigma = _calibrate_one("pld", target_epsilon, delta, sampling_rate, steps, guess=sigma,
-                               first_step=1 / 0.7)
+                               first_step=1 / 0.7, releases=releases)
     return sigma
 
 
 @functools.lru_cache(maxsize=256)
-def _epsilon_at(sigma: float, sampling_rate: float, steps: int, delta: float, accountant: str) -> float:
-    return accounting.epsilon(sigma, sampling_rate, steps, delta, accountant)
+def _epsilon_at(sigma: float, sampling_rate: float, steps: int, delta: float, accountant: str,
+                releases: tuple[float, ...] = ()) -> float:
+    return accounting.epsilon(sigma, sampling_rate, steps, delta, accountant, releases)
 
 
 class _EpsilonOfSigma:
@@ -67,9 +81,10 @@ class _EpsilonOfSigma:
     `compose` and `get_epsilon`: the "event" it composes is the accounting σ itself, and its ε is the
     cached `accounting.epsilon` at that σ."""
 
-    def __init__(self, accountant: str, sampling_rate: float, steps: int):
+    def __init__(self, accountant: str, sampling_rate: float, steps: int, releases: tuple[float, ...] = ()):
         self.ledger = dp_module("dp_event").NoOpDpEvent()
         self.accountant, self.sampling_rate, self.steps = accountant, sampling_rate, steps
+        self.releases = releases
         self.sigma = math.nan
 
     def compose(self, sigma: float) -> _EpsilonOfSigma:
@@ -77,20 +92,20 @@ class _EpsilonOfSigma:
         return self
 
     def get_epsilon(self, delta: float) -> float:
-        return _epsilon_at(self.sigma, self.sampling_rate, self.steps, delta, self.accountant)
+        return _epsilon_at(self.sigma, self.sampling_rate, self.steps, delta, self.accountant, self.releases)
 
 
 def _calibrate_one(accountant: str, target: float, delta: float, sampling_rate: float, steps: int, *,
-                   guess: float, first_step: float) -> float:
+                   guess: float, first_step: float, releases: tuple[float, ...] = ()) -> float:
     """Smallest σ with ε ≤ target by `accountant`: bracket, Brent's method, then nudged to be feasible."""
     def eps(sigma: float) -> float:
-        return _epsilon_at(sigma, sampling_rate, steps, delta, accountant)
+        return _epsilon_at(sigma, sampling_rate, steps, delta, accountant, releases)
 
     low, high = _bracket(eps, target, guess, first_step, accountant)
     calibration = dp_module("mechanism_calibration")
     try:
         sigma = float(calibration.calibrate_dp_mechanism(
-            lambda: _EpsilonOfSigma(accountant, sampling_rate, steps), lambda s: s, target, delta,
+            lambda: _EpsilonOfSigma(accountant, sampling_rate, steps, releases), lambda s: s, target, delta,
             bracket_interval=calibration.ExplicitBracketInterval(low, high), tol=CALIBRATION_RTOL / 4 * low))
     except ValueError as exc:  # calibrate_dp_mechanism re-raises errors inside brentq as ValueError
         if isinstance(exc.__cause__, AccountingInputError):

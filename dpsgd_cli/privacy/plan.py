@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpsgd_cli.config import ExperimentConfig, microbatch_size
+from dpsgd_cli.config import ExperimentConfig, feature_releases, microbatch_size
 from dpsgd_cli.errors import AccountingInputError, ConfigError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
@@ -24,7 +24,9 @@ CONFIG_KEYS = {"noise_multiplier": "privacy.noise_multiplier", "sampling_rate": 
 @dataclass(frozen=True)
 class PrivacyPlan:
     """The privacy parameters of a run, resolved before training starts. `dataset_size` is the n of
-    q = batch_size / n: the training examples plus all `privacy.canaries` (included or not)."""
+    q = batch_size / n: the training examples plus all `privacy.canaries` (included or not). `releases`: the
+    noise multipliers of full-batch Gaussian mechanisms run before training (`config.feature_releases`),
+    composed with the steps into ε."""
 
     noise_multiplier: float
     accounting_noise_multiplier: float
@@ -32,6 +34,7 @@ class PrivacyPlan:
     total_steps: int
     microbatch_size: int
     dataset_size: int
+    releases: tuple[float, ...] = ()
 
 
 def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
@@ -51,12 +54,13 @@ def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
         raise ConfigError(f"training.epochs: {epochs:,} epochs are {total:,} steps, more than the {limit:,} "
                           "the accountants take")
     k = microbatch_size(cfg)
+    releases = feature_releases(cfg)
     sigma = cfg.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
     target = cfg.privacy.target_epsilon
     try:
         if cfg.privacy.enabled and sigma is None:
             sigma = calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total, accountant="pld",
-                                               microbatch_size=k)
+                                               microbatch_size=k, releases=releases)
         if cfg.privacy.enabled:
             accounting.check_args(accounting.accounting_noise_multiplier(sigma, k), b / n, cfg.privacy.delta)
     except PldTooLargeError:  # only calibration uses the PLD accountant here
@@ -66,7 +70,7 @@ def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
     except AccountingInputError as exc:
         raise config_error(exc) from None
     sigma = 0.0 if sigma is None else sigma
-    return PrivacyPlan(sigma, accounting.accounting_noise_multiplier(sigma, k), b / n, total, k, n)
+    return PrivacyPlan(sigma, accounting.accounting_noise_multiplier(sigma, k), b / n, total, k, n, releases)
 
 
 def config_error(exc: AccountingInputError) -> ConfigError:

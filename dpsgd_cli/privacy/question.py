@@ -42,6 +42,8 @@ class PrivacyQuestion:
     target_epsilon: float | None = None  # set when σ was calibrated from a config's target ε
     randomness: str | None = None  # a config's: "secret" or "reproducible" (privacy_statement.PrivacyFacts)
     views: int = 1  # a config's augmentation multiplicity K (one clipped unit per example)
+    releases: tuple[float, ...] = ()  # a config's full-batch Gaussian releases before training (feature_norm)
+    release_bounds: tuple[float, ...] = ()
 
     @property
     def accounting_sigma(self) -> float:
@@ -200,7 +202,7 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
 
 def resolve_config(config: Path, overrides: list[str] | None) -> PrivacyQuestion:
     """The privacy setting of an experiment file, from `privacy_plan.plan_privacy` as `dpsgd train` uses."""
-    from dpsgd_cli.config import dataset_size, load_config, views_per_example
+    from dpsgd_cli.config import dataset_size, load_config, release_bounds, views_per_example
     from dpsgd_cli.privacy.plan import plan_privacy
 
     cfg = load_config(config, overrides)
@@ -216,7 +218,8 @@ def resolve_config(config: Path, overrides: list[str] | None) -> PrivacyQuestion
                    sampling=cfg.data.sampling, batch_size=cfg.data.batch_size, dataset_size=n,
                    epochs=float(cfg.training.epochs), l2_norm_clip=p.l2_norm_clip, source="config",
                    target_epsilon=p.target_epsilon if p.noise_multiplier is None else None,
-                   randomness="reproducible" if p.reproducible else "secret", views=views_per_example(cfg))
+                   randomness="reproducible" if p.reproducible else "secret", views=views_per_example(cfg),
+                   releases=plan.releases, release_bounds=release_bounds(cfg) if plan.releases else ())
 
 
 def answer_statement(s: PrivacyQuestion, sigma: float, eps: dict[str, float]) -> str:
@@ -225,7 +228,8 @@ def answer_statement(s: PrivacyQuestion, sigma: float, eps: dict[str, float]) ->
         accounting_noise_multiplier=accounting.accounting_noise_multiplier(sigma, s.microbatch_size),
         l2_norm_clip=s.l2_norm_clip, sampling_rate=s.sampling_rate, steps=s.steps, delta=s.delta,
         sampling=s.sampling, microbatch_size=s.microbatch_size, epsilon_rdp=eps.get("rdp"),
-        epsilon_pld=eps.get("pld"), source=s.source, randomness=s.randomness, views=s.views))
+        epsilon_pld=eps.get("pld"), source=s.source, randomness=s.randomness, views=s.views,
+        releases=s.releases, release_bounds=s.release_bounds))
 
 
 def describe_question(s: PrivacyQuestion, sigma: float) -> dict[str, Any]:
@@ -234,7 +238,7 @@ def describe_question(s: PrivacyQuestion, sigma: float) -> dict[str, Any]:
         "sampling_rate": s.sampling_rate, "batch_size": s.batch_size, "dataset_size": s.dataset_size,
         "noise_multiplier": sigma, "microbatch_size": s.microbatch_size,
         "accounting_noise_multiplier": accounting.accounting_noise_multiplier(sigma, s.microbatch_size),
-        "delta": s.delta, "source": s.source,
+        "delta": s.delta, "source": s.source, "releases": list(s.releases),
     }
 
 

@@ -38,6 +38,7 @@ KEY_BYTES = 16  # 128 bits
 MODES = ("secret", "reproducible")
 STREAM_SAMPLING = 1
 STREAM_CANARIES = 2
+STREAM_FEATURE_STATS = 3  # the noise of the feature-normalisation release (feature_norm)
 _HEADER = ("# dpsgd run key: SECRET. Never share or publish this file: whoever has it can subtract the\n"
            "# noise and see which examples each step used (then ε = ∞). `dpsgd export` leaves it out.\n")
 _DERIVATION = b"dpsgd reproducible run key v1\0"
@@ -73,7 +74,8 @@ class RunKey:
         return np.array([k0 ^ int(step), k1], dtype=np.int64)
 
     def generator(self, stream: int, *labels: int) -> np.random.Generator:
-        """A numpy generator for one stream (STREAM_SAMPLING, STREAM_CANARIES) and labels (e.g. epoch)."""
+        """A numpy generator for one stream (STREAM_SAMPLING, STREAM_CANARIES, STREAM_FEATURE_STATS) and
+        labels (e.g. epoch)."""
         return np.random.default_rng([int.from_bytes(self.material, "big"), stream, *labels])
 
 

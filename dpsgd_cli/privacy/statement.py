@@ -35,6 +35,9 @@ class PrivacyFacts:
     reproducible_from: str | None = None  # where a reproducible key came from; None = the CLI's wording
     coverage: str | None = None  # which outputs the guarantee covers (a run's); None = COVERAGE
     views: int = 1  # augmentation multiplicity K: an example's K views share its one clipped unit
+    # model.feature_norm: private_stats — noise multipliers and L2 bounds of the feature-statistics releases
+    releases: tuple[float, ...] = ()
+    release_bounds: tuple[float, ...] = ()
 
 
 def _fmt(eps: float) -> str:
@@ -65,6 +68,14 @@ def privacy_statement(f: PrivacyFacts) -> str:
     if f.microbatch_size > 1:
         parts.append(f"Microbatches of {f.microbatch_size} examples double the sensitivity, so it is "
                      f"accounted with σ/2 = {f.accounting_noise_multiplier:g}.")
+    if f.releases:
+        bounds = " and ".join(f"{b:g}" for b in f.release_bounds)
+        sigmas = (f"{f.releases[0]:g} each" if len(set(f.releases)) == 1
+                  else " and ".join(f"{r:g}" for r in f.releases))
+        parts.append(f"Before the first step, {len(f.releases)} Gaussian mechanisms with noise multiplier "
+                     f"{sigmas} on the whole training set released the "
+                     f"features' per-channel mean and mean square for normalisation (each example's clipped "
+                     f"to L2 norm ≤ {bounds}); ε composes them with the steps.")
     if f.views > 1:
         parts.append(f"Each example was trained as {f.views} augmented views whose mean-loss gradient is "
                      "clipped as one unit, so one example still moves the sum by at most C (σ unchanged).")

@@ -20,7 +20,8 @@ from dpsgd_cli.training.data import NUM_CLASSES
 INPUT_SHAPE = (28, 28, 1)
 
 
-def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: int = 0) -> keras.Model:
+def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: int = 0,
+                group_norm: bool = True) -> keras.Model:
     """Return the un-compiled CNN; outputs are logits over 10 classes for 28×28×1 inputs in [0, 1].
 
     Layers: Conv 16@8×8 stride 2 'same', MaxPool 2 stride 1, Conv 32@4×4 stride 2 'valid',
@@ -29,7 +30,7 @@ def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: i
     if architecture != "tfp_cnn" and architecture in ARCHITECTURES:  # issue 15: the best published recipes
         from dpsgd_cli.training.recipe_models import build_recipe_model
 
-        return build_recipe_model(architecture, activation, seed)
+        return build_recipe_model(architecture, activation, seed, group_norm=group_norm)
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; allowed: {', '.join(ARCHITECTURES)}")
     if activation not in ACTIVATIONS:
@@ -67,7 +68,8 @@ def model_from_config(model_cfg: Any, seed: int) -> keras.Model:
     `model.architecture`. Raises ConfigError (one line) for a builder that cannot be used."""
     if not getattr(model_cfg, "builder", None):
         keras.utils.set_random_seed(seed)
-        model = build_model(model_cfg.architecture, model_cfg.activation, seed=seed)
+        model = build_model(model_cfg.architecture, model_cfg.activation, seed=seed,
+                            group_norm=getattr(model_cfg, "feature_norm", "group_norm") == "group_norm")
         mean, std = getattr(model_cfg, "input_mean", 0.0), getattr(model_cfg, "input_std", 1.0)
         if (mean, std) != (0.0, 1.0):
             model = keras.Sequential([keras.Input(shape=INPUT_SHAPE), input_standardization(mean, std),

@@ -30,8 +30,10 @@ def input_shape(architecture: str) -> tuple[int, int, int]:
     return ScatteringParams().output_shape if architecture.startswith("scatter") else (28, 28, 1)
 
 
-def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 0) -> keras.Model:
-    """`tanh_cnn` is tanh whatever `activation` says; the ScatterNet CNNs use `activation`."""
+def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 0,
+                       group_norm: bool = True) -> keras.Model:
+    """`tanh_cnn` is tanh whatever `activation` says; the ScatterNet CNNs use `activation`. `group_norm`
+    false: a ScatterNet model without its GroupNorm (its features come normalised, `feature_norm`)."""
 
     def init(offset: int) -> keras.initializers.Initializer:
         return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform", seed=seed * 100 + offset)
@@ -44,6 +46,7 @@ def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 
         return keras.layers.Dense(units, activation=act, kernel_initializer=init(offset), name=name)
 
     layers: list = [keras.Input(shape=input_shape(architecture))]
+    norm = [_group_norm()] if group_norm else []
     if architecture == "tanh_cnn":
         layers += [keras.layers.ZeroPadding2D(2, name="pad1"), conv(16, 8, 2, "valid", 1, "conv1", "tanh"),
                    keras.layers.MaxPooling2D(2, strides=1, name="pool1"),
@@ -52,10 +55,10 @@ def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 
                    keras.layers.Flatten(name="flatten"),
                    dense(32, 3, "dense1", "tanh"), dense(NUM_CLASSES, 4, "logits")]
     elif architecture == "scatter_linear":
-        layers += [_group_norm(), keras.layers.Flatten(name="flatten"), dense(NUM_CLASSES, 1, "logits")]
+        layers += [*norm, keras.layers.Flatten(name="flatten"), dense(NUM_CLASSES, 1, "logits")]
     elif architecture in WIDTHS:
         c1, c2 = WIDTHS[architecture]
-        layers += [_group_norm(), conv(c1, 3, 2, "same", 1, "conv1", activation),
+        layers += [*norm, conv(c1, 3, 2, "same", 1, "conv1", activation),
                    conv(c2, 3, 1, "same", 2, "conv2", activation), keras.layers.Flatten(name="flatten"),
                    dense(32, 3, "dense1", activation), dense(NUM_CLASSES, 4, "logits")]
     else:

@@ -35,7 +35,7 @@ from dpsgd_cli.runs.run_dir import (
     check_run_dir,
     prepare_run_dir,
 )
-from dpsgd_cli.training import augmentation, distribute, features
+from dpsgd_cli.training import augmentation, distribute, feature_norm, features
 from dpsgd_cli.training.data import data_fingerprint, load_dataset
 from dpsgd_cli.training.sampling import steps_after_epochs
 from dpsgd_cli.training.trainer import StepCallback, Trainer, library_versions
@@ -113,7 +113,14 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
                                       uncached_tail=tail)
     if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features (issue 15)
         dataset = features.prepare(dataset, cfg.model.architecture, uncached_tail=tail)
+    feature_stats = None
+    if cfg.model.feature_norm == "private_stats":  # released from the key's noise: the same on a resume
+        p = cfg.privacy
+        sigma = p.feature_norm_noise_multiplier if p.enabled else 0.0  # the non-private twin: exact
+        dataset, feature_stats = feature_norm.apply(dataset, p.feature_norm_clip_mean,
+                                                    p.feature_norm_clip_square, sigma, key)
     trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
+    trainer.feature_stats = feature_stats
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:
         trainer.restore(ckpt)
@@ -246,6 +253,8 @@ def _run_document(cfg, plan: PrivacyPlan, trainer: Trainer | None, status: str, 
                                 "jit_compile": trainer.jit_compile, "gradient_path": trainer.gradient_path,
                                 "plan": _plan_record(trainer.step_plan)})
         doc["resolved"]["distribute"] = trainer.distribution_record()
+        if trainer.feature_stats is not None:  # the released statistics (covered by ε: publishable)
+            doc["resolved"]["feature_norm"] = {"releases": list(plan.releases), **trainer.feature_stats}
         if trainer.resumed_at:
             doc["resumed_at_epochs"] = list(trainer.resumed_at)
     if result is not None and status != FINISHED:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dpsgd_cli import __version__
-from dpsgd_cli.config import ExperimentConfig, views_per_example
+from dpsgd_cli.config import ExperimentConfig, release_bounds, views_per_example
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.plan import PrivacyPlan
@@ -130,9 +130,11 @@ class Trainer:
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
         # the ledger composes the event the engine states for the step it runs
         self.step_event = settings.dp_event(plan.sampling_rate) if private else None
-        self.ledger = (accounting.PrivacyLedger.for_event(self.step_event, cfg.privacy.delta) if private
+        self.ledger = (accounting.PrivacyLedger.for_event(self.step_event, cfg.privacy.delta,
+                                                          releases=plan.releases) if private
                        else accounting.PrivacyLedger(0.0, plan.sampling_rate, cfg.privacy.delta))
         self.steps_done = 0
+        self.feature_stats: dict[str, list[float]] | None = None  # model.feature_norm's release (runner)
         self.fingerprint = fingerprint
         self.versions = library_versions()
         self.resumed_at: list[int] = []
@@ -252,7 +254,8 @@ class Trainer:
             steps=self.ledger.steps, delta=self.cfg.privacy.delta, sampling=self.cfg.data.sampling,
             microbatch_size=self.plan.microbatch_size,
             epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"),
-            randomness=self.key.mode, views=views_per_example(self.cfg))
+            randomness=self.key.mode, views=views_per_example(self.cfg), releases=self.plan.releases,
+            release_bounds=release_bounds(self.cfg) if self.plan.releases else ())
 
     def snapshot(self, epoch: int, records: list[EpochRecord], elapsed: float) -> checkpoint.Checkpoint:
         """The checkpoint after `epoch`; TrainingError if the weights or the test loss are not finite (a

@@ -1,0 +1,74 @@
+"""Feature normalisation by privately released per-channel statistics (Tramèr & Boneh 2021's MNIST recipes).
+
+`model.feature_norm: private_stats` replaces a ScatterNet model's GroupNorm by a fixed normalisation
+(x − μ) / √(v + ε) per channel, where μ and v are the training set's per-channel mean and variance released
+once, before training, by two Gaussian mechanisms on the whole training set (no sampling):
+
+* each example's per-channel mean of its features (an 81-vector: the mean over the 7×7 positions) is
+  clipped to L2 norm ≤ `privacy.feature_norm_clip_mean`, the clipped vectors summed, N(0, (σ_n·C_m)²) added
+  to every coordinate, and the sum divided by n;
+* the same for the per-channel mean of the squared features, with bound `feature_norm_clip_square`;
+* v = max(mean square − μ², 0).
+
+Under add/remove-one adjacency each sum moves by at most its bound, so each release is a Gaussian mechanism
+with noise multiplier σ_n = `privacy.feature_norm_noise_multiplier`; the run's ε composes both with the
+DP-SGD steps (`privacy.plan.PrivacyPlan.releases`). n, the dataset size, is treated as public, as it is
+in q = B/n. The bounds are fixed numbers, not quantiles of the data (Tramèr & Boneh's code clips at the
+median norm, a data-dependent choice). The noise comes from the run key (stream STREAM_FEATURE_STATS), so
+it is secret by default and the same when a run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from dpsgd_cli.privacy.run_key import STREAM_FEATURE_STATS, RunKey
+from dpsgd_cli.training.data import Dataset
+
+RELEASES = 2  # Gaussian mechanisms: per-channel mean, per-channel mean square
+EPSILON = 1e-5  # added to the variance before the square root (BatchNorm's default)
+
+
+def channel_moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per example, the per-channel mean of the features and of their squares over all other axes:
+    two [N, C] float64 arrays (channels last)."""
+    flat = features.reshape(len(features), -1, features.shape[-1]).astype(np.float64)
+    return flat.mean(axis=1), (flat ** 2).mean(axis=1)
+
+
+def clipped_sum(rows: np.ndarray, bound: float) -> np.ndarray:
+    """Σ_i rows_i · min(1, bound / ‖rows_i‖₂): one example moves it by at most `bound` (L2)."""
+    norms = np.linalg.norm(rows, axis=1)
+    scale = np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+    return (rows * scale[:, None]).sum(axis=0)
+
+
+def private_statistics(features: np.ndarray, clip_mean: float, clip_square: float, noise_multiplier: float,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, v) per channel, released by the two Gaussian mechanisms of the module docstring."""
+    n = len(features)
+    means, squares = channel_moments(features)
+    mu = (clipped_sum(means, clip_mean) + rng.normal(0.0, noise_multiplier * clip_mean, means.shape[1])) / n
+    sq = (clipped_sum(squares, clip_square)
+          + rng.normal(0.0, noise_multiplier * clip_square, squares.shape[1])) / n
+    return mu, np.maximum(sq - mu ** 2, 0.0)
+
+
+def normalize(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    return ((x - mean) / np.sqrt(var + EPSILON)).astype(np.float32)
+
+
+def apply(dataset: Dataset, clip_mean: float, clip_square: float, noise_multiplier: float,
+          key: RunKey) -> tuple[Dataset, dict[str, list[float]]]:
+    """The dataset with every split normalised by statistics released from its training split (all of
+    x_train: the run's n examples), and the released statistics (published in run.yaml: they are covered
+    by the run's ε)."""
+    rng = key.generator(STREAM_FEATURE_STATS)
+    mean, var = (v.astype(np.float32) for v in private_statistics(dataset.x_train, clip_mean, clip_square,
+                                                                  noise_multiplier, rng))
+    views = None if dataset.train_views is None else normalize(dataset.train_views, mean, var)
+    out = dataclasses.replace(dataset, x_train=normalize(dataset.x_train, mean, var),
+                              x_test=normalize(dataset.x_test, mean, var), train_views=views)
+    return out, {"mean": [float(v) for v in mean], "variance": [float(v) for v in var]}
