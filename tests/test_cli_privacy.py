@@ -309,3 +309,18 @@ def test_config_with_augmentation_multiplicity_keeps_sigma_and_says_so():
     assert views["epsilon_rdp"] == plain["epsilon_rdp"] and views["epsilon_pld"] == plain["epsilon_pld"]
     assert views["accounting_noise_multiplier"] == plain["accounting_noise_multiplier"] == 1.1
     assert "2 augmented views" in views["statement"] and "augmented" not in plain["statement"]
+
+
+def test_config_with_private_feature_statistics_composes_their_release():
+    config = ROOT / "configs" / "mnist_tutorial.yaml"
+    sets = ["--set", "model.architecture=scatter_linear", "--set", "model.feature_norm=private_stats"]
+    out = run_json("epsilon", "--config", config, "--accountant", "all", *sets)
+    cfg, plan = _plan(config, "model.architecture=scatter_linear", "model.feature_norm=private_stats")
+    step = dp_accounting.PoissonSampledDpEvent(plan.sampling_rate, dp_accounting.GaussianDpEvent(1.1))
+    release = dp_accounting.GaussianDpEvent(8.0)
+    event = dp_accounting.ComposedDpEvent([release, release,
+                                           dp_accounting.SelfComposedDpEvent(step, plan.total_steps)])
+    assert out["releases"] == [8.0, 8.0]
+    assert out["epsilon_rdp"] == pytest.approx(rdp.RdpAccountant().compose(event).get_epsilon(1e-5), rel=1e-9)
+    assert out["epsilon_rdp"] > library_epsilon(1.1, plan.sampling_rate, plan.total_steps, 1e-5, "rdp")
+    assert "released the features' per-channel mean and mean square" in out["statement"]

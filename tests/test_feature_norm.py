@@ -1,0 +1,141 @@
+"""Private feature normalisation (`model.feature_norm: private_stats`): the release is a Gaussian mechanism
+with the stated bound and noise, and ε composes it with the steps exactly as dp-accounting does."""
+
+from __future__ import annotations
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from dpsgd_cli.config import feature_releases, load_config
+from dpsgd_cli.errors import AccountingInputError, ConfigError
+from dpsgd_cli.privacy import accounting
+from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
+from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.training import feature_norm
+from dpsgd_cli.training.data import Dataset
+
+SIGMA = ["privacy.noise_multiplier=1.0"]
+
+
+def _features(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, 7, 7, 81)) * rng.random(81)).astype(np.float32)
+
+
+def test_without_noise_or_clipping_the_release_is_the_exact_statistics():
+    x = _features()
+    mean, var = feature_norm.private_statistics(x, 1e9, 1e9, 0.0, np.random.default_rng(0))
+    flat = x.reshape(len(x), -1, 81).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(axis=(0, 1)), rtol=1e-10)
+    np.testing.assert_allclose(var, flat.var(axis=(0, 1)), rtol=1e-6, atol=1e-12)
+    normalised = feature_norm.normalize(x, mean, var)
+    np.testing.assert_allclose(normalised.reshape(-1, 81).mean(axis=0), 0.0, atol=1e-5)
+
+
+def test_one_example_moves_each_sum_by_at_most_its_bound():
+    x = _features()
+    outlier = x[:1] * 1000.0  # far beyond the bounds
+    for index, bound in ((0, 0.3), (1, 0.15)):
+        rows = feature_norm.channel_moments(x)[index]
+        grown = np.concatenate([rows, feature_norm.channel_moments(outlier)[index]])
+        moved = feature_norm.clipped_sum(grown, bound) - feature_norm.clipped_sum(rows, bound)
+        assert np.linalg.norm(moved) == pytest.approx(bound, rel=1e-9)
+
+
+def test_release_noise_has_the_stated_scale_and_comes_from_the_key():
+    x = _features(n=50)
+    sigma, bound = 8.0, 0.3
+    exact, _ = feature_norm.private_statistics(x, bound, 0.15, 0.0, np.random.default_rng(0))
+    draws = np.stack([feature_norm.private_statistics(x, bound, 0.15, sigma, np.random.default_rng(i))[0]
+                      for i in range(400)])
+    errors = (draws - exact).ravel()  # 400 × 81 draws of N(0, (σ·C/n)²)
+    assert np.std(errors) == pytest.approx(sigma * bound / len(x), rel=0.03)
+    assert abs(np.mean(errors)) < 4 * sigma * bound / len(x) / np.sqrt(errors.size)
+    data = Dataset("mnist", x, np.zeros(50, np.int32), x[:5], np.zeros(5, np.int32))
+    key = new_run_key(reproducible=False, seed=0)
+    first, stats = feature_norm.apply(data, bound, 0.15, sigma, key)
+    again, same = feature_norm.apply(data, bound, 0.15, sigma, key)  # a resumed run: the same release
+    other = feature_norm.apply(data, bound, 0.15, sigma, new_run_key(reproducible=False, seed=0))[1]
+    assert stats == same and stats["mean"] != other["mean"]
+    np.testing.assert_array_equal(first.x_test, again.x_test)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_epsilon_composes_the_releases_like_dp_accounting(accountant):
+    q, steps, delta, releases = 0.02, 300, 1e-5, (8.0, 8.0)
+    step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.3))
+    release = dp_accounting.GaussianDpEvent(8.0)
+    event = dp_accounting.ComposedDpEvent([release, release,
+                                           dp_accounting.SelfComposedDpEvent(step, steps)])
+    alone = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(8.0)] * 2)
+    accountants = {"rdp": rdp_privacy_accountant.RdpAccountant, "pld": pld_privacy_accountant.PLDAccountant}
+    make = accountants[accountant]
+    assert accounting.epsilon(1.3, q, steps, delta, accountant, releases) == pytest.approx(
+        make().compose(event).get_epsilon(delta), rel=1e-9)
+    assert accounting.epsilon(1.3, q, 0, delta, accountant, releases) == pytest.approx(
+        make().compose(alone).get_epsilon(delta), rel=1e-9)
+    ledger = accounting.PrivacyLedger(1.3, q, delta, releases=releases)
+    ledger.advance(steps)
+    assert ledger.epsilon(accountant) == accounting.epsilon(1.3, q, steps, delta, accountant, releases)
+    assert ledger.epsilon(accountant) > accounting.epsilon(1.3, q, steps, delta, accountant)
+
+
+def test_calibration_leaves_the_releases_their_share():
+    q, steps, delta, target = 0.02, 300, 1e-5, 3.0
+    plain = calibrate_noise_multiplier(target, delta, q, steps, "pld")
+    sigma = calibrate_noise_multiplier(target, delta, q, steps, "pld", releases=(8.0, 8.0))
+    assert sigma > plain
+    assert accounting.epsilon(sigma, q, steps, delta, "pld", (8.0, 8.0)) <= target
+    assert accounting.epsilon(sigma * (1 - 1e-3), q, steps, delta, "pld", (8.0, 8.0)) > target
+    with pytest.raises(AccountingInputError, match="spent before training"):
+        calibrate_noise_multiplier(0.1, delta, q, steps, "pld", releases=(8.0, 8.0))
+
+
+def test_config_keys_and_errors():
+    cfg = load_config(None, [*SIGMA, "model.architecture=scatter_cnn", "model.feature_norm=private_stats"])
+    assert feature_releases(cfg) == (8.0, 8.0)
+    off = load_config(None, [*SIGMA, "model.architecture=scatter_cnn", "model.feature_norm=private_stats",
+                             "privacy.enabled=false", "privacy.noise_multiplier=null"])
+    assert feature_releases(off) == () and feature_releases(load_config(None, SIGMA)) == ()
+    for extra, message in (
+            (["model.feature_norm=private_stats"], "model.feature_norm: private_stats is only for"),
+            (["model.feature_norm=batch"], "model.feature_norm: 'batch' is not allowed"),
+            (["privacy.feature_norm_noise_multiplier=0"], "feature_norm_noise_multiplier: must be > 0"),
+            (["privacy.feature_norm_clip_square=-1"], "privacy.feature_norm_clip_square: must be > 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*SIGMA, *extra])
+
+
+@pytest.mark.slow
+def test_a_run_with_private_statistics_accounts_them(data_dir, tmp_path, monkeypatch):
+    from dpsgd_cli.audit import membership
+    from dpsgd_cli.runs.run_dir import RunDir
+    from dpsgd_cli.training import runner
+
+    monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, [f"data.data_dir={data_dir}", "data.dataset=mnist", "data.train_size=512",
+                             "data.test_size=100", "data.batch_size=128", "training.epochs=1",
+                             "model.architecture=scatter_linear", "model.feature_norm=private_stats",
+                             "privacy.target_epsilon=3.0", f"output_dir={tmp_path}", "name=stats"])
+    result = runner.run(cfg)
+    (record,) = result.records
+    sigma = result.noise_multiplier
+    step = dp_accounting.PoissonSampledDpEvent(128 / 512, dp_accounting.GaussianDpEvent(sigma))
+    release = dp_accounting.GaussianDpEvent(8.0)
+    event = dp_accounting.ComposedDpEvent([release, release,
+                                           dp_accounting.SelfComposedDpEvent(step, record["step"])])
+    assert record["epsilon_pld"] == pytest.approx(
+        pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(1e-5), rel=1e-9)
+    assert record["epsilon_pld"] <= 3.0
+    assert "2 Gaussian mechanisms with noise multiplier 8 each" in result.statement
+    doc = RunDir(result.run_dir).document()
+    released = doc["resolved"]["feature_norm"]
+    assert released["releases"] == [8.0, 8.0] and len(released["mean"]) == len(released["variance"]) == 81
+    run = membership.load_run(result.run_dir)
+    assert "group_norm" not in [layer.name for layer in membership.load_model(run).layers]
+    x = _features(n=3)
+    np.testing.assert_allclose(membership.model_inputs(run, x), feature_norm.normalize(
+        x, np.float32(released["mean"]), np.float32(released["variance"])))
