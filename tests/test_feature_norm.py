@@ -27,7 +27,7 @@ def _features(n=200, seed=0):
 
 def test_without_noise_or_clipping_the_release_is_the_exact_statistics():
     x = _features()
-    mean, var = feature_norm.private_statistics(x, 1e9, 1e9, 0.0, np.random.default_rng(0))
+    mean, var = feature_norm.private_statistics(x, 1e9, 1e9, (0.0, 0.0), np.random.default_rng(0))
     flat = x.reshape(len(x), -1, 81).astype(np.float64)
     np.testing.assert_allclose(mean, flat.mean(axis=(0, 1)), rtol=1e-10)
     np.testing.assert_allclose(var, flat.var(axis=(0, 1)), rtol=1e-6, atol=1e-12)
@@ -48,17 +48,17 @@ def test_one_example_moves_each_sum_by_at_most_its_bound():
 def test_release_noise_has_the_stated_scale_and_comes_from_the_key():
     x = _features(n=50)
     sigma, bound = 8.0, 0.3
-    exact, _ = feature_norm.private_statistics(x, bound, 0.15, 0.0, np.random.default_rng(0))
-    draws = np.stack([feature_norm.private_statistics(x, bound, 0.15, sigma, np.random.default_rng(i))[0]
-                      for i in range(400)])
+    exact, _ = feature_norm.private_statistics(x, bound, 0.15, (0.0, 0.0), np.random.default_rng(0))
+    draws = np.stack([feature_norm.private_statistics(x, bound, 0.15, (sigma, sigma),
+                                                      np.random.default_rng(i))[0] for i in range(400)])
     errors = (draws - exact).ravel()  # 400 × 81 draws of N(0, (σ·C/n)²)
     assert np.std(errors) == pytest.approx(sigma * bound / len(x), rel=0.03)
     assert abs(np.mean(errors)) < 4 * sigma * bound / len(x) / np.sqrt(errors.size)
     data = Dataset("mnist", x, np.zeros(50, np.int32), x[:5], np.zeros(5, np.int32))
     key = new_run_key(reproducible=False, seed=0)
-    first, stats = feature_norm.apply(data, bound, 0.15, sigma, key)
-    again, same = feature_norm.apply(data, bound, 0.15, sigma, key)  # a resumed run: the same release
-    other = feature_norm.apply(data, bound, 0.15, sigma, new_run_key(reproducible=False, seed=0))[1]
+    first, stats = feature_norm.apply(data, bound, 0.15, (sigma, sigma), key)
+    again, same = feature_norm.apply(data, bound, 0.15, (sigma, sigma), key)  # a resumed run: the same
+    other = feature_norm.apply(data, bound, 0.15, (sigma, sigma), new_run_key(reproducible=False, seed=0))[1]
     assert stats == same and stats["mean"] != other["mean"]
     np.testing.assert_array_equal(first.x_test, again.x_test)
 

@@ -45,14 +45,16 @@ def clipped_sum(rows: np.ndarray, bound: float) -> np.ndarray:
     return (rows * scale[:, None]).sum(axis=0)
 
 
-def private_statistics(features: np.ndarray, clip_mean: float, clip_square: float, noise_multiplier: float,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, v) per channel, released by the two Gaussian mechanisms of the module docstring."""
+def private_statistics(features: np.ndarray, clip_mean: float, clip_square: float,
+                       noise_multipliers: tuple[float, float], rng: np.random.Generator):
+    """(μ, v) per channel, released by the two Gaussian mechanisms of the module docstring with noise
+    multipliers `noise_multipliers` (mean, mean square; (0, 0): no noise)."""
     n = len(features)
     means, squares = channel_moments(features)
-    mu = (clipped_sum(means, clip_mean) + rng.normal(0.0, noise_multiplier * clip_mean, means.shape[1])) / n
-    sq = (clipped_sum(squares, clip_square)
-          + rng.normal(0.0, noise_multiplier * clip_square, squares.shape[1])) / n
+    sigma_mean, sigma_square = noise_multipliers
+    mu = (clipped_sum(means, clip_mean) + rng.normal(0.0, sigma_mean * clip_mean, means.shape[1])) / n
+    noise = rng.normal(0.0, sigma_square * clip_square, squares.shape[1])
+    sq = (clipped_sum(squares, clip_square) + noise) / n
     return mu, np.maximum(sq - mu ** 2, 0.0)
 
 
@@ -60,14 +62,18 @@ def normalize(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     return ((x - mean) / np.sqrt(var + EPSILON)).astype(np.float32)
 
 
-def apply(dataset: Dataset, clip_mean: float, clip_square: float, noise_multiplier: float,
+def apply(dataset: Dataset, clip_mean: float, clip_square: float, releases: tuple[float, ...],
           key: RunKey) -> tuple[Dataset, dict[str, list[float]]]:
     """The dataset with every split normalised by statistics released from its training split (all of
     x_train: the run's n examples), and the released statistics (published in run.yaml: they are covered
-    by the run's ε)."""
+    by the run's ε). `releases`: the two noise multipliers the run's ε accounts (`PrivacyPlan.releases`),
+    or () for a non-private run (no noise)."""
+    if len(releases) not in (0, RELEASES):
+        raise ValueError(f"feature statistics take {RELEASES} releases, got {len(releases)}")
     rng = key.generator(STREAM_FEATURE_STATS)
+    sigmas = tuple(releases) if releases else (0.0, 0.0)
     mean, var = (v.astype(np.float32) for v in private_statistics(dataset.x_train, clip_mean, clip_square,
-                                                                  noise_multiplier, rng))
+                                                                  sigmas, rng))
     views = None if dataset.train_views is None else normalize(dataset.train_views, mean, var)
     out = dataclasses.replace(dataset, x_train=normalize(dataset.x_train, mean, var),
                               x_test=normalize(dataset.x_test, mean, var), train_views=views)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli.config import ExperimentConfig, flatten, resolved_data_dir
+from dpsgd_cli.config import ExperimentConfig, flatten, release_bounds, resolved_data_dir
 from dpsgd_cli.errors import DpsgdError, RunDirError
 from dpsgd_cli.privacy.plan import PrivacyPlan, plan_privacy
 from dpsgd_cli.privacy.run_key import RunKey, load_run_key, new_run_key, save_run_key
@@ -115,10 +115,8 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         dataset = features.prepare(dataset, cfg.model.architecture, uncached_tail=tail)
     feature_stats = None
     if cfg.model.feature_norm == "private_stats":  # released from the key's noise: the same on a resume
-        p = cfg.privacy
-        sigma = p.feature_norm_noise_multiplier if p.enabled else 0.0  # the non-private twin: exact
-        dataset, feature_stats = feature_norm.apply(dataset, p.feature_norm_clip_mean,
-                                                    p.feature_norm_clip_square, sigma, key)
+        # with the very noise multipliers the plan accounts (none for a non-private twin)
+        dataset, feature_stats = feature_norm.apply(dataset, *release_bounds(cfg), plan.releases, key)
     trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
     trainer.feature_stats = feature_stats
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
