@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from dpsgd_cli.config import load_config, views_per_example
 from dpsgd_cli.errors import ConfigError
-from dpsgd_cli.training import augmentation, engine, fastgrad, scattering
+from dpsgd_cli.training import augmentation, engine, fastgrad, features, scattering
 from dpsgd_cli.training.data import Dataset
 from dpsgd_cli.training.model import build_model
 
@@ -112,12 +112,14 @@ def test_mirror_views_of_pixels_and_of_features(tmp_path):
     rng = np.random.default_rng(3)
     images = rng.random((5, 28, 28, 1)).astype(np.float32)
     data = Dataset("fashion_mnist", images, np.arange(5), images[:2], np.arange(2))
-    assert augmentation.with_views(data, "none", "tfp_cnn") is data
-    pixels = augmentation.with_views(data, "mirror", "tfp_cnn").train_views
+    assert augmentation.with_views(data, images, "none", "tfp_cnn") is data
+    pixels = augmentation.with_views(data, images, "mirror", "tfp_cnn").train_views
     assert pixels.shape == (5, K, 28, 28, 1)
     np.testing.assert_array_equal(pixels[:, 0], images)
     np.testing.assert_array_equal(pixels[:, 1, :, ::-1], images)  # column j of the mirror is column 27 - j
-    feats = augmentation.with_views(data, "mirror", "scatter_cnn", tmp_path, uncached_tail=1).train_views
+    prepared = dataclasses.replace(data, x_train=features.model_inputs(images, "scatter_cnn", tmp_path, 1))
+    feats = augmentation.with_views(prepared, images, "mirror", "scatter_cnn", tmp_path,
+                                    uncached_tail=1).train_views
     assert feats.shape == (5, K, 7, 7, 81)
     np.testing.assert_allclose(feats[:, 0], scattering.scattering(images), rtol=1e-6)
     np.testing.assert_allclose(feats[:, 1], scattering.scattering(images[:, :, ::-1]), rtol=1e-6)

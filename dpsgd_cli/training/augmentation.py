@@ -27,14 +27,15 @@ def mirror(images: np.ndarray) -> np.ndarray:
 VIEWS = {"none": (), "mirror": (mirror,)}  # the views beside the image itself
 
 
-def with_views(images: Dataset, augmentation: str, architecture: str, folder: Path | None = None,
-               uncached_tail: int = 0) -> Dataset:
-    """`images` (a dataset of raw images) with `train_views` [N, K, *model input] set: the model inputs of
-    each training image and of its `VIEWS[augmentation]`, in that order. Unchanged for 'none'.
-    `uncached_tail` as in `features.prepare` (audit canaries: their features are not cached)."""
+def with_views(dataset: Dataset, images: np.ndarray, augmentation: str, architecture: str,
+               folder: Path | None = None, uncached_tail: int = 0) -> Dataset:
+    """`dataset` (already the model's inputs, `features.prepare`) with `train_views` [N, K, *model input]
+    set: view 0 is its x_train, the others the model inputs of `VIEWS[augmentation]` of the raw training
+    `images`, in that order. Unchanged for 'none'. `uncached_tail` as in `features.prepare` (audit
+    canaries: their features are not cached)."""
     extra = VIEWS[augmentation]
     if not extra:
-        return images
-    views = [features.model_inputs(view(images.x_train) if view else images.x_train, architecture, folder,
-                                   uncached_tail) for view in (None, *extra)]
-    return dataclasses.replace(images, train_views=np.stack(views, axis=1))
+        return dataset
+    views = [dataset.x_train, *(features.model_inputs(view(images), architecture, folder, uncached_tail)
+                                for view in extra)]
+    return dataclasses.replace(dataset, train_views=np.stack(views, axis=1))

@@ -109,10 +109,11 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     if canary_set is not None:  # deterministic in (seed, key): a resumed run writes the same file again
         canaries.save_canaries(canary_set, run_dir)
     tail = len(dataset.y_train) - real_examples  # the canaries: their features are not cached
-    dataset = augmentation.with_views(dataset, cfg.data.augmentation, cfg.model.architecture,
-                                      uncached_tail=tail)
+    images = dataset.x_train
     if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features (issue 15)
         dataset = features.prepare(dataset, cfg.model.architecture, uncached_tail=tail)
+    dataset = augmentation.with_views(dataset, images, cfg.data.augmentation, cfg.model.architecture,
+                                      uncached_tail=tail)
     feature_stats = None
     if cfg.model.feature_norm == "private_stats":  # released from the key's noise: the same on a resume
         # with the very noise multipliers the plan accounts (none for a non-private twin)
