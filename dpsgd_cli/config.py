@@ -118,6 +118,11 @@ class PrivacyConfig:
     feature_norm_noise_multiplier: float = 8.0
     feature_norm_clip_mean: float = 0.3
     feature_norm_clip_square: float = 0.15
+    # optional refinement: a second release of both statistics, of the features standardised by the first
+    # (null: none); its bounds are in standardised units (√81 = 9 is one unit per channel)
+    feature_norm_refine_noise_multiplier: float | None = None
+    feature_norm_refine_clip_mean: float = 9.0
+    feature_norm_refine_clip_square: float = 18.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -411,7 +416,11 @@ def _validate_privacy(p: PrivacyConfig, d: DataConfig) -> None:
     _check(p.canaries >= 0, f"privacy.canaries: must be ≥ 0, got {p.canaries}")
     _check(0 < p.feature_norm_noise_multiplier < math.inf,
            f"privacy.feature_norm_noise_multiplier: must be > 0, got {p.feature_norm_noise_multiplier}")
-    for key in ("feature_norm_clip_mean", "feature_norm_clip_square"):
+    refine = p.feature_norm_refine_noise_multiplier
+    _check(refine is None or 0 < refine < math.inf,
+           f"privacy.feature_norm_refine_noise_multiplier: must be > 0 or null (no refinement), got {refine}")
+    for key in ("feature_norm_clip_mean", "feature_norm_clip_square", "feature_norm_refine_clip_mean",
+                "feature_norm_refine_clip_square"):
         _check(0 < getattr(p, key) < math.inf, f"privacy.{key}: must be > 0, got {getattr(p, key)}")
     _check(p.canaries == 0 or d.sampling == "poisson",
            "privacy.canaries: the canary audit needs data.sampling: poisson (each canary may join any step)")
@@ -443,15 +452,22 @@ def microbatch_size(cfg: ExperimentConfig) -> int:
 def feature_releases(cfg: ExperimentConfig) -> tuple[float, ...]:
     """Noise multipliers of the full-batch Gaussian mechanisms a private run releases before training
     (composed with its DP-SGD steps into ε): the two feature statistics of `model.feature_norm:
-    private_stats`, else none."""
-    if cfg.privacy.enabled and cfg.model.feature_norm == "private_stats":
-        return (cfg.privacy.feature_norm_noise_multiplier,) * 2
-    return ()
+    private_stats` (and two more when `privacy.feature_norm_refine_noise_multiplier` is set), else none."""
+    p = cfg.privacy
+    if not (p.enabled and cfg.model.feature_norm == "private_stats"):
+        return ()
+    refine = p.feature_norm_refine_noise_multiplier
+    return (p.feature_norm_noise_multiplier,) * 2 + ((refine,) * 2 if refine is not None else ())
 
 
-def release_bounds(cfg: ExperimentConfig) -> tuple[float, float]:
-    """The L2 bounds of the two feature-statistics releases (per-channel mean, mean square)."""
-    return cfg.privacy.feature_norm_clip_mean, cfg.privacy.feature_norm_clip_square
+def release_bounds(cfg: ExperimentConfig) -> tuple[float, ...]:
+    """The L2 bounds of the feature-statistics releases, in release order: (per-channel mean, mean square)
+    of the features, then, with a refinement, of the features standardised by the first pair."""
+    p = cfg.privacy
+    bounds = (p.feature_norm_clip_mean, p.feature_norm_clip_square)
+    if p.feature_norm_refine_noise_multiplier is not None:
+        bounds += (p.feature_norm_refine_clip_mean, p.feature_norm_refine_clip_square)
+    return bounds
 
 
 def views_per_example(cfg: ExperimentConfig) -> int:

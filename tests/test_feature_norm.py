@@ -9,7 +9,7 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from dpsgd_cli.config import feature_releases, load_config
+from dpsgd_cli.config import feature_releases, load_config, release_bounds
 from dpsgd_cli.errors import AccountingInputError, ConfigError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
@@ -56,21 +56,69 @@ def test_release_noise_has_the_stated_scale_and_comes_from_the_key():
     assert abs(np.mean(errors)) < 4 * sigma * bound / len(x) / np.sqrt(errors.size)
     data = Dataset("mnist", x, np.zeros(50, np.int32), x[:5], np.zeros(5, np.int32))
     key = new_run_key(reproducible=False, seed=0)
-    first, stats = feature_norm.apply(data, bound, 0.15, (sigma, sigma), key)
-    again, same = feature_norm.apply(data, bound, 0.15, (sigma, sigma), key)  # a resumed run: the same
-    other = feature_norm.apply(data, bound, 0.15, (sigma, sigma), new_run_key(reproducible=False, seed=0))[1]
+    first, stats = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), key)
+    again, same = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), key)  # a resumed run: the same
+    other_key = new_run_key(reproducible=False, seed=0)
+    other = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), other_key)[1]
     assert stats == same and stats["mean"] != other["mean"]
     np.testing.assert_array_equal(first.x_test, again.x_test)
 
 
+def _uneven_channels(n=20000, seed=0):
+    """Features whose 81 channels' variances span 8e-7 … 8e-4 (like scattering features: many channels
+    as quiet as the noise on their mean square), on 2×2 positions to keep the test small."""
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, 2, 2, 81)) * np.logspace(-2.5, -1.0, 81)).astype(np.float32)
+    return Dataset("mnist", x, np.zeros(n, np.int32), x[:5], np.zeros(5, np.int32))
+
+
+def _scale_errors(data, bounds, releases, runs=5):
+    """Largest relative error, over channels, of the released normaliser √(v + ε) against the exact one,
+    for `runs` secret keys."""
+    exact = np.sqrt(data.x_train.reshape(len(data.x_train), -1, 81).astype(np.float64).var(axis=(0, 1))
+                    + feature_norm.EPSILON)
+    errors = []
+    for _ in range(runs):
+        _, stats = feature_norm.apply(data, bounds, releases, new_run_key(reproducible=False, seed=0))
+        released = np.sqrt(np.float64(stats["variance"]) + feature_norm.EPSILON)
+        errors.append(np.max(np.abs(released / exact - 1)))
+    return np.array(errors)
+
+
+def test_refinement_recovers_the_quiet_channels_scale():
+    data = _uneven_channels()
+    means, squares = feature_norm.channel_moments(data.x_train)
+    bounds = tuple(np.quantile(np.linalg.norm(rows, axis=1), 0.99) for rows in (means, squares))
+    one_stage = _scale_errors(data, bounds, (8.0, 8.0))
+    refined = _scale_errors(data, (*bounds, 9.0, 18.0), (16.0, 16.0, 8.0, 8.0))
+    assert one_stage.min() > 0.15  # the noise on the quiet channels' mean squares: scales far off
+    assert refined.max() < 0.03  # the second release, in standardised units, gets every channel right
+
+
+def test_refinement_without_noise_is_exact_and_publishes_what_the_model_sees():
+    data = _uneven_channels(n=500)
+    flat = data.x_train.reshape(500, -1, 81).astype(np.float64)
+    key = new_run_key(reproducible=False, seed=0)
+    out, stats = feature_norm.apply(data, (1e9, 1e9, 1e9, 1e9), (), key)
+    np.testing.assert_allclose(stats["mean"], flat.mean(axis=(0, 1)), rtol=1e-5)
+    np.testing.assert_allclose(stats["variance"], flat.var(axis=(0, 1)), rtol=1e-4)
+    noisy, released = feature_norm.apply(data, (0.3, 0.15, 9.0, 18.0), (16.0, 16.0, 8.0, 8.0), key)
+    np.testing.assert_allclose(noisy.x_train, feature_norm.normalize(
+        data.x_train, np.float32(released["mean"]), np.float32(released["variance"])), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 bounds per stage"):
+        feature_norm.apply(data, (0.3, 0.15, 9.0), (), key)
+    with pytest.raises(ValueError, match="one noise multiplier per bound"):
+        feature_norm.apply(data, (0.3, 0.15, 9.0, 18.0), (8.0, 8.0), key)
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
-def test_epsilon_composes_the_releases_like_dp_accounting(accountant):
-    q, steps, delta, releases = 0.02, 300, 1e-5, (8.0, 8.0)
+@pytest.mark.parametrize("releases", [(8.0, 8.0), (16.0, 16.0, 8.0, 8.0)])
+def test_epsilon_composes_the_releases_like_dp_accounting(accountant, releases):
+    q, steps, delta = 0.02, 300, 1e-5
     step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.3))
-    release = dp_accounting.GaussianDpEvent(8.0)
-    event = dp_accounting.ComposedDpEvent([release, release,
-                                           dp_accounting.SelfComposedDpEvent(step, steps)])
-    alone = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(8.0)] * 2)
+    gaussians = [dp_accounting.GaussianDpEvent(r) for r in releases]
+    event = dp_accounting.ComposedDpEvent([*gaussians, dp_accounting.SelfComposedDpEvent(step, steps)])
+    alone = dp_accounting.ComposedDpEvent(gaussians)
     accountants = {"rdp": rdp_privacy_accountant.RdpAccountant, "pld": pld_privacy_accountant.PLDAccountant}
     make = accountants[accountant]
     assert accounting.epsilon(1.3, q, steps, delta, accountant, releases) == pytest.approx(
@@ -96,7 +144,12 @@ def test_calibration_leaves_the_releases_their_share():
 
 def test_config_keys_and_errors():
     cfg = load_config(None, [*SIGMA, "model.architecture=scatter_cnn", "model.feature_norm=private_stats"])
-    assert feature_releases(cfg) == (8.0, 8.0)
+    assert feature_releases(cfg) == (8.0, 8.0) and release_bounds(cfg) == (0.3, 0.15)
+    refined = load_config(None, [*SIGMA, "model.architecture=scatter_cnn", "model.feature_norm=private_stats",
+                                 "privacy.feature_norm_noise_multiplier=16",
+                                 "privacy.feature_norm_refine_noise_multiplier=8"])
+    assert feature_releases(refined) == (16.0, 16.0, 8.0, 8.0)
+    assert release_bounds(refined) == (0.3, 0.15, 9.0, 18.0)
     off = load_config(None, [*SIGMA, "model.architecture=scatter_cnn", "model.feature_norm=private_stats",
                              "privacy.enabled=false", "privacy.noise_multiplier=null"])
     assert feature_releases(off) == () and feature_releases(load_config(None, SIGMA)) == ()
@@ -104,36 +157,44 @@ def test_config_keys_and_errors():
             (["model.feature_norm=private_stats"], "model.feature_norm: private_stats is only for"),
             (["model.feature_norm=batch"], "model.feature_norm: 'batch' is not allowed"),
             (["privacy.feature_norm_noise_multiplier=0"], "feature_norm_noise_multiplier: must be > 0"),
-            (["privacy.feature_norm_clip_square=-1"], "privacy.feature_norm_clip_square: must be > 0")):
+            (["privacy.feature_norm_clip_square=-1"], "privacy.feature_norm_clip_square: must be > 0"),
+            (["privacy.feature_norm_refine_noise_multiplier=0"],
+             "privacy.feature_norm_refine_noise_multiplier: must be > 0 or null"),
+            (["privacy.feature_norm_refine_clip_mean=0"],
+             "privacy.feature_norm_refine_clip_mean: must be > 0")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [*SIGMA, *extra])
 
 
 @pytest.mark.slow
-def test_a_run_with_private_statistics_accounts_them(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("refine", [None, 8.0])
+def test_a_run_with_private_statistics_accounts_them(data_dir, tmp_path, monkeypatch, refine):
     from dpsgd_cli.audit import membership
     from dpsgd_cli.runs.run_dir import RunDir
     from dpsgd_cli.training import runner
 
     monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "cache"))
+    refinement = "null" if refine is None else str(refine)
     cfg = load_config(None, [f"data.data_dir={data_dir}", "data.dataset=mnist", "data.train_size=512",
                              "data.test_size=100", "data.batch_size=128", "training.epochs=1",
                              "model.architecture=scatter_linear", "model.feature_norm=private_stats",
-                             "privacy.target_epsilon=3.0", f"output_dir={tmp_path}", "name=stats"])
+                             "privacy.target_epsilon=3.0", f"output_dir={tmp_path}", "name=stats",
+                             f"privacy.feature_norm_refine_noise_multiplier={refinement}"])
+    releases = [8.0, 8.0] if refine is None else [8.0, 8.0, refine, refine]
     result = runner.run(cfg)
     (record,) = result.records
     sigma = result.noise_multiplier
     step = dp_accounting.PoissonSampledDpEvent(128 / 512, dp_accounting.GaussianDpEvent(sigma))
-    release = dp_accounting.GaussianDpEvent(8.0)
-    event = dp_accounting.ComposedDpEvent([release, release,
+    event = dp_accounting.ComposedDpEvent([*(dp_accounting.GaussianDpEvent(r) for r in releases),
                                            dp_accounting.SelfComposedDpEvent(step, record["step"])])
     assert record["epsilon_pld"] == pytest.approx(
         pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(1e-5), rel=1e-9)
     assert record["epsilon_pld"] <= 3.0
-    assert "2 Gaussian mechanisms with noise multiplier 8 each" in result.statement
+    assert f"{len(releases)} Gaussian mechanisms with noise multiplier 8 each" in result.statement
+    assert ("standardised by them (clipped to 9 and 18" in result.statement) == (refine is not None)
     doc = RunDir(result.run_dir).document()
     released = doc["resolved"]["feature_norm"]
-    assert released["releases"] == [8.0, 8.0] and len(released["mean"]) == len(released["variance"]) == 81
+    assert released["releases"] == releases and len(released["mean"]) == len(released["variance"]) == 81
     run = membership.load_run(result.run_dir)
     assert "group_norm" not in [layer.name for layer in membership.load_model(run).layers]
     x = _features(n=3)
