@@ -17,8 +17,8 @@ come out 50 % off. A second pair of releases, of the same statistics of the feat
 first pair, z = (x − μ₁)/√(v₁ + ε), has every channel near unit scale: with bounds in those units
 (`feature_norm_refine_clip_mean` 9 = √81, `…_square` 18) the noise is small against every channel and
 the final normalisation, (x − μ)/√(v + ε) with μ = μ₁ + √(v₁ + ε)·μ₂ and v = (v₁ + ε)·v₂, is within
-about 1 % of the exact one. Adaptive composition:
-the second pair is a Gaussian mechanism whatever the first released, and ε composes all four.
+about 1 % of the exact one. Adaptive composition: the second pair is a Gaussian mechanism (noise
+multiplier `feature_norm_refine_noise_multiplier`) whatever the first released, and ε composes all four.
 
 Under add/remove-one adjacency each sum moves by at most its bound, so each release is a Gaussian mechanism
 with noise multiplier σ_n = `privacy.feature_norm_noise_multiplier`; the run's ε composes both with the
@@ -87,11 +87,13 @@ def apply(dataset: Dataset, bounds: tuple[float, ...], releases: tuple[float, ..
                          f"per bound, got bounds {bounds} and releases {releases}")
     rng = key.generator(STREAM_FEATURE_STATS)
     sigmas = tuple(releases) if releases else (0.0,) * len(bounds)
-    mean = np.zeros(dataset.x_train.shape[-1])
-    var = np.ones_like(mean)  # with mean 0: the first stage sees the features themselves
+    mean, var = 0.0, None
     for stage in range(0, len(bounds), RELEASES):
-        scale = np.sqrt(var + EPSILON) if stage else 1.0
-        inputs = dataset.x_train if stage == 0 else ((dataset.x_train - mean) / scale).astype(np.float32)
+        if stage == 0:  # the features themselves
+            inputs, scale = dataset.x_train, 1.0
+        else:  # standardised by the stages before
+            scale = np.sqrt(var + EPSILON)
+            inputs = ((dataset.x_train - mean) / scale).astype(np.float32)
         mu, v = private_statistics(inputs, bounds[stage], bounds[stage + 1], sigmas[stage:stage + RELEASES],
                                    rng)
         mean, var = mean + scale * mu, scale ** 2 * v  # in feature units: ε is added once, at the end
