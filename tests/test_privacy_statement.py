@@ -36,3 +36,14 @@ def test_statement_for_one_accountant_microbatches_and_options():
     assert "optimistic" in text  # warns that shuffling would break the Poisson assumption
     full = privacy_statement(_facts(sampling_rate=1.0, epsilon_rdp=None))
     assert "q = 1" in full and "Poisson" not in full
+
+
+def test_statement_names_the_feature_statistics_releases():
+    one = privacy_statement(_facts(releases=(8.0, 8.0), release_bounds=(0.3, 0.15)))
+    assert "2 Gaussian mechanisms with noise multiplier 8 each" in one and "≤ 0.3 and 0.15" in one
+    assert "standardised" not in one
+    refined = privacy_statement(_facts(releases=(16.0, 16.0, 8.0, 8.0),
+                                       release_bounds=(0.3, 0.15, 9.0, 18.0)))
+    assert "4 Gaussian mechanisms with noise multipliers 16, 16, 8 and 8" in refined
+    assert ("≤ 0.3 and 0.15), then the same of the features standardised by them (clipped to 9 and 18"
+            in refined)

@@ -70,14 +70,15 @@ def privacy_statement(f: PrivacyFacts) -> str:
                      f"accounted with σ/2 = {f.accounting_noise_multiplier:g}.")
     if f.releases:
         bounds = " and ".join(f"{b:g}" for b in f.release_bounds[:2])
-        sigmas = (f"{f.releases[0]:g} each" if len(set(f.releases)) == 1
-                  else " and ".join(f"{r:g}" for r in f.releases))
+        named = [f"{r:g}" for r in f.releases]
+        sigmas = f"{named[0]} each" if len(set(named)) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
         refined = ""
         if len(f.release_bounds) > 2:
             refined = (", then the same of the features standardised by them (clipped to "
                        f"{' and '.join(f'{b:g}' for b in f.release_bounds[2:])} in standardised units)")
-        parts.append(f"Before the first step, {len(f.releases)} Gaussian mechanisms with noise multiplier "
-                     f"{sigmas} on the whole training set released the "
+        plural = "" if len(set(named)) == 1 else "s"
+        parts.append(f"Before the first step, {len(f.releases)} Gaussian mechanisms with noise multiplier"
+                     f"{plural} {sigmas} on the whole training set released the "
                      f"features' per-channel mean and mean square for normalisation (each example's clipped "
                      f"to L2 norm ≤ {bounds}){refined}; ε composes them with the steps.")
     if f.views > 1:
