@@ -30,13 +30,12 @@ from dpsgd_cli.training.data import write_idx
 
 # 1024 examples / batch 64 = 16 steps an epoch: long enough that a kill right after the first checkpoint
 # lands inside epoch 2.
-TINY = ["data.train_size=1024", "data.test_size=200", "data.batch_size=64", "privacy.noise_multiplier=1.1"]
-EPOCHS = 10  # the interrupt test's run
+TINY = ["data.train_size=1024", "data.test_size=200", "data.batch_size=64", "training.epochs=3",
+        "privacy.noise_multiplier=1.1"]
 
 
-def _cmd(data_dir, out: Path, name: str, epochs: int = 3) -> list[str]:
-    sets = [f"data.data_dir={data_dir}", *TINY, f"training.epochs={epochs}", f"output_dir={out}",
-            f"name={name}"]
+def _cmd(data_dir, out: Path, name: str) -> list[str]:
+    sets = [f"data.data_dir={data_dir}", *TINY, f"output_dir={out}", f"name={name}"]
     return [sys.executable, "-m", "dpsgd_cli", "train", *[a for s in sets for a in ("--set", s)], "--quiet"]
 
 
@@ -70,11 +69,10 @@ runner.run(load_config(None, sets), run_key=load_run_key(Path(keyed)))
 """
 
 
-def _start_uninterrupted_with_key_of(run_dir: Path, data_dir, out: Path, epochs: int = 3) -> subprocess.Popen:
+def _start_uninterrupted_with_key_of(run_dir: Path, data_dir, out: Path) -> subprocess.Popen:
     """The same run, uninterrupted, with the (secret) key of `run_dir`, in the background: a resumed
     default-mode run must equal the uninterrupted run of the same key."""
-    sets = [f"data.data_dir={data_dir}", *TINY, f"training.epochs={epochs}", f"output_dir={out}",
-            f"name={run_dir.name}"]
+    sets = [f"data.data_dir={data_dir}", *TINY, f"output_dir={out}", f"name={run_dir.name}"]
     return subprocess.Popen([sys.executable, "-c", _UNINTERRUPTED, *sets, str(run_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
@@ -85,14 +83,13 @@ def _finished_metrics(proc: subprocess.Popen, out: Path, name: str) -> Path:
     return out / name / "metrics.csv"
 
 
-def _stopped_after_first_checkpoint(data_dir, out: Path, name: str, sig: int,
-                                    epochs: int = 3) -> tuple[Path, int, str]:
+def _stopped_after_first_checkpoint(data_dir, out: Path, name: str, sig: int) -> tuple[Path, int, str]:
     """Start a run, send `sig` as soon as its first checkpoint exists; (run_dir, return code, stderr).
 
     The run gets a lower CPU priority (nice 10), so that on a busy 2-core machine this process sees the
     checkpoint and signals while epoch 2 is still running (epochs take well under a second)."""
     run_dir = out / name
-    proc = subprocess.Popen(_cmd(data_dir, out, name, epochs), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(data_dir, out, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env(), preexec_fn=lambda: os.nice(10))
     _wait_for(checkpoint.path_in(run_dir), proc)
     proc.send_signal(sig)
@@ -131,14 +128,12 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_metrics(data_dir,
 
 @pytest.mark.slow
 def test_sigint_stops_cleanly_says_how_to_resume_and_resume_matches(data_dir, tmp_path):
-    # 10 epochs: the interrupt may land in any epoch after the first, so it never comes after the last one
-    # (with 3, a fast machine once finished epochs 2 and 3 before the signal arrived)
-    run_dir, code, err = _stopped_after_first_checkpoint(data_dir, tmp_path, "stopped", signal.SIGINT, EPOCHS)
-    reference = _start_uninterrupted_with_key_of(run_dir, data_dir, tmp_path / "reference", EPOCHS)
+    run_dir, code, err = _stopped_after_first_checkpoint(data_dir, tmp_path, "stopped", signal.SIGINT)
+    reference = _start_uninterrupted_with_key_of(run_dir, data_dir, tmp_path / "reference")
     assert code == 130 and "Traceback" not in err, err[-2000:]
     done = checkpoint.load(run_dir).epochs_done
-    assert f"interrupted: {done} of {EPOCHS} epochs are saved in {run_dir}; continue with: dpsgd train " \
-           f"--resume {run_dir}" in err
+    assert f"interrupted: {done} of 3 epochs are saved in {run_dir}; continue with: dpsgd train --resume " \
+           f"{run_dir}" in err
     doc = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert doc["status"] == "interrupted" and doc["epochs_done"] == done
     assert len(_without_elapsed(run_dir / "metrics.csv")) - 1 == done
