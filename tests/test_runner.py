@@ -83,6 +83,14 @@ def _finished_metrics(proc: subprocess.Popen, out: Path, name: str) -> Path:
     return out / name / "metrics.csv"
 
 
+def _low_priority_with_default_sigint() -> None:
+    """In the child: nice 10, and SIGINT's default action restored — a shell running the test suite in the
+    background (`cmd &`, nohup) starts it with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt, so the run would ignore the interrupt the test sends, as a user asked it to."""
+    os.nice(10)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _stopped_after_first_checkpoint(data_dir, out: Path, name: str, sig: int) -> tuple[Path, int, str]:
     """Start a run, send `sig` as soon as its first checkpoint exists; (run_dir, return code, stderr).
 
@@ -90,7 +98,7 @@ def _stopped_after_first_checkpoint(data_dir, out: Path, name: str, sig: int) ->
     checkpoint and signals while epoch 2 is still running (epochs take well under a second)."""
     run_dir = out / name
     proc = subprocess.Popen(_cmd(data_dir, out, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(), preexec_fn=lambda: os.nice(10))
+                            text=True, env=_env(), preexec_fn=_low_priority_with_default_sigint)
     _wait_for(checkpoint.path_in(run_dir), proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
