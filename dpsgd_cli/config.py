@@ -20,8 +20,8 @@ import yaml
 from dpsgd_cli.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist")
-ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_cnn", "scatter_cnn_wide",
-                 "scatter_cnn_wider")
+ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn",
+                 "scatter_cnn_wide", "scatter_cnn_wider")
 PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on 28×28 pixels (the others on scattering features)
 ACTIVATIONS = ("relu", "tanh")
 FEATURE_NORMS = ("group_norm", "private_stats")

@@ -12,7 +12,7 @@ from dpsgd_cli.training import engine, fastgrad
 from dpsgd_cli.training.model import build_model
 from dpsgd_cli.training.recipe_models import input_shape
 
-ARCHITECTURES = ("tanh_cnn", "scatter_linear", "scatter_cnn", "scatter_cnn_wide",
+ARCHITECTURES = ("tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn", "scatter_cnn_wide",
                  "scatter_cnn_wider")
 
 

@@ -27,8 +27,8 @@ from dpsgd_cli.errors import OutputError
 from dpsgd_cli.training.data import Dataset
 
 # architecture → the transform its input comes from
-FEATURES = {"scatter_linear": "scattering", "scatter_cnn": "scattering", "scatter_cnn_wide": "scattering",
-            "scatter_cnn_wider": "scattering"}
+FEATURES = {"scatter_linear": "scattering", "scatter_pointwise": "scattering", "scatter_cnn": "scattering",
+            "scatter_cnn_wide": "scattering", "scatter_cnn_wider": "scattering"}
 
 
 def cache_dir() -> Path:

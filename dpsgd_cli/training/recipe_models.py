@@ -4,6 +4,9 @@
   16@8×8 stride 2 (zero padding 2), MaxPool 2 stride 1, Conv 32@4×4 stride 2, MaxPool 2 stride 1, Dense 32,
   Dense 10, tanh throughout (the TF Privacy tutorial CNN up to the first padding: 2 instead of 'same').
 * `scatter_linear`: ScatterNet features [7, 7, 81] → GroupNorm(27 groups, no affine) → Dense 10.
+* `scatter_pointwise`: the features → GroupNorm(27, no affine) → Conv 64@1×1 (the same small layer at every
+  position of the 7×7 grid, 5 248 weights) → Dense 10 on the 7×7×64 outputs; `activation` (tanh in the
+  configs). 36 618 weights, fewer than `scatter_linear`'s 39 700, but no longer linear in the features.
 * `scatter_cnn` / `scatter_cnn_wide` / `scatter_cnn_wider`: the features → GroupNorm(27, no affine) → Conv
   c1@3×3 stride 2 'same' → Conv c2@3×3 'same' → Dense 32 → Dense 10, tanh; (c1, c2) = (16, 32), (32, 64)
   or (64, 128).
@@ -23,6 +26,7 @@ from dpsgd_cli.training.scattering import ScatteringParams
 
 NUM_CLASSES = 10
 GROUPS = 27  # Tramèr & Boneh's GroupNorm groups over the 81 scattering channels
+POINTWISE_WIDTH = 64  # channels of scatter_pointwise's 1×1 convolution
 WIDTHS = {"scatter_cnn": (16, 32), "scatter_cnn_wide": (32, 64), "scatter_cnn_wider": (64, 128)}
 
 
@@ -56,6 +60,9 @@ def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 
                    dense(32, 3, "dense1", "tanh"), dense(NUM_CLASSES, 4, "logits")]
     elif architecture == "scatter_linear":
         layers += [*norm, keras.layers.Flatten(name="flatten"), dense(NUM_CLASSES, 1, "logits")]
+    elif architecture == "scatter_pointwise":
+        layers += [*norm, conv(POINTWISE_WIDTH, 1, 1, "same", 1, "conv1", activation),
+                   keras.layers.Flatten(name="flatten"), dense(NUM_CLASSES, 2, "logits")]
     elif architecture in WIDTHS:
         c1, c2 = WIDTHS[architecture]
         layers += [*norm, conv(c1, 3, 2, "same", 1, "conv1", activation),
