@@ -16,7 +16,8 @@ from dpsgd_cli.training import runner
 CONFIGS = Path(__file__).parent.parent / "configs"
 BEST = ("fashion_mnist_best", "fashion_mnist_scatter_linear", "fashion_mnist_scatter_cnn", "mnist_best",
         "fashion_mnist_tutorial_cnn_best")
-TWINS = {"fashion_mnist_scatter_linear_nonprivate": "fashion_mnist_scatter_linear",
+TWINS = {"fashion_mnist_best_nonprivate": "fashion_mnist_best",
+         "fashion_mnist_scatter_linear_nonprivate": "fashion_mnist_scatter_linear",
          "fashion_mnist_scatter_cnn_nonprivate": "fashion_mnist_scatter_cnn",
          "mnist_best_nonprivate": "mnist_best",
          "fashion_mnist_tutorial_cnn_best_nonprivate": "fashion_mnist_tutorial_cnn_best"}
