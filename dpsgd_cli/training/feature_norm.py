@@ -92,8 +92,7 @@ def apply(dataset: Dataset, bounds: tuple[float, ...], releases: tuple[float, ..
         if stage == 0:  # the features themselves
             inputs, scale = dataset.x_train, 1.0
         else:  # standardised by the stages before
-            scale = np.sqrt(var + EPSILON)
-            inputs = ((dataset.x_train - mean) / scale).astype(np.float32)
+            inputs, scale = normalize(dataset.x_train, mean, var), np.sqrt(var + EPSILON)
         mu, v = private_statistics(inputs, bounds[stage], bounds[stage + 1], sigmas[stage:stage + RELEASES],
                                    rng)
         mean, var = mean + scale * mu, scale ** 2 * v  # in feature units: ε is added once, at the end
