@@ -60,6 +60,8 @@ def test_twin_differs_from_its_best_config_only_in_privacy_and_learning_rate(twi
     assert (cfg.data, cfg.model, cfg.seed) == (best.data, best.model, best.seed)
     same = ("epochs", "optimizer", "momentum", "lr_schedule", "ema_decay", "physical_batch_size")
     assert all(getattr(cfg.training, k) == getattr(best.training, k) for k in same)
+    bounds = ("feature_norm_clip_mean", "feature_norm_clip_square")  # the same clipped feature statistics
+    assert all(getattr(cfg.privacy, k) == getattr(best.privacy, k) for k in bounds)
 
 
 @pytest.mark.slow
