@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +10,8 @@ from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, fail, user_errors
 
-ALL_PATHS = "nonprivate,nonprivate_fast,vectorized_map,fast,nonprivate_planned,planned,epoch,memory"
+ALL_PATHS = "plain,nonprivate,nonprivate_fast,vectorized_map,fast,nonprivate_planned,planned,epoch,memory"
+TABLE_WIDTH = 150  # the table is printed this wide even when the output is not a terminal (80 columns)
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -30,7 +30,8 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "64,256,1024",
     jit: Annotated[str, typer.Option(help="XLA settings to measure: both, on, off.")] = "both",
     paths: Annotated[str, typer.Option(
-        help="Comma-separated: nonprivate, nonprivate_fast, vectorized_map, fast (each XLA setting), "
+        help="Comma-separated: plain (a plain TensorFlow GradientTape step, the floor), nonprivate, "
+             "nonprivate_fast, vectorized_map, fast (each XLA setting), "
              "nonprivate_planned, planned (the planner's choice), epoch (whole Fashion-MNIST epochs through "
              "the trainer, batch 256), memory (peak memory of the Keras, planned and fast steps at "
              "--memory-batch, each in a fresh process).")] = ALL_PATHS,
@@ -45,8 +46,10 @@ def bench(
 ) -> None:
     """Seconds per training step of the non-private and the DP steps, in one process and one run.
 
-    Prints a table (median step time, examples/s, compile time, memory, DP / non-private ratios), the
-    plan the planner chose, and writes it as CSV."""
+    Prints the machine (CPU model name, family, model; TensorFlow and oneDNN settings), a table (median
+    step time, examples/s, compile time, memory, DP / non-private ratios, the fastest non-private step
+    including a plain TensorFlow step), the plan the planner chose, and writes it as CSV with the machine
+    in every row."""
     chosen = [p.strip() for p in paths.split(",") if p.strip()]
     if not chosen or any(p not in ALL_PATHS.split(",") for p in chosen):
         fail(f"--paths: choose from {ALL_PATHS.replace(',', ', ')}, got {paths!r}")
@@ -68,8 +71,9 @@ def _run_devices(counts: list[int], batch_sizes: list[int], steps: int, warmup: 
 
     if not tf.config.list_physical_devices("GPU"):
         distribute.split_cpu(max(counts))  # logical CPUs, before TensorFlow starts its devices
+    machine = _print_machine()
     console.print(f"DP step under MirroredStrategy with {', '.join(map(str, counts))} device(s), {steps} "
-                  f"timed steps each, on {_cpu_name()} (load average {_load()})", highlight=False)
+                  f"timed steps each (load average {_load()})", highlight=False)
     rows = []
     for batch in batch_sizes:
         try:
@@ -83,20 +87,30 @@ def _run_devices(counts: list[int], batch_sizes: list[int], steps: int, warmup: 
         table.add_row(str(r["replicas"]), r["devices"], str(r["batch_size"]), f"{1000 * r['step_s']:.2f}",
                       f"{r['examples_per_s']:,.0f}", f"{r['compile_s']:.1f}")
     console.print(table)
-    write_table(rows, out)
+    write_table([{**r, **machine} for r in rows], out)
     console.print(f"wrote {out} (load average now {_load()})", highlight=False)
+
+
+def _print_machine() -> dict[str, Any]:
+    """Print the machine's two lines (CPU; TensorFlow settings) and return its CSV columns."""
+    from dpsgd_cli.training import machine as machine_info
+
+    machine = machine_info.machine_row()
+    for line in machine_info.describe(machine):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return machine
 
 
 def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path, memory_batch: int = 1024) -> None:
     from dpsgd_cli.runs.results import write_table
     from dpsgd_cli.training import bench as harness
 
+    machine = _print_machine()
     cases = harness.default_cases(batch_sizes, jit_modes, [p for p in paths if p in harness.PATHS])
     cases += harness.planned_cases(batch_sizes, [p for p in paths if p in harness.PLANNED_PATHS])
     epochs = "epoch" in paths
     console.print(f"{len(cases)} step rows{' and 2 whole-epoch rows' if epochs else ''}, {steps} timed steps "
-                  f"each, on {platform.machine()} ({_cpu_name()}, load average {_load()}); this takes a few "
-                  "minutes", highlight=False)
+                  f"each (load average {_load()}); this takes a few minutes", highlight=False)
     rows = harness.run_benchmark(
         cases, steps=steps, warmup=warmup,
         on_compiled=lambda r: console.print(f"  compiled {_case_name(r)} in {r['compile_s']:.1f} s",
@@ -107,16 +121,16 @@ def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path, memory_batch: 
             console.print(_row_line(row), highlight=False)
             rows.append(row)
     harness.add_ratios(rows)
-    console.print(bench_table(rows))
+    console.print(bench_table(rows), width=max(console.width, TABLE_WIDTH))
     for line in summary_lines(rows):
-        console.print(line, highlight=False, markup=False)
-    write_table(rows, out)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    write_table([{**r, **machine} for r in rows], out)
     console.print(f"wrote {out} (load average now {_load()})", highlight=False)
     if "memory" in paths:
         memory = harness.memory_rows(memory_batch)
         for line in memory_lines(memory):
-            console.print(line, highlight=False, markup=False)
-        write_table(memory, out.with_name("bench_memory.csv"))
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        write_table([{**r, **machine} for r in memory], out.with_name("bench_memory.csv"))
 
 
 def _load() -> str:
@@ -127,17 +141,26 @@ def _load() -> str:
 
 
 def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The plans chosen, and DP / fastest non-private per batch size (and per whole epoch)."""
+    """The plans chosen, dpsgd's non-private step / the plain TensorFlow step, and DP / fastest non-private
+    per batch size (and per whole epoch)."""
+    from dpsgd_cli.training.bench import NONPRIVATE_PATHS
+
     lines = [f"plan at batch {r['batch_size']} ({r['path']}): {r['plan']}"
              + (f", planned in {r['planning_s']:.1f} s" if r.get("planning_s") else "")
              for r in rows if r["path"] in ("nonprivate_planned", "planned")]
     for batch in sorted({r["batch_size"] for r in rows}):
-        nonprivate = [r for r in rows if r["batch_size"] == batch and r["path"].startswith("nonprivate")
-                      and r["capacity"] == batch]
-        dp = [r for r in rows if r["batch_size"] == batch and r["capacity"] == batch
-              and r["path"] in ("planned", "fast", "vectorized_map")]
+        at_batch = [r for r in rows if r["batch_size"] == batch and r["capacity"] == batch]
+        nonprivate = [r for r in at_batch if r["path"] in NONPRIVATE_PATHS]
+        plain = [r for r in at_batch if r["path"] == "plain"]
+        dpsgd = [r for r in at_batch if r["path"] in NONPRIVATE_PATHS and r["path"] != "plain"]
+        dp = [r for r in at_batch if r["path"] in ("planned", "fast", "vectorized_map")]
+        if plain and dpsgd:
+            floor, own = _fastest(plain), _fastest(dpsgd)
+            lines.append(f"batch {batch}: dpsgd's fastest non-private step {1000 * own['step_s']:.2f} ms "
+                         f"({_name(own)}) / plain TensorFlow step {1000 * floor['step_s']:.2f} ms "
+                         f"({_name(floor)}) = {own['step_s'] / floor['step_s']:.2f}")
         if nonprivate and dp:
-            best, fast = min(nonprivate, key=lambda r: r["step_s"]), min(dp, key=lambda r: r["step_s"])
+            best, fast = _fastest(nonprivate), _fastest(dp)
             lines.append(f"batch {batch}: fastest DP step {1000 * fast['step_s']:.2f} ms ({_name(fast)}) / "
                          f"fastest non-private {1000 * best['step_s']:.2f} ms ({_name(best)}) = "
                          f"{fast['step_s'] / best['step_s']:.2f}")
@@ -149,25 +172,19 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _fastest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(rows, key=lambda r: r["step_s"])
+
+
 def memory_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per memory row: peak MB and the ratio to the Keras non-private step."""
+    """One line per memory row: peak MB and the ratio to the smallest non-private step's."""
     return [f"memory at batch {r['batch_size']}: {r['path'].removeprefix('memory_'):<18} "
-            f"{r['peak_mb']:7.1f} MB  ×{r['ratio_to_nonprivate']:.2f} the Keras step"
+            f"{r['peak_mb']:7.1f} MB  ×{r['ratio_to_nonprivate']:.2f} the non-private step"
             + (f"  ({r['plan']})" if r.get("plan") else "") for r in rows]
 
 
 def _name(r: dict[str, Any]) -> str:
     return f"{r['path']}, XLA {'on' if r['jit_compile'] else 'off'}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _case_name(r: dict[str, Any]) -> str:
@@ -181,13 +198,14 @@ def _row_line(r: dict[str, Any]) -> str:
 
 def bench_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="seconds per training step (median), same process, same run")
-    for column in ("path", "batch", "capacity", "jit", "ms/step", "examples/s", "÷ nonprivate",
+    for column in ("path", "batch", "capacity", "jit", "ms/step", "examples/s", "÷ plain", "÷ nonprivate",
                    "÷ nonprivate_fast", "÷ fastest nonprivate", "compile s", "peak MB"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "path")
     for r in rows:
         jit = "on" if r["jit_compile"] else "off"
         table.add_row(r["path"], str(r["batch_size"]), str(r["capacity"]), jit,
                       f"{1000 * r['step_s']:.2f}", f"{r['examples_per_s']:,.0f}",
+                      f"{r.get('ratio_to_plain', float('nan')):.2f}",
                       f"{r['ratio_to_nonprivate']:.2f}", f"{r['ratio_to_nonprivate_fast']:.2f}",
                       f"{r['ratio_to_fastest_nonprivate']:.2f}", f"{r['compile_s']:.1f}",
                       f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "")
