@@ -181,7 +181,7 @@ class StepSettings:
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
                     grad_sum_fn: GradSumFn | None = None, forward_fn=None, data=None, *,
-                    loss_fn: LossFn = per_example_loss, return_logits: bool = False):
+                    loss_fn: LossFn = per_example_loss, return_logits: bool = False, autograph: bool = True):
     """Build the compiled step `step(x, y, mask, extra_sums, noise_seed) -> (loss_sum, correct, count)`.
 
     `noise_seed` [2] int64 keys this step's noise (`run_key.RunKey.noise_seed(step)`); it is an input of
@@ -194,6 +194,10 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     `loss_fn(logits, labels)`: the per-example loss (default softmax cross-entropy on class indices).
     `return_logits`: the step also returns the logits [capacity, classes] (e.g. for Keras metrics on the
     real examples), as a fourth output.
+
+    `autograph`: False traces without converting Python control flow: several times faster to trace, the
+    same graph unless `loss_fn` branches in Python on tensor values (then it fails to trace; Keras layers'
+    `call` is never converted by autograph either way).
 
     `data` = (x_all, y_all) tensors kept on the device: then the steps take indices instead of examples,
     `step(idx, mask, extra_sums, noise_seed)` and `chunk_sum(idx, mask)`, and gather inside the compiled
@@ -223,8 +227,8 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
         def chunk_sum(idx, mask):
             return take_chunk(tf.gather(x_all, idx), tf.gather(y_all, idx), mask)
 
-    return (tf.function(step, jit_compile=settings.jit_compile, reduce_retracing=False),
-            tf.function(chunk_sum, jit_compile=settings.jit_compile))
+    return (tf.function(step, jit_compile=settings.jit_compile, reduce_retracing=False, autograph=autograph),
+            tf.function(chunk_sum, jit_compile=settings.jit_compile, autograph=autograph))
 
 
 def make_gradient_sum(model: keras.Model, settings: StepSettings, grad_sum_fn: GradSumFn | None = None,
