@@ -160,3 +160,22 @@ def test_device_rows_run_the_dp_step_on_one_and_two_logical_cpus(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [(r["replicas"], r["devices"]) for r in rows] == [("1", "CPU:0"), ("2", "CPU:0,CPU:1")]
     assert all(float(r["step_s"]) > 0 and float(r["examples_per_s"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_layer_rows_time_every_weight_layer_private_and_not_and_the_noise():
+    from dpsgd_cli.training.bench import layer_limits, layer_rows
+
+    rows = layer_rows(16, steps=5, warmup=1)
+    layers = [r["layer"] for r in rows]
+    assert list(dict.fromkeys(layers)) == ["conv1", "conv2", "dense1", "logits", "noise"]
+    for name in ("conv1", "conv2", "dense1", "logits"):  # one non-private row, then every DP formulation
+        assert [r["private"] for r in rows if r["layer"] == name][0] is False
+        assert sum(r["private"] for r in rows if r["layer"] == name) >= 2
+    assert {r["choice"] for r in rows if r["layer"] == "conv1"} >= {"native", "native/depthwise"}
+    limits = {limit["layer"]: limit for limit in layer_limits(rows)}
+    for name, limit in limits.items():
+        mine = [r for r in rows if r["layer"] == name]
+        assert math.isclose(limit["dp_ms"], 1000 * min(r["step_s"] for r in mine if r["private"]))
+        assert math.isclose(limit["extra_ms"], limit["dp_ms"] - limit["nonprivate_ms"])
+    assert limits["noise"]["nonprivate_ms"] == 0.0 and limits["noise"]["dp_ms"] > 0

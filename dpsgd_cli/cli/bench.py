@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, fail, user_errors
 
-ALL_PATHS = "plain,nonprivate,nonprivate_fast,vectorized_map,fast,nonprivate_planned,planned,epoch,memory"
+ALL_PATHS = ("plain,nonprivate,nonprivate_fast,vectorized_map,fast,nonprivate_planned,planned,epoch,memory,"
+             "layers")
 TABLE_WIDTH = 150  # the table is printed this wide even when the output is not a terminal (80 columns)
 
 
@@ -33,11 +35,14 @@ def bench(
         help="Comma-separated: plain (a plain TensorFlow GradientTape step, the floor), nonprivate, "
              "nonprivate_fast, vectorized_map, fast (each XLA setting), "
              "nonprivate_planned, planned (the planner's choice), epoch (whole Fashion-MNIST epochs through "
-             "the trainer, batch 256), memory (peak memory of the Keras, planned and fast steps at "
-             "--memory-batch, each in a fresh process).")] = ALL_PATHS,
+             "the trainer, batch 256), memory (peak memory of the plain, Keras, planned and fast steps at "
+             "--memory-batch, each in a fresh process), layers (each weight layer's work alone, "
+             "non-private and under each DP formulation, and the noise draw: what privacy costs per "
+             "layer).")] = ALL_PATHS,
     steps: Annotated[int, typer.Option(min=5, help="Timed steps per row (median reported).")] = 30,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed steps after the first call.")] = 3,
-    out: Annotated[Path, typer.Option(help="CSV to write (memory rows: bench_memory.csv beside it).")] = Path(
+    out: Annotated[Path, typer.Option(help="CSV to write (memory rows: bench_memory.csv beside it, layer "
+                                           "rows: bench_layers.csv).")] = Path(
         "results/bench/bench.csv"),
     memory_batch: Annotated[int, typer.Option(min=1, help="Batch size of the memory rows.")] = 1024,
     devices: Annotated[str | None, typer.Option(
@@ -91,6 +96,11 @@ def _run_devices(counts: list[int], batch_sizes: list[int], steps: int, warmup: 
     console.print(f"wrote {out} (load average now {_load()})", highlight=False)
 
 
+def _print_wide(table: Table) -> None:
+    """Print a table at least TABLE_WIDTH columns wide, also when the output is a file or a pipe."""
+    Console(width=max(console.width, TABLE_WIDTH), file=console.file).print(table)
+
+
 def _print_machine() -> dict[str, Any]:
     """Print the machine's two lines (CPU; TensorFlow settings) and return its CSV columns."""
     from dpsgd_cli.training import machine as machine_info
@@ -110,7 +120,7 @@ def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path, memory_batch: 
     cases += harness.planned_cases(batch_sizes, [p for p in paths if p in harness.PLANNED_PATHS])
     epochs = "epoch" in paths
     console.print(f"{len(cases)} step rows{' and 2 whole-epoch rows' if epochs else ''}, {steps} timed steps "
-                  f"each (load average {_load()}); this takes a few minutes", highlight=False)
+                  f"each (load average {_load()}); this takes a few minutes", highlight=False, soft_wrap=True)
     rows = harness.run_benchmark(
         cases, steps=steps, warmup=warmup,
         on_compiled=lambda r: console.print(f"  compiled {_case_name(r)} in {r['compile_s']:.1f} s",
@@ -120,12 +130,19 @@ def _run(batch_sizes, jit_modes, paths, steps, warmup, out: Path, memory_batch: 
         for row in harness.epoch_rows():
             console.print(_row_line(row), highlight=False)
             rows.append(row)
-    harness.add_ratios(rows)
-    console.print(bench_table(rows), width=max(console.width, TABLE_WIDTH))
-    for line in summary_lines(rows):
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
-    write_table([{**r, **machine} for r in rows], out)
-    console.print(f"wrote {out} (load average now {_load()})", highlight=False)
+    if rows:
+        harness.add_ratios(rows)
+        _print_wide(bench_table(rows))
+        for line in summary_lines(rows):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        write_table([{**r, **machine} for r in rows], out)
+        console.print(f"wrote {out} (load average now {_load()})", highlight=False)
+    if "layers" in paths:
+        for batch in batch_sizes:
+            layers = harness.layer_rows(batch, steps=steps, warmup=warmup)
+            _print_wide(layer_table(layers, batch))
+            write_table([{**r, **machine} for r in layers], out.with_name(
+                "bench_layers.csv" if len(batch_sizes) == 1 else f"bench_layers_{batch}.csv"))
     if "memory" in paths:
         memory = harness.memory_rows(memory_batch)
         for line in memory_lines(memory):
@@ -194,6 +211,24 @@ def _case_name(r: dict[str, Any]) -> str:
 def _row_line(r: dict[str, Any]) -> str:
     return (f"  {r['path']:<18} batch {r['batch_size']:>5} (capacity {r['capacity']:>5}) "
             f"jit {str(r['jit_compile']):<5} {1000 * r['step_s']:8.2f} ms/step")
+
+
+def layer_table(rows: list[dict[str, Any]], batch: int) -> Table:
+    """Per weight layer: its non-private work, its fastest DP formulation, what privacy adds, and every
+    formulation's time (ms, median)."""
+    from dpsgd_cli.training.bench import layer_limits
+
+    table = Table(title=f"each layer's work alone at batch {batch}, XLA off (median ms; the DP step's floor)")
+    for column in ("layer", "non-private", "fastest DP", "DP − non-private", "every DP formulation"):
+        table.add_column(column, justify="left" if column in ("layer", "every DP formulation") else "right")
+    for limit in layer_limits(rows):
+        others = ", ".join(f"{r['choice']} {1000 * r['step_s']:.2f}" for r in rows
+                           if r["layer"] == limit["layer"] and r["private"])
+        table.add_row(limit["layer"], f"{limit['nonprivate_ms']:.2f}",
+                      f"{limit['dp_ms']:.2f} ({limit['dp_choice']})", f"{limit['extra_ms']:+.2f}", others)
+    total = sum(limit["extra_ms"] for limit in layer_limits(rows))
+    table.add_row("all", "", "", f"{total:+.2f}", "the least a DP step adds to the non-private step")
+    return table
 
 
 def bench_table(rows: list[dict[str, Any]]) -> Table:

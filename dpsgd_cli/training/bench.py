@@ -37,6 +37,16 @@ compiled and run `steps` times, minus the resident memory just before (TensorFlo
 already made); `ratio_to_nonprivate` divides by the smallest `peak_mb` of the non-private rows (the plain
 TensorFlow step and the Keras step).
 
+Layer rows (`layer_rows`): what privacy costs per layer, the measured limit of the fast path. For each
+weight layer of the tutorial CNN, its share of the step timed alone (`planner.layer_work`, on fixed random
+inputs and output-gradients at `batch_size` slots, XLA off): non-private (`choice` native: its forward, the
+gradient to its input unless it is the first weight layer, and its weight gradients, as the Keras step
+computes them) and under every DP formulation (its forward, input gradient, per-example squared norms and
+the weighted sum of its per-example gradients), plus the step's one noise draw (`engine.gaussian_noise`
+over all trainable variables); all interleaved like the step rows. A DP step cannot be faster than the
+non-private step plus, per layer, its fastest DP formulation minus its non-private work, plus the noise
+(elementwise work and the clip factors aside).
+
 Device rows (`device_rows`, issue 17): the DP step (fast path, XLA off, SGD) under tf.distribute's
 MirroredStrategy with R = 1, 2, … devices (GPUs if any, else logical CPUs: `distribute.split_cpu` must
 have run before TensorFlow started), on one fixed global batch dealt into R slices; `examples_per_s` =
@@ -417,6 +427,61 @@ def device_rows(replica_counts: Iterable[int], batch_size: int = 256, *, steps: 
         row["examples_per_s"] = batch_size / row["step_s"]
         rows.append(row)
     return rows
+
+
+def layer_rows(batch_size: int = 256, *, steps: int = 30, warmup: int = 3, seed: int = 0
+               ) -> list[dict[str, Any]]:
+    """Per-layer rows (see the module docstring): `path` 'layer', `layer`, `choice`, `private`, `step_s`;
+    the noise row has layer 'noise'."""
+    import tensorflow as tf
+
+    from dpsgd_cli.training import engine, fastgrad, planner
+    from dpsgd_cli.training.model import build_model
+
+    model = build_model(seed=seed)
+    shapes = planner.layer_shapes(model, batch_size)
+    prepared, first = [], True
+    for layer in model.layers:
+        rule = fastgrad.rule_for(layer)
+        if not (rule and rule.weighted):
+            continue
+        options = [({"forward": "native"}, False)]
+        options += [(c, True) for c in fastgrad.formulation_choices(layer, first, private=True)]
+        for choice, private in options:
+            work = planner.layer_work(layer, choice, shapes[layer.name], batch_size, private, first, 1, False)
+            prepared.append(({"path": "layer", "layer": layer.name, "choice": "/".join(choice.values()),
+                              "private": private, "batch_size": batch_size}, work, []))
+        first = False
+    variables = model.trainable_variables
+    seed_tensor = tf.constant([1, 2], tf.int64)
+    noise = tf.function(lambda: tf.add_n([tf.reduce_sum(n) for n in engine.gaussian_noise(
+        variables, 1.0, seed_tensor)]))
+    values = sum(v.shape.num_elements() for v in variables)
+    prepared.append(({"path": "layer", "layer": "noise", "choice": f"{values} values", "private": True,
+                      "batch_size": batch_size}, noise, []))
+    calls = []
+    for row, work, times in prepared:
+        for _ in range(1 + warmup):
+            float(work())
+        calls.append((row, lambda i, work=work: float(work()), times))
+    _time_interleaved(calls, steps, warmup)
+    rows = []
+    for row, _, times in calls:
+        rows.append({**row, "step_s": statistics.median(times)})
+    return rows
+
+
+def layer_limits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per layer of `layer_rows`: non-private ms, the fastest DP formulation and its ms, and the
+    difference (what privacy costs in that layer at least); the noise draw as its own entry."""
+    out = []
+    for name in dict.fromkeys(r["layer"] for r in rows):
+        mine = [r for r in rows if r["layer"] == name]
+        base = next((r["step_s"] for r in mine if not r["private"]), 0.0)
+        best = min((r for r in mine if r["private"]), key=lambda r: r["step_s"])
+        out.append({"layer": name, "nonprivate_ms": 1000 * base, "dp_choice": best["choice"],
+                    "dp_ms": 1000 * best["step_s"], "extra_ms": 1000 * (best["step_s"] - base)})
+    return out
 
 
 def _time_interleaved(prepared: list[tuple[dict, Any, list[float]]], steps: int, warmup: int) -> None:
