@@ -270,3 +270,20 @@ def test_xla_layers_are_chosen_only_when_the_default_xla_step_passes_the_gate(pl
     plan = planner.plan_step(build_model(), capacity=8, private=True, use_cache=False)
     assert plan.jit_compile is True and True in layer_jits and "fast xla" in plan.step_ms
 
+
+
+def test_norms_needing_far_more_arithmetic_are_not_timed():
+    model = build_model()
+    shapes = planner.layer_shapes(model, 64)
+    conv1, conv2 = model.get_layer("conv1"), model.get_layer("conv2")
+    # conv1: T = 196 output positions, p = 64, c = 16: Gram matrices need 16× the multiply-adds
+    ghost, materialize = (planner._multiply_adds(conv1, shapes["conv1"], g) for g in ("ghost", "materialize"))
+    assert materialize == 196 * 64 * 16 + 2 * 64 * 16 and ghost == 196 * 196 * 81 + 196 * 64 * 16
+    kept = planner._arithmetic_prune(conv1, shapes["conv1"], fastgrad.formulation_choices(conv1, True, True))
+    assert {c["grads"] for c in kept} == {"materialize", "depthwise"}
+    # conv2 (T = 25) and the Dense layers keep both: within ARITHMETIC_PRUNE× of each other
+    for name in ("conv2", "dense1", "logits"):
+        layer = model.get_layer(name)
+        choices = fastgrad.formulation_choices(layer, False, True)
+        assert planner._arithmetic_prune(layer, shapes[name], choices) == choices
+    assert planner._multiply_adds(conv2, shapes["conv2"], "depthwise") is None

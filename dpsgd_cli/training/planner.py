@@ -14,7 +14,9 @@ clear losers cost two or three calls and only close candidates get the full coun
    or patches × matmul; per-unit gradients materialized, ghost norms or, for one input channel, the
    depthwise-convolution trick; stride-1 max pooling native or shifted slices), the layer's own work in
    the step is timed alone for each candidate at the full capacity (its forward, the gradient to its
-   input, its per-unit norms and weighted sum; non-private: its forward and gradients).
+   input, its per-unit norms and weighted sum; non-private: its forward and gradients). Per-unit norms
+   needing more than `ARITHMETIC_PRUNE`× the multiply-adds of the layer's other choice are not timed
+   (`_arithmetic_prune`: e.g. Gram matrices over a first convolution's 196 output positions).
 2. The fastest choice per layer makes one whole-step candidate (non-private: the plain Keras step is one
    too); the whole steps are built as `engine.make_train_step` builds them and raced; the fastest wins.
 3. Memory: a private step may run its per-example work in sequential passes of fewer slots
@@ -70,6 +72,7 @@ LAYER_CALLS = 5  # timed calls per layer candidate at full capacity (at most)
 STEP_CALLS = 5  # timed calls per whole-step candidate (at most)
 MIN_CALLS = 2  # timed calls before a candidate can be found clearly slower than the leader
 SETTLE_S = 0.002  # pause before each timed call (see `_race`)
+ARITHMETIC_PRUNE = 8.0  # per-example norms needing this multiple of another choice's multiply-adds: not timed
 XLA_GATE = 1.5  # XLA's layers are chosen only if the default step under XLA is within this factor of the best
 MIN_CHUNK = 128  # smallest pass the planner tries (smaller passes pay per-op overhead for little memory)
 TIE = 1.05  # whole steps within this factor of the fastest count as equally fast: the least memory wins
@@ -443,6 +446,7 @@ def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: boo
         layer = model.get_layer(name)
         if keep is not None and name in keep:
             choices = [c for c in choices if "/".join(c.values()) in keep[name]] or choices
+        choices = _arithmetic_prune(layer, shapes[name], choices)
         works = [layer_work(layer, c, shapes[name], batch, private, name == first_weight, microbatch_size,
                              jit) for c in choices]
         for work in works:
@@ -457,6 +461,33 @@ def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: boo
         chosen[name] = choices[best]
         timings[name] = {"/".join(choices[i].values()): round(ms[i], 3) for i in kept}
     return chosen, timings
+
+
+def _multiply_adds(layer, shape, grads: str) -> float | None:
+    """Multiply-adds per example of a Dense or Conv2D layer's per-example norms and weighted sum under
+    `grads` ('materialize' or 'ghost'), by `kernel.prefer_ghost`'s model: materializing costs T·p·c + 2·p·c,
+    ghost norms T²(p+c+1) (p + c for one row) plus the weighted sum's T·p·c, with T output positions, p the
+    kernel's inputs, c its outputs. None for any other layer or choice."""
+    kernel = getattr(layer, "kernel", None)
+    if grads not in ("materialize", "ghost") or kernel is None or len(kernel.shape) not in (2, 4):
+        return None
+    p, c = float(np.prod(kernel.shape[:-1])), float(kernel.shape[-1])
+    out = layer.compute_output_shape(shape)
+    t = float(np.prod(out[1:-1])) if len(out) > 2 else 1.0
+    if grads == "materialize":
+        return t * p * c + 2 * p * c
+    return (p + c if t == 1 else t * t * (p + c + 1)) + t * p * c
+
+
+def _arithmetic_prune(layer, shape, choices: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`choices` without those whose per-example norms need more than ARITHMETIC_PRUNE× the multiply-adds
+    of another choice of the same layer (e.g. Gram matrices of 196 output positions in a first Conv2D):
+    not worth a compile and a timing."""
+    costs = [_multiply_adds(layer, shape, c.get("grads", "")) for c in choices]
+    known = [cost for cost in costs if cost is not None]
+    if not known:
+        return choices
+    return [c for c, cost in zip(choices, costs) if cost is None or cost <= ARITHMETIC_PRUNE * min(known)]
 
 
 def layer_work(layer, choice, shape, batch, private, first, microbatch_size, jit):
