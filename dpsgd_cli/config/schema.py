@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 DATASETS = ("fashion_mnist", "mnist")
-ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn",
-                 "scatter_cnn_wide", "scatter_cnn_wider")
+ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn_16_32",
+                 "scatter_cnn_32_64", "scatter_cnn_64_128")
+# other names of model.architecture, read as the name they map to (run.yaml files written under them still
+# load, resume and audit); configs are written with the names of ARCHITECTURES
+ARCHITECTURE_ALIASES = {"scatter_cnn": "scatter_cnn_16_32", "scatter_cnn_wide": "scatter_cnn_32_64",
+                        "scatter_cnn_wider": "scatter_cnn_64_128"}
 PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on 28×28 pixels (the others on scattering features)
 ACTIVATIONS = ("relu", "tanh")
 FEATURE_NORMS = ("group_norm", "private_stats")
@@ -65,7 +69,9 @@ class ModelConfig:
     whose outputs are logits; when given, it replaces `architecture` and `activation`."""
 
     architecture: str = _key("tfp_cnn", "the built-in model: tfp_cnn is TensorFlow Privacy's tutorial CNN; "
-                                        "the others are the recipes of the results page", ARCHITECTURES)
+                                        "the others are the recipes of the results page (scatter_cnn_C1_C2: "
+                                        "ScatterNet features, then convolutions of C1 and C2 channels)",
+                             ARCHITECTURES)
     activation: str = _key("relu", "the hidden layers' activation", ACTIVATIONS)
     builder: str | None = _key(None, "\"package.module:function\" building any Keras model (logits) "
                                      "instead of architecture")
