@@ -43,6 +43,7 @@ from dpsgd_cli.config.schema import (
     PrivacyConfig,
     TrainingConfig,
     json_schema,
+    json_schema_text,
     reference_rows,
 )
 from dpsgd_cli.config.validation import validate
@@ -50,10 +51,9 @@ from dpsgd_cli.config.validation import validate
 __all__ = [
     "_SECTIONS", "ACTIVATIONS", "ARCHITECTURE_ALIASES", "ARCHITECTURES", "AUGMENTATIONS", "CLUSTERS",
     "DATASET_SIZES", "DATASETS", "FEATURE_NORMS", "GRADIENT_PATHS", "JIT_CHOICES", "LR_SCHEDULES",
-    "OPTIMIZERS", "PIXEL_ARCHITECTURES",
-    "PLAN_CHOICES", "SAMPLINGS", "STRATEGIES", "DataConfig", "DistributeConfig", "ExperimentConfig",
-    "ModelConfig", "PrivacyConfig", "TrainingConfig", "config_from_dict", "dataset_size",
-    "feature_releases", "flatten", "json_schema", "load_config", "microbatch_size", "reference_rows",
-    "release_bounds", "replace", "resolve_aliases", "resolved_data_dir", "validate", "views_per_example",
-    "with_overrides",
+    "OPTIMIZERS", "PIXEL_ARCHITECTURES", "PLAN_CHOICES", "SAMPLINGS", "STRATEGIES", "DataConfig",
+    "DistributeConfig", "ExperimentConfig", "ModelConfig", "PrivacyConfig", "TrainingConfig",
+    "config_from_dict", "dataset_size", "feature_releases", "flatten", "json_schema", "json_schema_text",
+    "load_config", "microbatch_size", "reference_rows", "release_bounds", "replace", "resolve_aliases",
+    "resolved_data_dir", "validate", "views_per_example", "with_overrides",
 ]

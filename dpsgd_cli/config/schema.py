@@ -190,12 +190,17 @@ def reference_rows() -> list[tuple[str, Any, str, tuple | None]]:
     return rows
 
 
+JSON_SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"  # what editors' YAML support implements
+
+
 def json_schema() -> dict[str, Any]:
-    """A JSON Schema (draft 2020-12) of the YAML file, for editors: pydantic's schema of the dataclasses,
-    with each key's help as its description, closed choices as enums and unknown keys refused."""
+    """A JSON Schema of the YAML file, for editors: pydantic's schema of the dataclasses, with each key's
+    help as its description, closed choices as enums and unknown keys refused. It declares draft-07 (the
+    draft VS Code's YAML extension implements) and uses only keywords draft-07 knows; its `$ref`s are
+    JSON pointers into `$defs`, which every draft resolves."""
     from pydantic import TypeAdapter
 
-    schema = TypeAdapter(ExperimentConfig).json_schema()
+    schema = {"$schema": JSON_SCHEMA_DIALECT, **TypeAdapter(ExperimentConfig).json_schema()}
     rows = {key: (help_, choices) for key, _, help_, choices in reference_rows()}
     defs = schema.get("$defs", {})
     for section, cls in [("", ExperimentConfig), *_SECTIONS.items()]:
@@ -211,3 +216,11 @@ def json_schema() -> dict[str, Any]:
                     prop["enum"] = list(choices)
     schema["title"] = "dpsgd experiment"
     return schema
+
+
+def json_schema_text() -> str:
+    """`json_schema()` as the text `dpsgd config schema` prints and docs/dpsgd-config.schema.json holds:
+    two-space indented JSON, non-ASCII characters kept (σ, ε), ending in a newline."""
+    import json
+
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
