@@ -47,7 +47,7 @@ over all trainable variables); all interleaved like the step rows. A DP step can
 non-private step plus, per layer, its fastest DP formulation minus its non-private work, plus the noise
 (elementwise work and the clip factors aside).
 
-Device rows (`device_rows`, issue 17): the DP step (fast path, XLA off, SGD) under tf.distribute's
+Device rows (`device_rows`): the DP step (fast path, XLA off, SGD) under tf.distribute's
 MirroredStrategy with R = 1, 2, … devices (GPUs if any, else logical CPUs: `distribute.split_cpu` must
 have run before TensorFlow started), on one fixed global batch dealt into R slices; `examples_per_s` =
 batch / step_s. Logical CPUs share the same cores, so on a CPU the point is that it runs, not speed.
