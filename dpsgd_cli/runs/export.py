@@ -17,7 +17,15 @@ import tempfile
 from pathlib import Path
 
 from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
-from dpsgd_cli.runs.run_dir import AUDIT_FILE, FINISHED, METRICS_FILE, RUN_FILE, WEIGHTS_FILE, RunDir
+from dpsgd_cli.runs.run_dir import (
+    AUDIT_FILE,
+    FINISHED,
+    METRICS_FILE,
+    RUN_FILE,
+    SEARCH_FILE,
+    WEIGHTS_FILE,
+    RunDir,
+)
 
 COPIED = (RUN_FILE, WEIGHTS_FILE, AUDIT_FILE)
 UNCOVERED_COLUMNS = ("train_loss", "train_accuracy")
@@ -29,6 +37,10 @@ def export_run(run_dir: Path, dest: Path, *, allow_reproducible: bool = False) -
     Refuses a run trained in reproducible mode unless `allow_reproducible` (its seed, in run.yaml,
     regenerates the noise: publishing it voids the guarantee)."""
     run_dir, dest = Path(run_dir), Path(dest)
+    searches = [p for p in run_dir.resolve().parents if (p / SEARCH_FILE).is_file()]
+    if searches:
+        raise ConfigError(f"{run_dir}: is a trial of the private hyperparameter search in {searches[0]}, "
+                          "whose ε covers only the search's publication; export that folder instead")
     doc = _finished_run(run_dir)
     if (doc.get("config", {}).get("privacy", {}) or {}).get("reproducible") and not allow_reproducible:
         raise ConfigError(f"{run_dir}: trained in reproducible mode (privacy.reproducible: true): its seed "
