@@ -260,8 +260,11 @@ def calibrate_search(trials: Sequence[TrialPrivacy], score_noise_multiplier: flo
             f"{score_noise_multiplier:g} and {count.describe()}, the scores cost ε = {floor:.3g}; allow a "
             "larger ε or add noise to the scores", "target_epsilon")
     distinct = list(dict.fromkeys(t.with_noise(1.0) for t in trials))
-    own = {t: _smallest(lambda s, t=t: search_epsilon([t.with_noise(s)], score_noise_multiplier, count,
-                                                      delta), target_epsilon) for t in distinct}
+    own: dict[TrialPrivacy, float] = {}
+    for t in distinct:  # neighbouring candidates need similar σ: start each search from the last one
+        own[t] = _smallest(lambda s, t=t: search_epsilon([t.with_noise(s)], score_noise_multiplier, count,
+                                                         delta), target_epsilon,
+                           start=own[next(reversed(own))] if own else 1.0)
     if len(distinct) > 1:
         def mixture(factor: float) -> float:
             scaled = [t.with_noise(own[t] * factor) for t in distinct]
@@ -272,19 +275,29 @@ def calibrate_search(trials: Sequence[TrialPrivacy], score_noise_multiplier: flo
     return [own[t.with_noise(1.0)] for t in trials]
 
 
-def _smallest(eps: Callable[[float], float], target: float, low: float | None = None) -> float:
+def _smallest(eps: Callable[[float], float], target: float, *, start: float = 1.0,
+              low: float | None = None) -> float:
     """The smallest x in [NOISE_MULTIPLIER_MIN, NOISE_MULTIPLIER_MAX] (or above `low`, where ε > target)
-    with eps(x) ≤ target, to CALIBRATION_RTOL: eps falls as x grows. Bracketed by doubling or halving,
-    then bisected in log scale; the returned x always meets the target."""
-    def noise_bound(x: float) -> float:
-        try:
-            return eps(x)
-        except AccountingInputError:
-            return math.inf  # a σ the accountants do not take (as in the bracket search below its range)
+    with eps(x) ≤ target, to CALIBRATION_RTOL: eps falls as x grows. Bracketed by doubling or halving from
+    `start` (or `low`), then Brent's method on log x; the returned x always meets the target."""
+    from scipy.optimize import brentq
 
-    high = 2.0 * low if low is not None else 1.0
-    if low is None and noise_bound(high) <= target:
-        low = high / 2
+    seen: dict[float, float] = {}
+
+    def noise_bound(x: float) -> float:
+        if x not in seen:
+            try:
+                seen[x] = eps(x)
+            except AccountingInputError:
+                seen[x] = math.inf  # a σ the accountants do not take (below or above their range)
+        return seen[x]
+
+    if low is not None:
+        high = low * 2
+    else:
+        high = min(max(start, NOISE_MULTIPLIER_MIN), NOISE_MULTIPLIER_MAX)
+        low = high
+    if noise_bound(high) <= target:
         while noise_bound(low) <= target:
             if low <= NOISE_MULTIPLIER_MIN:
                 raise AccountingInputError(
@@ -293,20 +306,18 @@ def _smallest(eps: Callable[[float], float], target: float, low: float | None = 
                     "smaller ε", "target_epsilon")
             high, low = low, max(low / 2, NOISE_MULTIPLIER_MIN)
     else:
-        low = high / 2 if low is None else low
         while noise_bound(high) > target:
             if high >= NOISE_MULTIPLIER_MAX:
                 raise AccountingInputError(
                     f"ε = {target:g} is out of reach: even σ = {NOISE_MULTIPLIER_MAX:g}, the most noise the "
                     "accountants take, exceeds it; allow a larger ε", "target_epsilon")
             low, high = high, min(high * 2, NOISE_MULTIPLIER_MAX)
-    while high > low * (1 + CALIBRATION_RTOL):
-        middle = math.sqrt(low * high)
-        if noise_bound(middle) > target:
-            low = middle
-        else:
-            high = middle
-    return high
+    root = math.exp(brentq(lambda y: min(noise_bound(math.exp(y)), 1e300) - target, math.log(low),
+                           math.log(high), xtol=CALIBRATION_RTOL / 4))
+    x = min(max(root, low), high)
+    while noise_bound(x) > target:  # Brent stops within xtol of the crossing, on either side
+        x = min(x * (1 + CALIBRATION_RTOL / 4), high)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------

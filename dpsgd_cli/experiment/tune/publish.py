@@ -97,7 +97,9 @@ def publication(plan: SearchPlan, winner: Trial, noisy_score: float) -> dict[str
         "search": {
             "epsilon": plan.epsilon, "delta": plan.delta, "accountant": "rdp",
             "distribution": plan.tune.distribution, "mean": plan.tune.mean, "shape": plan.tune.shape,
-            "space": plan.tune.to_dict()["space"], "space_size": plan.tune.space_size(),
+            "space": {a.key: a.to_dict() if a.is_range else f"{len(a.values)} listed values"
+                      for a in plan.tune.space},
+            "space_size": plan.tune.space_size(),
             "score": {"noisy_correct": noisy_score, "examples": plan.score_examples,
                       "noisy_accuracy": noisy_score / plan.score_examples,
                       "noise_multiplier": plan.tune.score_noise_multiplier,
