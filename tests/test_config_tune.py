@@ -4,6 +4,7 @@ the score — validated with one-line errors that name the key; `dpsgd tune` exi
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from typer.testing import CliRunner
 from dpsgd_cli.cli import app
 from dpsgd_cli.config.tune import RANGE_KEYS, TuneConfig, load_tune_config, tune_from_dict
 from dpsgd_cli.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BASE = {"data": {"batch_size": 64}, "training": {"epochs": 1}}
 GOOD = {"space": {"training.learning_rate": {"low": 0.1, "high": 2.0}, "privacy.l2_norm_clip": [0.5, 1.0]},
@@ -171,3 +174,10 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, data_dir, change, message
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and message in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("space", sorted((ROOT / "configs" / "tune").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_search_in_configs_loads_with_its_base(space):
+    """configs/tune/NAME.yaml holds the tune: block for configs/NAME.yaml."""
+    base, tune = load_tune_config(ROOT / "configs" / space.name, [], space)
+    assert base.name == space.stem and tune.space

@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dpsgd_cli.cli import app
-from dpsgd_cli.errors import ConfigError, RunDirError
+from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
 from dpsgd_cli.experiment import tune
 from dpsgd_cli.experiment.tune import search as search_module
 from dpsgd_cli.privacy import tuning
@@ -187,6 +187,30 @@ def test_selection_waits_for_every_trial(in_tmp, data_dir):
                                                                                             in_tmp / "s"))))
     with pytest.raises(RunDirError, match="trials 0, 1 have not finished"):
         tune.select_and_publish(search)
+
+
+def test_diverged_trials_are_never_selected_and_k_zero_publishes_nothing(in_tmp, data_dir):
+    seed = seed_with(2, data_dir, in_tmp / "s")
+    search = tune.open_search(tune.plan_search(config_file(in_tmp, data_dir, seed=seed)))
+    ran = []
+
+    def diverging(cfg, **kwargs):
+        ran.append((cfg.name, kwargs.get("run_key")))
+        raise TrainingError("loss is nan at epoch 1, step 3: training diverged")
+
+    tune.run_trials(search, run_fn=diverging)
+    assert ran == [(t.name, t.key) for t in search.trials]
+    assert {tune.trial_state(search, t) for t in search.trials} == {"diverged"}
+    selection = tune.select_and_publish(search)
+    assert selection.winner is None and not search.plan.publish_dir.exists()
+    assert tune.run_trials(search, run_fn=diverging) == []  # done: nothing runs again
+    # Poisson can draw K = 0: the search publishes nothing
+    path = config_file(in_tmp / "p", data_dir, distribution="poisson", mean=1)
+    plan = tune.plan_search(path, name="empty")
+    seed = next(s for s in range(100) if plan.count.sample(new_run_key(
+        reproducible=True, seed=s, label="tune/empty").generator(tuning.STREAM_TRIAL_COUNT)) == 0)
+    empty = tune.open_search(tune.plan_search(path, [f"seed={seed}"], name="empty"))
+    assert empty.count == 0 and tune.select_and_publish(empty).winner is None
 
 
 # ---------------------------------------------------------------------------------------------------

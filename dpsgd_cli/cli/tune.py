@@ -107,8 +107,9 @@ def _print_plan(plan: SearchPlan, tuning: Any) -> None:
         f"[bold]search {plan.name}[/]: ε = {plan.epsilon:.4g} (RDP, δ = {plan.delta:g}) for the whole "
         f"search; K ~ {plan.count.describe()}; space: {plan.tune.space_size()}", highlight=False)
     console.print(
-        f"σ per trial {shown}; one trial alone ε = {one:.3g}, {mean} trials composed naively ε = "
-        f"{naive:.3g} (RDP); scores on {plan.score_examples} examples with noise std {score:g}",
+        f"σ per trial {shown}; one trial alone ε = {one:.3g}, {mean} trial{'s' if mean != 1 else ''} "
+        f"composed naively ε = {naive:.3g} (RDP); scores on {plan.score_examples} examples with noise std "
+        f"{score:g}",
         highlight=False, markup=False)
 
 
