@@ -21,6 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dpsgd_cli.cli import app
+from dpsgd_cli.config import replace
 from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
 from dpsgd_cli.experiment import tune
 from dpsgd_cli.experiment.tune import search as search_module
@@ -95,6 +96,10 @@ def test_a_fixed_sigma_is_every_trials_and_its_epsilon_is_reported(in_tmp, data_
 def test_too_large_a_holdout_is_a_config_error(in_tmp, data_dir):
     with pytest.raises(ConfigError, match="tune.holdout: 640 examples leave none"):
         tune.plan_search(config_file(in_tmp, data_dir, holdout=640))
+    with pytest.raises(ConfigError, match=r"tune.space: the trial data.batch_size=600 \(on the 512 examples "
+                                          r"left after tune.holdout\) does not fit: data.batch_size: 600 is "
+                                          "larger than data.train_size 512"):
+        tune.plan_search(config_file(in_tmp, data_dir, space={"data.batch_size": [64, 600]}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,7 +360,7 @@ def test_the_publication_does_not_depend_on_k(searched, tmp_path, monkeypatch):
     assert [t.assignment for t in bigger.trials[:-1]] == [t.assignment for t in search.trials]
     # the extra trial must lose for the comparison to mean anything: give it no learning at all
     extra = bigger.trials[-1]
-    slow_cfg = search_module._with(extra.cfg, {"training.learning_rate": 1e-9})
+    slow_cfg = replace(extra.cfg, **{"training.learning_rate": 1e-9})
     trials = (*bigger.trials[:-1], search_module.Trial(extra.index, extra.assignment, slow_cfg,
                                                        extra.candidate, extra.key))
     bigger = search_module.Search(bigger.plan, bigger.key, trials)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli.config import ExperimentConfig, config_from_dict, resolved_data_dir
+from dpsgd_cli.config import ExperimentConfig, replace, resolved_data_dir
 from dpsgd_cli.config.tune import TuneConfig, load_tune_config
 from dpsgd_cli.errors import AccountingInputError, ConfigError
 from dpsgd_cli.privacy import tuning
@@ -89,7 +89,7 @@ def plan_search(config: str | Path | None, overrides: Sequence[str] = (),
     ConfigError, naming the key, for anything wrong."""
     base, tune = load_tune_config(config, list(overrides), space_file)
     if name is not None:
-        base = _with(base, {"name": name})
+        base = replace(base, name=name)
     if dataset_size is None:
         from dpsgd_cli.training.data import load_dataset
 
@@ -143,20 +143,15 @@ def _candidate_privacy(base: ExperimentConfig, tune: TuneConfig, picks: tuple[in
     end: they do not change ε)."""
     values = dict(zip((a.key for a in tune.lists), (a.values[j] for a, j in zip(tune.lists, picks))))
     values.update({a.key: a.low for a in tune.space if a.is_range})
-    cfg = _with(base, {**values, "privacy.noise_multiplier": 1.0, "privacy.target_epsilon": None,
-                       "data.train_size": train_size})
-    plan = plan_privacy(cfg, train_size)
+    try:
+        cfg = replace(base, **values, **{"privacy.noise_multiplier": 1.0, "privacy.target_epsilon": None,
+                                         "data.train_size": train_size})
+        plan = plan_privacy(cfg, train_size)
+    except ConfigError as exc:
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        raise ConfigError(f"tune.space: the trial {shown} (on the {train_size} examples left after "
+                          f"tune.holdout) does not fit: {exc}") from None
     privacy = TrialPrivacy(plan.accounting_noise_multiplier, plan.sampling_rate, plan.total_steps,
                            plan.releases)
     return privacy.with_noise(1.0), plan.microbatch_size
 
-
-def _with(cfg: ExperimentConfig, changes: dict[str, Any]) -> ExperimentConfig:
-    raw = cfg.to_dict()
-    for dotted, value in changes.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return config_from_dict(raw)

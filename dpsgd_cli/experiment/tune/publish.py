@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 
 from dpsgd_cli.atomic import atomic_write_text
+from dpsgd_cli.config import replace
 from dpsgd_cli.errors import OutputError, RunDirError
-from dpsgd_cli.experiment.tune.plan import SearchPlan, _with
+from dpsgd_cli.experiment.tune.plan import SearchPlan
 from dpsgd_cli.experiment.tune.search import SELECTED_FILE, Search, Trial, _write_private
 from dpsgd_cli.experiment.tune.trials import DIVERGED, SCORED, _read_score, trial_state
 from dpsgd_cli.privacy import tuning
@@ -71,7 +72,7 @@ def publication(plan: SearchPlan, winner: Trial, noisy_score: float) -> dict[str
     only (never of its index, of K or of another trial)."""
     doc = RunDir(winner.run_dir).document()
     resolved = doc.get("resolved") or {}
-    cfg = _with(winner.cfg, {"name": plan.name, "output_dir": str(plan.output_dir)})
+    cfg = replace(winner.cfg, name=plan.name, output_dir=str(plan.output_dir))
     kept = ("noise_multiplier", "accounting_noise_multiplier", "sampling_rate", "microbatch_size",
             "total_steps", "dataset_size", "feature_norm")
     final = doc.get("final") or {}

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from dpsgd_cli.atomic import atomic_write_text
-from dpsgd_cli.config import ExperimentConfig, flatten
+from dpsgd_cli.config import ExperimentConfig, flatten, replace
 from dpsgd_cli.errors import OutputError, RunDirError
-from dpsgd_cli.experiment.tune.plan import Candidate, SearchPlan, _with
+from dpsgd_cli.experiment.tune.plan import Candidate, SearchPlan
 from dpsgd_cli.privacy import tuning
 from dpsgd_cli.privacy.run_key import KEY_FILE, RunKey, load_run_key, new_run_key, save_run_key
 from dpsgd_cli.runs.run_dir import SEARCH_FILE, RunDir
@@ -106,11 +106,10 @@ def draw_trials(plan: SearchPlan, key: RunKey) -> tuple[Trial, ...]:
             assignment.append((axis.key, value))
         candidate = plan.candidate(tuple(picks))
         name = f"trial-{index:04d}"
-        cfg = _with(plan.base, {**dict(assignment), "name": name,
-                                "output_dir": str(plan.private_dir / TRIALS_DIR),
-                                "data.train_size": plan.train_size,
-                                "privacy.noise_multiplier": candidate.noise_multiplier,
-                                "privacy.target_epsilon": None})
+        cfg = replace(plan.base, **dict(assignment), **{
+            "name": name, "output_dir": str(plan.private_dir / TRIALS_DIR),
+            "data.train_size": plan.train_size, "privacy.noise_multiplier": candidate.noise_multiplier,
+            "privacy.target_epsilon": None})
         trials.append(Trial(index, tuple(assignment), cfg, candidate, tuning.trial_key(key, index)))
     return tuple(trials)
 
