@@ -319,6 +319,30 @@ def _encodings(value) -> list[bytes]:
 
 
 @pytest.mark.slow
+def test_the_published_score_is_the_held_out_count_plus_the_stated_noise(searched, data_dir, monkeypatch):
+    """Recomputed apart: the winner's correct predictions on training examples 512..639 (the held-out
+    end), and the noise: N(0, 2²) drawn from the search key's score stream for the winner's index."""
+    import keras
+
+    from dpsgd_cli.training.data import load_dataset
+    from dpsgd_cli.training.model import model_from_config
+
+    root, _, _, search = searched
+    monkeypatch.chdir(root)
+    selected = yaml.safe_load((search.plan.private_dir / "selected.yaml").read_text())
+    winner = search.trials[selected["winner"]]
+    data = load_dataset("fashion_mnist", data_dir, 640, 1)
+    model = model_from_config(winner.cfg.model, 0)
+    model.load_weights(search.plan.publish_dir / WEIGHTS_FILE)
+    logits = keras.ops.convert_to_numpy(model(data.x_train[512:640], training=False))
+    correct = int((logits.argmax(axis=1) == data.y_train[512:640]).sum())
+    noise = search.key.generator(tuning.STREAM_SCORE_NOISE, winner.index).normal(0.0, 2.0)
+    published = yaml.safe_load((search.plan.publish_dir / RUN_FILE).read_text())["search"]["score"]
+    assert published["noisy_correct"] == pytest.approx(correct + noise, abs=1e-9)
+    assert published["examples"] == 128 and published["noise_multiplier"] == 2.0
+
+
+@pytest.mark.slow
 def test_export_takes_the_publication_and_refuses_a_trial(searched, tmp_path):
     root, _, _, search = searched
     publish, _ = _relative(search, root)
