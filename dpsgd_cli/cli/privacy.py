@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, user_errors
+from dpsgd_cli.cli.tables import print_table
 from dpsgd_cli.errors import AccountingInputError, ConfigError, OutputError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
@@ -164,7 +165,7 @@ def epsilon(
         for row in rows:
             curve.add_row(f"{row['epoch']:g}", str(row["steps"]),
                           *(_eps_text(row[f"epsilon_{a}"]) for a in accountants))
-        console.print(curve)
+        print_table(curve, console)
     _print_privacy(s, s.noise_multiplier, final, statement, "privacy of this training")
     if csv_path is not None:
         console.print(f"wrote {csv_path} ({len(rows)} rows)", highlight=False)
@@ -178,7 +179,7 @@ def _print_privacy(s, sigma: float, epsilons: dict[str, float], statement: str, 
     _setting_rows(table, s, sigma)
     for name, value in epsilons.items():
         table.add_row(f"ε ({name.upper()})", _eps_text(value))
-    console.print(table)
+    print_table(table, console)
     console.print(statement, highlight=False)
 
 
