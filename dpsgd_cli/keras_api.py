@@ -1,6 +1,6 @@
 """Bring your own Keras 3 model: DP-SGD through `compile` + `fit`, on the engine `dpsgd train` uses.
 
-    from dpsgd_cli.keras_api import DPModel
+    from dpsgd_cli import DPModel
 
     dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.1)   # TF Privacy's names
     dp_model.compile(optimizer=keras.optimizers.SGD(0.15),
@@ -67,18 +67,34 @@ _UNSUPPORTED_FIT_ARGS = {"validation_split": 0.0, "sample_weight": None, "class_
 class DPModel(keras.Model):
     """Your Keras model, trained by `fit` with DP-SGD. Compile it as usual (any Keras optimizer; any loss
     whose per-example values depend on that example only, e.g. `SparseCategoricalCrossentropy(
-    from_logits=True)`; metrics), then `fit(x, y, epochs=, batch_size=, validation_data=, callbacks=)`.
-
-    `l2_norm_clip` (C), `noise_multiplier` (σ; noise std σ·C on the clipped sum), `num_microbatches`
-    (None = per-example clipping; M clips the mean gradient of each of M microbatches, TF Privacy's
-    semantics, accounted with σ/2; M < batch_size needs `sampling="shuffle"`), `delta` (δ of the ε
-    reported), `sampling` ("poisson" or "shuffle"), `target_epsilon` (stop before exceeding it, by
-    `target_accountant`), `reproducible_seed` (derive the key from this seed instead of OS entropy:
-    the ε then holds only while the seed stays secret), `run_key` (an explicit `run_key.RunKey`, e.g.
-    a CLI run's), `gradient_path` ("auto", "fast", "vectorized_map") and `jit_compile` ("auto", True,
-    False) as in the CLI config.
+    from_logits=True)`; metrics), then `fit(x, y, epochs=, batch_size=, validation_data=, callbacks=)`;
+    `privacy_statement()` then says what ε assumes and covers. Names follow TensorFlow Privacy.
 
     The wrapped model is `dp_model.model`; it shares its variables, so save or use either one.
+
+    Args:
+        model: an un-trained or pre-trained `keras.Model` whose outputs the loss reads (e.g. logits).
+        l2_norm_clip: C, the L2 norm each example's (or microbatch's) gradient is clipped to.
+        noise_multiplier: σ; the noise added to the clipped sum has std σ·C.
+        num_microbatches: None = per-example clipping; M clips the mean gradient of each of M microbatches
+            (TF Privacy's semantics, accounted with σ/2); M < batch_size needs `sampling="shuffle"`.
+        delta: δ of the ε reported.
+        sampling: "poisson" (each example joins each step with probability q = batch_size / n: what the
+            analysis assumes) or "shuffle" (fixed shuffled batches; the Poisson ε is then optimistic).
+        target_epsilon: stop `fit` before an epoch whose steps would take ε past it.
+        target_accountant: "pld" or "rdp", the accountant `target_epsilon` is checked with.
+        reproducible_seed: derive the key of the noise and the batches from this seed instead of OS
+            entropy (research and tests: the ε then holds only while the seed stays secret).
+        run_key: an explicit `run_key.RunKey`, e.g. a CLI run's (not with `reproducible_seed`).
+        gradient_path: "auto", "fast" or "vectorized_map", as in the CLI config.
+        jit_compile: "auto", True or False, as in the CLI config.
+        name: the Keras name (default "dp_<model name>").
+
+    Returns:
+        A `keras.Model`; `fit` returns Keras' History with `epsilon_rdp` and `epsilon_pld` per epoch.
+
+    Raises:
+        ConfigError: an argument out of range, or a layer that mixes examples (e.g. BatchNormalization).
     """
 
     def __init__(self, model: keras.Model, *, l2_norm_clip: float, noise_multiplier: float,
