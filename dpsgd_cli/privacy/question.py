@@ -47,6 +47,9 @@ class PrivacyQuestion:
 
     @property
     def accounting_sigma(self) -> float:
+        """The σ the accountant sees (σ/2 for microbatches of more than one example)."""
+        if self.noise_multiplier is None:
+            raise ValueError("this question has no noise multiplier (dpsgd noise asks for one)")
         return accounting.accounting_noise_multiplier(self.noise_multiplier, self.microbatch_size)
 
     @property
@@ -94,6 +97,8 @@ class PrivacyQuestion:
 
     def steps_per_epoch(self) -> float:
         if self.sampling == "shuffle":
+            if self.batch_size is None or self.dataset_size is None:  # resolve_options refuses this
+                raise ValueError("shuffled batches need the batch and dataset sizes")
             return float(self.dataset_size // self.batch_size)
         return 1.0 / self.sampling_rate
 
@@ -183,7 +188,7 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
                       epochs=epochs, l2_norm_clip=None, source="options")
     if steps is not None:
         _check_positive_int("--steps", steps)
-    else:
+    elif epochs is not None:  # one of the two is given (checked above)
         if not 0 < epochs < math.inf:
             raise ConfigError(f"--epochs must be > 0 and finite, got {epochs:g}")
         if sampling == "shuffle" and not float(epochs).is_integer():
