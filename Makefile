@@ -4,26 +4,31 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DPSGD := $(BIN)/dpsgd
 
-.PHONY: help install test test-fast lint quickstart bench bench-accounting
+.PHONY: help install test test-fast lint typecheck quickstart bench bench-accounting
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hypothesis)
+install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hypothesis, mypy)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 
-test:  ## run the test suite (what CI runs)
+test:  ## run the test suite (what CI runs): ruff, mypy, pytest
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
-test-fast:  ## ruff + every test that trains no model (pytest -m "not slow"): feedback in about two minutes
+test-fast:  ## ruff, mypy + every test that trains no model (pytest -m "not slow"): about two minutes
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q -m "not slow"
 
 lint:  ## ruff
 	$(BIN)/ruff check .
+
+typecheck:  ## mypy on the privacy code, the config and the public API (the files listed in pyproject.toml)
+	$(BIN)/mypy
 
 bench:  ## step-time benchmark: non-private vs DP paths, batch 64/256/1024, XLA on/off (a few minutes)
 	$(DPSGD) bench

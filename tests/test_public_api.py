@@ -118,3 +118,9 @@ def test_bad_questions_raise_one_line_config_errors(call, message):
     with pytest.raises(ConfigError, match=message) as caught:
         call()
     assert "\n" not in str(caught.value)
+
+
+def test_the_package_says_it_is_typed():
+    from pathlib import Path
+
+    assert (Path(dpsgd_cli.__file__).parent / "py.typed").is_file()
