@@ -3,6 +3,7 @@ DPSGD_VERBOSE=1 asks for them, and errors stay one line (dpsgd_cli.cli.quiet).""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -70,7 +71,9 @@ def test_stderr_silenced_restores_file_descriptor_2(capfd):
     assert capfd.readouterr().err == "before\nafter\n"
 
 
-def test_install_keeps_a_log_level_the_user_set(monkeypatch):
+def test_install_keeps_a_log_level_the_user_set(monkeypatch, request):
+    logger = logging.getLogger("tensorflow")
+    request.addfinalizer(lambda level=logger.level: logger.setLevel(level))
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     quiet.install()
@@ -78,3 +81,4 @@ def test_install_keeps_a_log_level_the_user_set(monkeypatch):
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
     quiet.install()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == quiet.QUIET_LOG_LEVEL
+    assert logger.getEffectiveLevel() == logging.ERROR  # TensorFlow's Python warnings too

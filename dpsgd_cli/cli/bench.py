@@ -188,7 +188,7 @@ def bench_tables(rows: list[dict[str, Any]]) -> list[Table]:
     times = _compact_table("milliseconds per training step (median), same process, same run")
     for column in ("path", "batch", "slots", "XLA", "ms/step", "examples\nper s", "compile\ns", "peak\nMB"):
         times.add_column(column, justify="left" if column == "path" else "right")
-    ratios = _compact_table("step time ÷ the non-private step's (same batch; first two: same XLA setting)")
+    ratios = _compact_table("step time ÷ non-private step time (same batch; first two: same XLA)")
     for column in ("path", "batch", "XLA", "÷\nnonprivate", "÷\nnonprivate_fast", "÷ fastest\nnonprivate"):
         ratios.add_column(column, justify="left" if column == "path" else "right")
     for r in rows:

@@ -7,7 +7,8 @@ twice: two of the shared libraries it loads (`_pywrap_tensorflow_internal` and t
 then logs "failed call to cuInit" on a machine without a GPU. No environment variable silences the
 first group, so `install()` points file descriptor 2 at /dev/null while TensorFlow is imported and
 its physical devices are listed, and restores it at once: every later line on stderr (our one-line
-errors, TensorFlow's warnings and errors at TF_CPP_MIN_LOG_LEVEL) reaches the terminal as before.
+errors, TensorFlow's C++ errors) reaches the terminal as before. TensorFlow's Python logger (its
+"WARNING:tensorflow:" lines about retracing or loops it could not vectorize) is set to errors only.
 
 Only the command line uses this (it owns the terminal); importing `dpsgd_cli` as a library changes
 nothing in the process.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -36,10 +38,11 @@ def verbose_requested() -> bool:
 
 
 def install() -> None:
-    """Quiet TensorFlow for the rest of this process: set TF_CPP_MIN_LOG_LEVEL (unless set) and silence
-    stderr while TensorFlow is first imported and lists its devices. Does nothing to TensorFlow if it is
-    imported already; calling it again is harmless."""
+    """Quiet TensorFlow for the rest of this process: set TF_CPP_MIN_LOG_LEVEL (unless set), its Python
+    logger to errors, and silence stderr while TensorFlow is first imported and lists its devices (not
+    if it is imported already). Calling it again is harmless."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_LOG_LEVEL)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # the logger tf.get_logger() returns
     if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _QuietTensorFlowFinder())
