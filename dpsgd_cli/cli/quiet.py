@@ -2,9 +2,10 @@
 
 `import tensorflow` prints its start-up notices (the oneDNN notice, "Could not find cuda drivers",
 `cpu_feature_guard`) through absl before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, and prints some of them
-twice: two of the shared libraries it loads (`_pywrap_tensorflow_internal` and the profiler plugin
-`_pywrap_profiler_plugin`) each carry their own copy of the same start-up code. The first device query
-then logs "failed call to cuInit" on a machine without a GPU. No environment variable silences the
+twice in the same process: once from `libtensorflow_framework`/`libtensorflow_cc` (loaded first), and
+again when the profiler plugin `_pywrap_profiler_plugin.so` is loaded, which links its own static copy of
+the same start-up code. The first device query then logs "failed call to cuInit" on a machine without
+a GPU. No environment variable silences the
 first group, so `install()` points file descriptor 2 at /dev/null while TensorFlow is imported and
 its physical devices are listed, and restores it at once: every later line on stderr (our one-line
 errors, TensorFlow's C++ errors) reaches the terminal as before. TensorFlow's Python logger (its
