@@ -118,3 +118,13 @@ def test_the_cli_reference_lists_every_command_and_option(site):
                 assert param.opts[0] in visible, f"dpsgd {name} {param.opts[0]}"
     # help text is shown literally, not read as HTML: `results/<name>/` survives
     assert "results/<name>/metrics.csv" in visible
+
+
+def test_the_runs_page_lists_the_metrics_columns_in_order(site):
+    from dpsgd_cli.runs.results import METRIC_COLUMNS
+
+    visible = _visible(_page(site, "runs"))
+    per_class = [column for column in METRIC_COLUMNS if column.startswith("test_accuracy_class_")]
+    assert len(per_class) == 10
+    listed = [column for column in METRIC_COLUMNS if column not in per_class]
+    assert ", ".join(listed) + ", test_accuracy_class_0 … test_accuracy_class_9" in visible

@@ -3,6 +3,7 @@
 A page holding the marker `<!-- dpsgd:cli-reference -->` gets every `dpsgd` command's usage, help and
 options, read from the Typer app (`typer.main.get_command`); one holding `<!-- dpsgd:config-reference -->`
 gets a table per config section from `dpsgd_cli.config.reference_rows()` (dotted key, default, help).
+`<!-- dpsgd:metrics-columns -->` becomes the columns of metrics.csv (`runs.results.METRIC_COLUMNS`).
 A page with a marker that cannot be filled fails the build."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 CLI_MARKER = "<!-- dpsgd:cli-reference -->"
 CONFIG_MARKER = "<!-- dpsgd:config-reference -->"
+METRICS_MARKER = "<!-- dpsgd:metrics-columns -->"
 _MD_SPECIAL = re.compile(r"([\\*_\[\]|])")
 
 
@@ -33,6 +35,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         markdown = markdown.replace(CLI_MARKER, cli_reference())
     if CONFIG_MARKER in markdown:
         markdown = markdown.replace(CONFIG_MARKER, config_reference())
+    if METRICS_MARKER in markdown:
+        markdown = markdown.replace(METRICS_MARKER, metrics_columns())
     return markdown
 
 
@@ -128,3 +132,14 @@ def config_reference() -> str:
         out += [f"## `{section}`" if section else "## Top level", "",
                 "| key | default | meaning |", "|---|---|---|", *rows, ""]
     return "\n".join(out)
+
+
+def metrics_columns() -> str:
+    """The columns of metrics.csv in order, the per-class accuracies folded into one range."""
+    from dpsgd_cli.runs.results import METRIC_COLUMNS
+
+    per_class = [c for c in METRIC_COLUMNS if re.fullmatch(r"test_accuracy_class_\d+", c)]
+    names = [f"`{c}`" for c in METRIC_COLUMNS if c not in per_class]
+    if per_class:
+        names.append(f"`{per_class[0]}` … `{per_class[-1]}`" if len(per_class) > 1 else f"`{per_class[0]}`")
+    return ", ".join(names)
