@@ -88,7 +88,7 @@ def _page(site: Path, page: str) -> str:
 
 
 def _visible(raw_html: str) -> str:
-    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", raw_html)).split())
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", raw_html)).split())
 
 
 def test_the_config_reference_lists_every_key_with_its_help(site):
