@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DPSGD := $(BIN)/dpsgd
 
-.PHONY: help install test test-fast lint docs docs-check schema quickstart bench bench-accounting
+.PHONY: help install test test-fast lint docs docs-check quickstart bench bench-accounting
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -32,11 +32,6 @@ MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
 
 docs:  ## build the documentation site into site/ (mkdocs build --strict: a broken link or anchor fails)
 	$(MKDOCS) build --strict
-
-schema:  ## rewrite docs/config.schema.json (the JSON Schema of the YAML configs, for editors) from the schema
-	$(BIN)/python -c "import json; from dpsgd_cli.config import json_schema; \
-	print(json.dumps(json_schema(), indent=2, ensure_ascii=False))" > docs/config.schema.json.tmp
-	mv docs/config.schema.json.tmp docs/config.schema.json
 
 docs-check:  ## the strict docs build into a temporary folder, quiet unless it fails (part of make test)
 	@d=$$(mktemp -d) && $(MKDOCS) build --strict -d "$$d/site" > "$$d/log" 2>&1; s=$$?; \
