@@ -43,8 +43,11 @@ def test_every_config_key_has_a_one_line_help():
     assert not multiline, f"help texts should be one line: {multiline}"
 
 
+HISTORY = re.compile(r"\bissue\s*#?\d|\bround[- ]\d|\brounds \d|\bsession", re.IGNORECASE)
+
+
 def test_no_page_speaks_of_issues_rounds_or_sessions():
-    pattern = re.compile(r"\bissue\s*#?\d|\bround[- ]\d|\brounds \d|\bsession", re.IGNORECASE)
+    pattern = HISTORY
     found = []
     for page in sorted([*DOCS.rglob("*.md"), ROOT / "README.md"]):
         for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
@@ -98,16 +101,25 @@ def test_the_cli_reference_lists_every_command_and_option(site):
 
     raw = _page(site, "cli")
     visible = _visible(raw)
+    commands = []  # (path, command, context), walked here apart from the hook
+
+    def walk(group, ctx, path):
+        for name in group.list_commands(ctx):
+            sub = group.get_command(ctx, name)
+            sub_ctx = sub.make_context(name, [], parent=ctx, resilient_parsing=True)
+            if hasattr(sub, "list_commands"):
+                walk(sub, sub_ctx, [*path, name])
+            else:
+                commands.append(([*path, name], sub, sub_ctx))
+
     group = typer.main.get_command(app)
-    ctx = group.make_context("dpsgd", [], resilient_parsing=True)
-    names = group.list_commands(ctx)
-    assert {"train", "epsilon", "sweep", "export"} <= set(names)
-    for name in names:
-        assert f'id="dpsgd-{name}"' in raw, name
-        command = group.get_command(ctx, name)
-        for param in command.get_params(command.make_context(name, [], parent=ctx, resilient_parsing=True)):
+    walk(group, group.make_context("dpsgd", [], resilient_parsing=True), ["dpsgd"])
+    assert {"train", "epsilon", "sweep", "export"} <= {path[1] for path, _, _ in commands}
+    for path, command, ctx in commands:
+        assert f'id="{"-".join(path)}"' in raw, path
+        for param in command.get_params(ctx):
             if param.param_type_name == "option" and not param.hidden:
-                assert param.opts[0] in visible, f"dpsgd {name} {param.opts[0]}"
+                assert param.opts[0] in visible, f"{' '.join(path)} {param.opts[0]}"
     # help text is shown literally, not read as HTML: `results/<name>/` survives
     assert "results/<name>/metrics.csv" in visible
 
@@ -120,3 +132,10 @@ def test_the_runs_page_lists_the_metrics_columns_in_order(site):
     assert len(per_class) == 10
     listed = [column for column in METRIC_COLUMNS if column not in per_class]
     assert ", ".join(listed) + ", test_accuracy_class_0 … test_accuracy_class_9" in visible
+
+
+def test_the_generated_pages_speak_of_no_issues_rounds_or_sessions(site):
+    """The help texts and config descriptions the reference pages are made of follow the same rule."""
+    for page in ("cli", "config", "runs"):
+        found = HISTORY.findall(_visible(_page(site, page)))
+        assert not found, (page, found)

@@ -57,6 +57,26 @@ def _code(text: str) -> str:
     return f"{fence}{text}{fence}".replace("|", "\\|")
 
 
+def _commands(command: Any, ctx: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """(command path, command, its context) for every visible command under a group, depth first;
+    a sub-group (`dpsgd config`) stands for its own subcommands."""
+    found = []
+    for name in command.list_commands(ctx):
+        sub = command.get_command(ctx, name)
+        if sub is None or sub.hidden:
+            continue
+        sub_ctx = sub.make_context(name, [], parent=ctx, resilient_parsing=True)
+        if hasattr(sub, "list_commands"):
+            found += _commands(sub, sub_ctx, f"{path} {name}")
+        else:
+            found.append((f"{path} {name}", sub, sub_ctx))
+    return found
+
+
+def _anchor(path: str) -> str:
+    return path.replace(" ", "-")
+
+
 def cli_reference() -> str:
     """Markdown for every command of the `dpsgd` app: usage, help paragraphs, arguments and options."""
     import typer.main
@@ -65,24 +85,19 @@ def cli_reference() -> str:
 
     group = typer.main.get_command(app)
     root = group.make_context("dpsgd", [], resilient_parsing=True)
-    out = []
-    if group.help:
-        out += [_text(group.help.strip()), ""]
-    names = [n for n in group.list_commands(root) if not group.get_command(root, n).hidden]
+    commands = _commands(group, root, "dpsgd")
+    out = [_text(group.help.strip()), ""] if group.help else []
     out += ["| command | what it does |", "|---|---|"]
-    for name in names:
-        first = (group.get_command(root, name).help or "").strip().split("\n\n")[0]
-        out.append(f"| [`dpsgd {name}`](#dpsgd-{name}) | {_cell(first)} |")
+    for path, command, _ in commands:
+        first = (command.help or "").strip().split("\n\n")[0]
+        out.append(f"| [`{path}`](#{_anchor(path)}) | {_cell(first)} |")
     out.append("")
-    for name in names:
-        command = group.get_command(root, name)
-        ctx = command.make_context(name, [], parent=root, resilient_parsing=True)
+    for path, command, ctx in commands:
         params = [p for p in command.get_params(ctx) if not getattr(p, "hidden", False)]
         arguments = [p for p in params if p.param_type_name == "argument"]
         options = [p for p in params if p.param_type_name == "option"]
-        usage = " ".join(["dpsgd", name, "[OPTIONS]" if options else "",
-                          *(p.name.upper() for p in arguments)])
-        out += [f"## dpsgd {name}", "", "```", " ".join(usage.split()), "```", ""]
+        usage = " ".join([path, "[OPTIONS]" if options else "", *(p.name.upper() for p in arguments)])
+        out += [f"## {path}", "", "```", " ".join(usage.split()), "```", ""]
         for paragraph in (command.help or "").strip().split("\n\n"):
             out += [" ".join(_text(paragraph).split()), ""]
         for title, group_params in (("Arguments", arguments), ("Options", options)):
