@@ -77,6 +77,15 @@ METRIC_COLUMNS = (
     *(f.name for f in dataclasses.fields(EpochRecord) if f.name != _PER_CLASS),
     *(f"test_accuracy_class_{k}" for k in range(NUM_CLASSES)),
 )
+# What the run's (ε, δ) covers: the weights and what is computed from them alone (test metrics), ε, and
+# the run's public settings. `dpsgd export` publishes these columns and no other.
+COVERED_COLUMNS = (
+    "epoch", "step", "test_loss", "test_accuracy", "epsilon_rdp", "epsilon_pld", "delta", "noise_multiplier",
+    "l2_norm_clip", "batch_size", "learning_rate", *(f"test_accuracy_class_{k}" for k in range(NUM_CLASSES)),
+)
+# Computed from the private batches without noise (train_*), or timings that grow with the realised
+# (secret) Poisson batch sizes: they stay in the run directory.
+PRIVATE_COLUMNS = tuple(c for c in METRIC_COLUMNS if c not in COVERED_COLUMNS)
 
 
 def metrics_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
