@@ -27,9 +27,13 @@ What `fit` does, and where each part lives (nothing here re-implements clipping,
 * ε: `accounting.PrivacyLedger`, one step at a time as steps are taken; `epsilon_rdp` and `epsilon_pld`
   join the epoch logs (progress bar, History, CSVLogger, TensorBoard). `target_epsilon=` stops `fit`
   before an epoch whose steps would take ε past it. `privacy_statement()` says what ε assumes and covers.
-
-`loss` and the training metrics in the logs are computed on the private batches without noise and are
-not covered by ε; validation metrics are computed from the weights and are.
+* the logs that callbacks read (and History, the progress bar) hold only what ε covers: ε and the
+  validation metrics (computed from the weights). `loss`, the compiled training metrics and
+  `nonfinite_units` are computed on the private batches without noise; a callback acting on them
+  (EarlyStopping, ReduceLROnPlateau, restore_best_weights) would make the released weights depend on
+  them. They join the logs only with `DPModel(log_train_metrics=True)`, and the statement then says so.
+* a unit whose gradient norm or loss is not finite is left out of its step (`engine.clipped_sum`) and
+  counted in `nonfinite_units`.
 """
 
 from __future__ import annotations
@@ -55,9 +59,16 @@ __all__ = ["COVERAGE", "KEY_LOCATION", "DPModel"]
 
 KEY_LOCATION = "the memory of the Python process that trained the model, never written anywhere,"
 COVERAGE = ("It covers the model weights after every epoch and at the end, and what is computed from them "
-            "alone (validation loss and metrics); it does not cover `loss` and the training metrics of "
-            "the fit logs (progress bar, History, CSVLogger), which are computed on the private batches "
-            "without noise.")
+            "alone (validation loss and metrics); the fit logs that callbacks, History and the progress bar "
+            "read held only these and ε.")
+COVERAGE_WITH_TRAIN_METRICS = (
+    "It covers the model weights after every epoch and at the end, and what is computed from them alone "
+    "(validation loss and metrics). The fit logs also held the training loss, metrics and nonfinite_units "
+    "(log_train_metrics=True): they are computed on the private batches without noise and are not covered; "
+    "any decision a callback took on them — stopping early (EarlyStopping), changing the learning rate "
+    "(ReduceLROnPlateau), or choosing which weights to keep (restore_best_weights, "
+    "ModelCheckpoint(save_best_only=True)) — made the weights depend on them, and such weights are not "
+    "covered either.")
 _REPRODUCIBLE_LABEL = "dpsgd.keras_api"
 _MAX_DATASET_BYTES = 4 * 2**30
 _UNSUPPORTED_FIT_ARGS = {"validation_split": 0.0, "sample_weight": None, "class_weight": None,
@@ -76,7 +87,9 @@ class DPModel(keras.Model):
     `target_accountant`), `reproducible_seed` (derive the key from this seed instead of OS entropy:
     the ε then holds only while the seed stays secret), `run_key` (an explicit `run_key.RunKey`, e.g.
     a CLI run's), `gradient_path` ("auto", "fast", "vectorized_map") and `jit_compile` ("auto", True,
-    False) as in the CLI config.
+    False) as in the CLI config, `log_train_metrics` (put the training loss and metrics, computed on the
+    private batches without noise, into the logs callbacks read; the statement then says they are not
+    covered, nor any weights a callback chose by them).
 
     The wrapped model is `dp_model.model`; it shares its variables, so save or use either one.
     """
@@ -85,7 +98,8 @@ class DPModel(keras.Model):
                  num_microbatches: int | None = None, delta: float = 1e-5, sampling: str = "poisson",
                  target_epsilon: float | None = None, target_accountant: str = "pld",
                  reproducible_seed: int | None = None, run_key: RunKey | None = None,
-                 gradient_path: str = "auto", jit_compile: Any = "auto", name: str | None = None):
+                 gradient_path: str = "auto", jit_compile: Any = "auto", log_train_metrics: bool = False,
+                 name: str | None = None):
         check_dp_model(model, "DPModel(model)")
         _check(0 < l2_norm_clip < math.inf, f"l2_norm_clip: must be > 0 and finite, got {l2_norm_clip}")
         _check(0 <= noise_multiplier < math.inf, f"noise_multiplier: must be ≥ 0, got {noise_multiplier}")
@@ -114,6 +128,8 @@ class DPModel(keras.Model):
         self.target_accountant = target_accountant
         self.gradient_path_setting = gradient_path
         self.jit_compile_setting = jit_compile
+        self.log_train_metrics = bool(log_train_metrics)
+        self.nonfinite_units = 0  # units left out of their step for a non-finite gradient norm or loss
         self._reproducible_from = ("the seed passed as DPModel(reproducible_seed=…)"
                                    if reproducible_seed is not None else "the run_key given to DPModel")
         if run_key is None:
@@ -171,7 +187,8 @@ class DPModel(keras.Model):
             if self._would_exceed_target(steps):
                 break
             cbs.on_epoch_begin(epoch)
-            logs = self._train_epoch(x, y, cbs)
+            train_logs = self._train_epoch(x, y, cbs)
+            logs = dict(train_logs) if self.log_train_metrics else {}
             logs.update({f"epsilon_{a}": self.epsilon(a) for a in accounting.ACCOUNTANTS})
             if validation_data is not None and (epoch + 1) % validation_freq == 0:
                 logs.update({f"val_{k}": float(v) for k, v in self._validate(
@@ -183,27 +200,31 @@ class DPModel(keras.Model):
         return self.history
 
     def _train_epoch(self, x: np.ndarray, y: np.ndarray, cbs) -> dict[str, float]:
+        """One epoch's steps; returns the training statistics (private: the logs get them only with
+        `log_train_metrics`)."""
         step_fn, chunk_fn, zeros = self._step
         self.reset_metrics()
         self.epochs_done += 1
-        loss_sum = count = 0.0
+        loss_sum = count = dropped = 0.0
         logs: dict[str, float] = {}
         for i, batch in enumerate(self._sampler.epoch(self.epochs_done)):
             if batch.step != self.steps_done:
                 raise RuntimeError(f"step numbering out of order ({batch.step} != {self.steps_done})")
             cbs.on_train_batch_begin(i)
-            step_loss, _, step_count, (logits,) = take_step(step_fn, chunk_fn, zeros, x, y, batch,
-                                                            self._run_key.noise_seed(batch.step))
-            idx, mask = batch.chunks[0]
-            self._update_metrics(y[idx], logits, mask)
+            (step_loss, _, step_count, step_dropped), (logits, kept) = take_step(
+                step_fn, chunk_fn, zeros, x, y, batch, self._run_key.noise_seed(batch.step))
+            self._update_metrics(y[batch.chunks[0][0]], logits, kept)
             self.steps_done += 1
             self.ledger.advance(1)  # accounted as soon as taken
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"loss is {step_loss} at step {batch.step + 1}: training diverged; "
-                                    "lower the learning rate")
-            loss_sum, count = loss_sum + step_loss, count + step_count
-            logs = {"loss": loss_sum / max(count, 1.0), **self._metric_results()}
-            cbs.on_train_batch_end(i, logs)
+            self.nonfinite_units += int(step_dropped)
+            if not math.isfinite(step_loss) or (step_count == 0 and step_dropped > 0):
+                what = f"loss is {step_loss}" if not math.isfinite(step_loss) else \
+                    "every example's gradient or loss was non-finite"
+                raise TrainingError(f"{what} at step {batch.step + 1}: training diverged; lower the "
+                                    "learning rate")
+            loss_sum, count, dropped = loss_sum + step_loss, count + step_count, dropped + step_dropped
+            logs = {"loss": loss_sum / max(count, 1.0), **self._metric_results(), "nonfinite_units": dropped}
+            cbs.on_train_batch_end(i, logs if self.log_train_metrics else {})
         return logs
 
     def _metric_results(self) -> dict[str, float]:
@@ -247,7 +268,8 @@ class DPModel(keras.Model):
             accounting_noise_multiplier=self.ledger.noise_multiplier, l2_norm_clip=self.l2_norm_clip,
             sampling_rate=b / n, steps=self.ledger.steps, delta=self.delta, sampling=self.sampling,
             microbatch_size=k, epsilon_rdp=self.epsilon("rdp"), epsilon_pld=self.epsilon("pld"),
-            source="run", randomness=self._run_key.mode, key_location=KEY_LOCATION, coverage=COVERAGE,
+            source="run", randomness=self._run_key.mode, key_location=KEY_LOCATION,
+            coverage=COVERAGE_WITH_TRAIN_METRICS if self.log_train_metrics else COVERAGE,
             reproducible_from=self._reproducible_from)
 
     def privacy_statement(self) -> str:
@@ -305,7 +327,8 @@ class DPModel(keras.Model):
         self.reset_metrics()  # the metrics' variables now exist, outside any tf.function
 
         def update_metrics(labels, logits, mask):
-            """Keras metrics (unweighted by design) on the real examples only: padded slots dropped."""
+            """Keras metrics (unweighted by design) on the kept examples only: padded slots and the
+            examples of dropped units left out."""
             real = mask > 0
             self.compute_metrics(None, tf.boolean_mask(labels, real), tf.boolean_mask(logits, real))
             return tf.constant(0)

@@ -284,3 +284,46 @@ def test_a_text_model_with_an_embedding_fits_on_the_fast_path():
     assert not [w for w in caught if "vectorized_map" in str(w.message)]
     assert dp_model.gradient_path == "fast" and dp_model.steps_done > 0
     assert not np.allclose(model.get_weights()[0], before)
+
+
+class _LogKeys(keras.callbacks.Callback):
+    """Records the keys of every log a callback is handed."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen |= set(logs or {})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen |= set(logs or {})
+
+    def on_train_end(self, logs=None):
+        self.seen |= set(logs or {})
+
+
+@pytest.mark.slow
+def test_callbacks_see_only_covered_values_unless_training_metrics_are_asked_for():
+    """By default the fit logs (callbacks, History, progress bar) hold ε and validation metrics only: the
+    training loss and metrics, computed on the private batches without noise, could otherwise drive early
+    stopping or a learning-rate change, and the released weights would depend on them."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(64, 6)).astype(np.float32), rng.integers(0, 3, size=64).astype(np.int32)
+    seen = {}
+    for asked in (False, True):
+        dp_model = DPModel(_small_model(seed=1), l2_norm_clip=1.0, noise_multiplier=1.0,
+                           log_train_metrics=asked)
+        dp_model.compile(optimizer="sgd", loss=_sparse_ce(), metrics=["accuracy"])
+        keys = _LogKeys()
+        history = dp_model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[keys],
+                               validation_data=(x[:16], y[:16]))
+        seen[asked] = (keys.seen, set(history.history), dp_model.privacy_statement())
+    logs, history_keys, statement = seen[False]
+    assert logs == history_keys == {"epsilon_rdp", "epsilon_pld", "val_loss", "val_accuracy"}
+    assert "log_train_metrics" not in statement
+    logs, history_keys, statement = seen[True]
+    assert {"loss", "accuracy", "nonfinite_units"} <= logs and {"loss", "accuracy"} <= history_keys
+    for words in ("log_train_metrics=True", "not covered", "EarlyStopping", "ReduceLROnPlateau",
+                  "restore_best_weights"):
+        assert words in statement, words
