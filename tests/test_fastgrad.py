@@ -73,8 +73,8 @@ def test_fast_path_matches_vmap_and_loop(model, k):
         norms = {s: fastgrad.per_unit_norms(model, x, y, k, strategy=s) for s in ("ghost", "materialize")}
         return out, norms, engine.vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, k)
 
-    out, norms, (vmap_sums, vmap_losses, vmap_logits) = _compiled(all_paths, jit=False)(x, y, mask)
-    for strategy, (sums, losses, logits) in out.items():
+    out, norms, (vmap_sums, vmap_losses, vmap_logits, _) = _compiled(all_paths, jit=False)(x, y, mask)
+    for strategy, (sums, losses, logits, _) in out.items():
         _assert_sums_close(sums, vmap_sums, model.trainable_variables, f"{strategy} vs vmap")
         _assert_sums_close(sums, ref_sums, model.trainable_variables, f"{strategy} vs loop")
         np.testing.assert_allclose(losses, vmap_losses, rtol=RTOL, atol=ATOL)
@@ -90,7 +90,7 @@ def test_fast_path_under_xla_matches_loop(activation, k):
     x, y, mask = _batch(seed=5)
     l2_norm_clip, _, ref_sums = _clip_between_norms(model, x, y, mask, k)
     fast = _compiled(lambda *a: fastgrad.fast_clipped_gradient_sum(model, *a, l2_norm_clip, k), jit=True)
-    sums, losses, _ = fast(x, y, mask)
+    sums, losses, *_ = fast(x, y, mask)
     _assert_sums_close(sums, ref_sums, model.trainable_variables, "xla fast vs loop")
     vmap_losses = engine.vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, k)[1]
     np.testing.assert_allclose(losses, vmap_losses, rtol=RTOL, atol=ATOL)
@@ -198,7 +198,7 @@ def test_train_step_without_noise_or_clipping_is_plain_sgd(jit):
     grad_sum_fn = fastgrad.choose_gradient_sum_fn(model, "fast")
     step, _ = engine.make_train_step(model, optimizer, settings, grad_sum_fn)
     zeros = [tf.zeros_like(v) for v in model.trainable_variables]
-    loss_sum, _, count = step(x, y, mask, zeros, tf.constant([7, 0], tf.int64))
+    loss_sum, _, count, _ = step(x, y, mask, zeros, tf.constant([7, 0], tf.int64))
     assert float(count) == BATCH
     np.testing.assert_allclose(float(loss_sum) / BATCH, float(loss), rtol=RTOL)
     for v, e in zip(model.trainable_variables, expected):
@@ -242,7 +242,7 @@ def test_every_formulation_matches_the_loop(model, k):
 
     ref_losses = engine.per_example_loss(model(x), y)
     results = _compiled(all_formulations, jit=False)(x, y, mask)
-    for f, ((sums, losses, _), norms) in zip(formulations, results):
+    for f, ((sums, losses, *_), norms) in zip(formulations, results):
         _assert_sums_close(sums, ref_sums, model.trainable_variables, f"{f} vs loop")
         np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL, err_msg=str(f))
         np.testing.assert_allclose(losses, ref_losses, rtol=RTOL, atol=ATOL)

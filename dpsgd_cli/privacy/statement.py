@@ -103,9 +103,9 @@ def privacy_statement(f: PrivacyFacts) -> str:
 
 COVERAGE = ("It covers the model weights after every epoch and at the end, and what is computed from them "
             "alone (test loss and accuracy); it does not cover what is computed from the private data "
-            "without noise: train_loss and train_accuracy (metrics.csv, progress line), elapsed_s (it "
-            "grows with the secret batch sizes) and the audit's statistics (audit.json). `dpsgd export` "
-            "leaves them out.")
+            "without noise: train_loss, train_accuracy and train_nonfinite_units (metrics.csv, progress "
+            "line), elapsed_s (it grows with the secret batch sizes) and the audit's statistics "
+            "(audit.json). `dpsgd export` leaves them out.")
 
 
 def _randomness_sentences(f: PrivacyFacts) -> list[str]:

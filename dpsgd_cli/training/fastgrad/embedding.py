@@ -39,6 +39,6 @@ class EmbeddingRule(WeightRule):
 
     def weighted_sums(self, layer, term, weights):
         rows, ids, unit = term
-        weighted = rows * tf.gather(weights, unit)[:, None]
+        weighted = tf.math.multiply_no_nan(rows, tf.gather(weights, unit)[:, None])  # 0 for a dropped unit
         return [tf.math.unsorted_segment_sum(weighted, ids, layer.embeddings.shape[0])]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from dpsgd_cli.training.engine import without_dropped
 from dpsgd_cli.training.fastgrad.base import WeightRule, extra_variables
 
 
@@ -47,17 +48,18 @@ class KernelRule(WeightRule):
 
     def weighted_sums(self, layer, term, weights):
         a_u, rows, d_u, grads, bias = term
-        if grads is None:  # one GEMM [p, units·T] · [units·T, c]
+        if grads is None:  # one GEMM [p, units·T] · [units·T, c]; a dropped unit's A_u and D_u are zeroed
+            a_u = without_dropped(weights, a_u)
             if rows:
                 a_all, transpose = tf.reshape(a_u, [-1, a_u.shape[2]]), True
             else:
                 a_all, transpose = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1]), False
-            weighted = tf.reshape(d_u * weights[:, None, None], [-1, d_u.shape[2]])
+            weighted = tf.reshape(tf.math.multiply_no_nan(d_u, weights[:, None, None]), [-1, d_u.shape[2]])
             kernel = tf.matmul(a_all, weighted, transpose_a=transpose)
         else:
-            kernel = tf.tensordot(weights, grads, axes=1)
+            kernel = tf.tensordot(weights, without_dropped(weights, grads), axes=1)
         sums = [tf.reshape(kernel, layer.kernel.shape)]
-        return sums + ([] if bias is None else [tf.tensordot(weights, bias, 1)])
+        return sums + ([] if bias is None else [tf.tensordot(weights, without_dropped(weights, bias), 1)])
 
 
 
