@@ -23,7 +23,10 @@ What `fit` does, and where each part lives (nothing here re-implements clipping,
   optimizer. The fast per-example path (`fastgrad`) when every layer is supported, else
   `tf.vectorized_map` (a warning says so once).
 * randomness: `run_key`. A fresh secret 128-bit key from OS entropy per DPModel, held only in memory; a
-  reproducible key only when asked (`reproducible_seed=`), for research and tests.
+  reproducible key only when asked (`reproducible_seed=`), for research and tests. A key passed as
+  `run_key=` is refused when a run directory's run.key holds it (that run drew its noise and batches from
+  it) or, secret, when another DPModel of this process trains with it; the statement then names it as
+  supplied by the caller.
 * ε: `accounting.PrivacyLedger`, one step at a time as steps are taken; `epsilon_rdp` and `epsilon_pld`
   join the epoch logs (progress bar, History, CSVLogger, TensorBoard). `target_epsilon=` stops `fit`
   before an epoch whose steps would take ε past it. `privacy_statement()` says what ε assumes and covers.
@@ -38,6 +41,7 @@ What `fit` does, and where each part lives (nothing here re-implements clipping,
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from typing import Any
@@ -80,16 +84,16 @@ class DPModel(keras.Model):
     whose per-example values depend on that example only, e.g. `SparseCategoricalCrossentropy(
     from_logits=True)`; metrics), then `fit(x, y, epochs=, batch_size=, validation_data=, callbacks=)`.
 
-    `l2_norm_clip` (C), `noise_multiplier` (σ; noise std σ·C on the clipped sum), `num_microbatches`
-    (None = per-example clipping; M clips the mean gradient of each of M microbatches, TF Privacy's
-    semantics, accounted with σ/2; M < batch_size needs `sampling="shuffle"`), `delta` (δ of the ε
-    reported), `sampling` ("poisson" or "shuffle"), `target_epsilon` (stop before exceeding it, by
-    `target_accountant`), `reproducible_seed` (derive the key from this seed instead of OS entropy:
-    the ε then holds only while the seed stays secret), `run_key` (an explicit `run_key.RunKey`, e.g.
-    a CLI run's), `gradient_path` ("auto", "fast", "vectorized_map") and `jit_compile` ("auto", True,
+    `l2_norm_clip` (C), `noise_multiplier` (σ; noise std σ·C on the clipped sum), `num_microbatches` (None =
+    per-example clipping; M clips the mean gradient of each of M microbatches, TF Privacy's semantics,
+    accounted with σ/2; M < batch_size needs `sampling="shuffle"`), `delta` (δ of the ε reported), `sampling`
+    ("poisson" or "shuffle"), `target_epsilon` (stop before exceeding it, by `target_accountant`),
+    `reproducible_seed` (derive the key from this seed instead of OS entropy: the ε then holds only while the
+    seed stays secret), `run_key` (an explicit `run_key.RunKey` no other training used: never a run
+    directory's run.key), `gradient_path` ("auto", "fast", "vectorized_map") and `jit_compile` ("auto", True,
     False) as in the CLI config, `log_train_metrics` (put the training loss and metrics, computed on the
-    private batches without noise, into the logs callbacks read; the statement then says they are not
-    covered, nor any weights a callback chose by them).
+    private batches without noise, into the logs callbacks read; the statement then says they are not covered,
+    nor any weights a callback chose by them).
 
     The wrapped model is `dp_model.model`; it shares its variables, so save or use either one.
     """
@@ -132,9 +136,13 @@ class DPModel(keras.Model):
         self.nonfinite_units = 0  # units left out of their step for a non-finite gradient norm or loss
         self._reproducible_from = ("the seed passed as DPModel(reproducible_seed=…)"
                                    if reproducible_seed is not None else "the run_key given to DPModel")
+        self._key_origin = None
         if run_key is None:
             run_key = new_run_key(reproducible=reproducible_seed is not None, seed=reproducible_seed or 0,
                                   label=_REPRODUCIBLE_LABEL)
+        else:
+            _claim(run_key)
+            self._key_origin = "the run_key passed to DPModel" if run_key.mode == "secret" else None
         self._run_key = run_key
         self._plan: tuple | None = None  # (n, batch_size, microbatch size) of the first fit
         self._step = None
@@ -270,7 +278,7 @@ class DPModel(keras.Model):
             microbatch_size=k, epsilon_rdp=self.epsilon("rdp"), epsilon_pld=self.epsilon("pld"),
             source="run", randomness=self._run_key.mode, key_location=KEY_LOCATION,
             coverage=COVERAGE_WITH_TRAIN_METRICS if self.log_train_metrics else COVERAGE,
-            reproducible_from=self._reproducible_from)
+            reproducible_from=self._reproducible_from, key_origin=self._key_origin)
 
     def privacy_statement(self) -> str:
         """The (ε, δ) guarantee of the training so far in words, with every assumption it rests on."""
@@ -350,6 +358,25 @@ class DPModel(keras.Model):
         if x.dtype.kind == "f" and x.dtype != np.float32:
             x = x.astype(np.float32)
         return x, y, batch_size
+
+
+_CLAIMED_KEYS: set[str] = set()  # digests of the secret keys DPModels of this process train with
+
+
+def _claim(key: RunKey) -> None:
+    """Refuse a key a run directory already used, or a secret key another DPModel already holds: two
+    trainings with one key share their noise and batches, while each statement says the key is secret."""
+    if key.origin is not None:
+        raise ConfigError(f"run_key: this is the key in {key.origin}; that run already drew its noise and "
+                          "batches from it, and a model trained with it would share them; pass no run_key "
+                          "(a fresh secret key), or reproducible_seed= for a reproducible run")
+    if key.mode != "secret":
+        return  # reproducible: the stated research opt-in (the statement says what it depends on)
+    digest = hashlib.sha256(b"dpsgd DPModel key\0" + key.material).hexdigest()
+    if digest in _CLAIMED_KEYS:
+        raise ConfigError("run_key: another DPModel already trains with this secret key; the two would share "
+                          "their noise and batches: pass no run_key (a fresh secret key) to each model")
+    _CLAIMED_KEYS.add(digest)
 
 
 def per_example_loss_fn(loss) -> engine.LossFn:

@@ -20,7 +20,7 @@ from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.keras_api import DPModel
 from dpsgd_cli.privacy.plan import plan_privacy
-from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.privacy.run_key import load_run_key, new_run_key, save_run_key
 from dpsgd_cli.training import engine
 from dpsgd_cli.training.data import load_dataset
 from dpsgd_cli.training.model import model_from_config
@@ -368,3 +368,21 @@ def test_one_overflowing_example_is_dropped_from_the_step_and_counted():
     noise = engine.gaussian_noise(model.trainable_variables, sigma * clip, key.noise_seed(0))
     for got, w, s, z in zip(model.trainable_variables, before, loop_sum, noise):
         np.testing.assert_allclose(got.numpy(), w - (s + z.numpy()) / n, rtol=1e-5, atol=1e-6)
+
+
+def test_a_key_a_run_directory_used_or_another_model_holds_is_refused(tmp_path):
+    """Two trainings with one key share their noise and batches, while each statement says "secret": a
+    run's run.key (or a secret key another DPModel already trains with) is refused, in one line."""
+    save_run_key(new_run_key(reproducible=False, seed=0), tmp_path)
+    used = load_run_key(tmp_path)
+    with pytest.raises(ConfigError, match=r"run_key: .*run\.key.*already drew") as info:
+        DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=used)
+    assert "\n" not in str(info.value) and used.material.hex() not in str(info.value)
+    fresh = new_run_key(reproducible=False, seed=0)
+    DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=fresh)
+    with pytest.raises(ConfigError, match="run_key: .*another DPModel"):
+        DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=fresh)
+    # reproducible keys are the stated research opt-in: the same key twice is how a run is repeated
+    seeded = new_run_key(reproducible=True, seed=3, label="twice")
+    for _ in range(2):
+        DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=seeded)
