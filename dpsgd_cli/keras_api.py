@@ -56,7 +56,7 @@ from dpsgd_cli.privacy.run_key import RunKey, new_run_key
 from dpsgd_cli.privacy.sampling import SAMPLINGS, Sampler, steps_in_epoch
 from dpsgd_cli.privacy.statement import PrivacyFacts, privacy_statement
 from dpsgd_cli.training import engine, fastgrad, planner
-from dpsgd_cli.training.model import check_dp_model
+from dpsgd_cli.training.model import check_dp_model, check_embedding_ids
 from dpsgd_cli.training.trainer import take_step
 
 __all__ = ["COVERAGE", "KEY_LOCATION", "DPModel"]
@@ -300,6 +300,7 @@ class DPModel(keras.Model):
                    "sampling='shuffle' to DPModel, or num_microbatches=None (per-example clipping)")
         k = 1 if m is None else batch_size // m
         plan = (n, batch_size, k)
+        check_embedding_ids(self.model, x, "fit(x)")
         if self._plan is not None:
             _check(plan == self._plan, f"fit: this DPModel accounts n = {self._plan[0]} examples in batches "
                    f"of {self._plan[1]}; fit again with the same numbers, or wrap the model in a new DPModel "

@@ -456,3 +456,30 @@ def test_embedding_per_example_gradients_equal_the_loop(k, pool):
     sums, norms = _compiled(fast, jit=False)(x, y, mask)
     _assert_sums_close(sums, ref_sums, model.trainable_variables, "embedding")
     np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["per_example", "microbatch2"])
+def test_embedding_ids_outside_the_vocabulary_drop_their_unit_and_reach_no_other(k):
+    """On a GPU tf.gather returns zeros for an id outside [0, vocab) instead of failing, and the rule's
+    pair = unit·vocab + id would then alias another unit's row: one example would change another's clip
+    factor. The rule must catch such ids itself — here on CPU, where TensorFlow's own gather would raise —
+    drop their unit (counted as not kept) and leave the sum of the other units as the loop gives it."""
+    vocab = 9
+    model = keras.Sequential([keras.Input(shape=(7,), dtype="int32"), keras.layers.Embedding(vocab, 4),
+                              keras.layers.Dense(5, activation="tanh"), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, vocab, (12, 7)).astype(np.int32)
+    ids[2, 3] = vocab + ids[4, 0]  # unit·vocab + id lands on a pair of a later unit
+    ids[7, 0] = -1
+    y = tf.constant(rng.integers(0, 3, 12), dtype=tf.int32)
+    mask = tf.ones([12])
+    bad_units = sorted({2 // k, 7 // k})
+    good = np.array([u // k not in bad_units for u in range(12)])
+    x_good, y_good = tf.constant(ids[good]), tf.boolean_mask(y, good)
+    l2_norm_clip, _, ref_sums = _clip_between_norms(model, x_good, y_good, tf.ones([int(good.sum())]), k)
+    fast = _compiled(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(model, x, y, m, l2_norm_clip, k),
+                     jit=False)
+    sums, _, _, kept = fast(tf.constant(ids), y, mask)
+    np.testing.assert_array_equal(kept.numpy(), good.astype(np.float32))
+    _assert_sums_close(sums, ref_sums, model.trainable_variables, "embedding with out-of-range ids")

@@ -386,3 +386,20 @@ def test_a_key_a_run_directory_used_or_another_model_holds_is_refused(tmp_path):
     seeded = new_run_key(reproducible=True, seed=3, label="twice")
     for _ in range(2):
         DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=seeded)
+
+
+def test_embedding_ids_outside_the_vocabulary_are_refused_before_training():
+    """A clear one-line error before the first step, from dpsgd's own check (a GPU's gather would accept
+    the ids silently; the CPU's error would come from inside the step)."""
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(10, 4, name="words"),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).integers(0, 10, (40, 5)).astype(np.int32)
+    y = np.zeros(40, np.int32)
+    for bad in (10, -1):
+        x_bad = x.copy()
+        x_bad[17, 2] = bad
+        dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0)
+        dp_model.compile(optimizer="sgd", loss=_sparse_ce())
+        with pytest.raises(ConfigError, match=rf"'words'.*\[0, 10\).*{bad}") as info:
+            dp_model.fit(x_bad, y, batch_size=8, epochs=1, verbose=0)
+        assert "\n" not in str(info.value) and dp_model.steps_done == 0
