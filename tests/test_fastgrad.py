@@ -483,3 +483,18 @@ def test_embedding_ids_outside_the_vocabulary_drop_their_unit_and_reach_no_other
     sums, _, _, kept = fast(tf.constant(ids), y, mask)
     np.testing.assert_array_equal(kept.numpy(), good.astype(np.float32))
     _assert_sums_close(sums, ref_sums, model.trainable_variables, "embedding with out-of-range ids")
+
+
+@pytest.mark.parametrize("frozen", ["first", "last"])
+def test_a_frozen_weight_layer_adds_nothing_to_the_norms(frozen):
+    """Only trainable variables are clipped and summed: a layer with trainable=False must not count in a
+    unit's norm (it would clip the others too hard, unlike the GradientTape loop and tf.vectorized_map)."""
+    x, y, mask = _sequence_batch()
+    model = keras.Sequential([keras.Input((5, 6)), keras.layers.Dense(4, activation="tanh", name="first"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, name="last")])
+    model.get_layer(frozen).trainable = False
+    l2_norm_clip, ref_norms, ref_sums = _clip_between_norms(model, x, y, mask, 1)
+    norms = fastgrad.per_unit_norms(model, x, y)
+    np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL)
+    sums = fastgrad.fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip)[0]
+    _assert_sums_close(sums, ref_sums, model.trainable_variables, f"{frozen} frozen")
