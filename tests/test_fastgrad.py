@@ -485,6 +485,53 @@ def test_embedding_ids_outside_the_vocabulary_drop_their_unit_and_reach_no_other
     _assert_sums_close(sums, ref_sums, model.trainable_variables, "embedding with out-of-range ids")
 
 
+def _near_cancelling(kind: str, n: int = 16):
+    """A model and a batch whose per-unit kernel gradient Σ_t a_t d_tᵀ nearly cancels: the layer's input
+    rows come in near-opposite pairs (a, −a + δ with ‖a‖ ≈ 10⁵‖δ‖) and average pooling gives every
+    position the same output-gradient d, so the gradient is Σδ·dᵀ, tiny against its terms. A Dense layer on
+    2-row sequences, or a 1×1 convolution on 4×4 images (half the pixels +v, half −v + δ), without biases
+    and before a frozen output layer, so the unit's whole gradient is the cancelling one."""
+    rng = np.random.default_rng(11)
+    keras.utils.set_random_seed(11)
+    if kind == "dense":
+        a = rng.normal(size=(n, 1, 64)) * 1e3
+        x = np.concatenate([a, -a + rng.normal(size=(n, 1, 64)) * 1e-2], axis=1)
+        layers = [keras.Input((2, 64)), keras.layers.Dense(16, use_bias=False, name="seq"),
+                  keras.layers.GlobalAveragePooling1D()]
+    else:
+        v = rng.normal(size=(n, 8)) * 1e3
+        x = np.concatenate([v, -v + rng.normal(size=(n, 8)) * 1e-2], axis=1).reshape(n, 4, 4, 1)
+        layers = [keras.Input((4, 4, 1)), keras.layers.Conv2D(8, 1, use_bias=False, name="conv"),
+                  keras.layers.GlobalAveragePooling2D()]
+    logits = keras.layers.Dense(3, use_bias=False, name="logits")
+    model = keras.Sequential([*layers, logits])
+    logits.trainable = False  # the unit's gradient is the cancelling one alone
+    return model, tf.constant(x, tf.float32), tf.constant(rng.integers(0, 3, n), tf.int32)
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["per_example", "microbatch2"])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_every_clipped_contribution_stays_within_c_on_near_cancelling_gradients(kind, k):
+    """The norm each formulation computes must bound the gradient it actually sums: for every formulation
+    the planner can choose, every unit's clipped contribution (the backend's weighted sum with only that
+    unit's weight, its norm taken in float64) is at most C·(1 + 1e-6). Gram-matrix norms summed in float32
+    lose the cancelling gradient (a computed norm far below the true one: the unit escapes clipping)."""
+    model, x, y = _near_cancelling(kind)
+    units, mask = x.shape[0] // k, tf.ones([x.shape[0]])
+    for formulation in [None, *_formulations(model)]:
+        sq, weighted_sum, losses, _ = fastgrad.unit_terms(model, x, y, k, formulation=formulation)
+
+        def contribution_norm(u, weights, weighted_sum=weighted_sum):
+            one = tf.one_hot(u, units) * weights
+            return np.sqrt(sum(np.sum(t.numpy().astype(np.float64) ** 2) for t in weighted_sum(one)))
+
+        plain = [contribution_norm(u, tf.ones([units])) for u in range(units)]
+        clip = 0.5 * float(np.median(plain))  # most units are clipped
+        weights, _ = engine.clip_weights(sq, losses, mask, clip, k)
+        worst = max(contribution_norm(u, weights) for u in range(units)) / clip
+        assert worst <= 1 + 1e-6, (formulation, worst)
+
+
 @pytest.mark.parametrize("frozen", ["first", "last"])
 def test_a_frozen_weight_layer_adds_nothing_to_the_norms(frozen):
     """Only trainable variables are clipped and summed: a layer with trainable=False must not count in a

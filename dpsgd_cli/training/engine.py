@@ -104,13 +104,20 @@ def clipped_sum(unit_terms: UnitTerms, mask: tf.Tensor, l2_norm_clip: float, mic
     Returns (sums, per-example loss, logits, kept [capacity]: 1 for a real example whose unit was summed,
     0 for padding and for the examples of a dropped unit)."""
     sq_norms, weighted_sum, losses, logits = unit_terms
+    weights, kept = clip_weights(sq_norms, losses, mask, l2_norm_clip, microbatch_size)
+    return weighted_sum(weights), losses, logits, kept
+
+
+def clip_weights(sq_norms: tf.Tensor, losses: tf.Tensor, mask: tf.Tensor, l2_norm_clip: float,
+                 microbatch_size: int = 1) -> tuple[tf.Tensor, tf.Tensor]:
+    """`clipped_sum`'s weights [units] (min(1, C/‖g_u‖) · the unit's mask; 0 for a dropped unit) and kept
+    [capacity]."""
     k = microbatch_size
     finite = tf.logical_and(tf.math.is_finite(sq_norms),
                             tf.reduce_all(tf.reshape(tf.math.is_finite(losses), [-1, k]), axis=1))
     factors = clip_factors(tf.sqrt(tf.where(finite, sq_norms, 0.0)), l2_norm_clip)
     weights = tf.where(finite, factors, 0.0) * mask[::k]
-    kept = mask * tf.repeat(tf.cast(finite, mask.dtype), k)
-    return weighted_sum(weights), losses, logits, kept
+    return weights, mask * tf.repeat(tf.cast(finite, mask.dtype), k)
 
 
 def vmap_unit_terms(model, x, y, microbatch_size: int = 1, loss_fn: LossFn = per_example_loss) -> UnitTerms:
