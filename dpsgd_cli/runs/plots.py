@@ -143,7 +143,7 @@ def draw_runs(runs: Sequence[RunInfo], keys: Sequence[str], out: Path, per_class
     written = [save_figure(curves_figure(runs, keys), out)]
     if per_class:
         written.append(save_figure(per_class_figure(runs, keys), per_class_path(out)))
-    if any(r.private for r in runs):
+    if any(r.private for r in runs):  # accuracy vs ε with the published points
         from dpsgd_cli.runs.tradeoff import tradeoff_figure, tradeoff_path
 
         written.append(save_figure(tradeoff_figure(runs, keys), tradeoff_path(out)))
