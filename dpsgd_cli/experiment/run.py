@@ -144,7 +144,8 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     feature_stats = None
     if cfg.model.feature_norm == "private_stats":  # released from the key's noise: the same on a resume
         # with the very noise multipliers the plan accounts (none for a non-private twin)
-        dataset, feature_stats = feature_norm.apply(dataset, release_bounds(cfg), plan.releases, key)
+        dataset, feature_stats = feature_norm.apply(dataset, release_bounds(cfg), plan.releases, key,
+                                                    dataset_size=plan.dataset_size)
     trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
     trainer.feature_stats = feature_stats
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
