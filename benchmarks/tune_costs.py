@@ -1,5 +1,6 @@
 """What a private hyperparameter search costs for each distribution of the number of trials K, on the
-trial of configs/fashion_mnist_best.yaml (q = 8192/60000, 440 steps, δ = 1e-5; dp-accounting's numbers).
+trial of configs/fashion_mnist_scatter_pointwise_eps3.yaml (q = 8192/60000, 440 steps, δ = 1e-5;
+dp-accounting's numbers).
 
 For each distribution (mean 8 unless given): ε of the search at the single run's σ 4.106 (RDP; without
 and with the score), the σ each trial needs for a whole search at ε = 3 and that trial's own ε (PLD,
@@ -38,7 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     trial = TrialPrivacy(SIGMA, Q, STEPS)
     mean = args.mean
-    print(f"fashion_mnist_best trial: q = {Q:.5f}, {STEPS} steps, δ = {DELTA:g}; σ {SIGMA}: one trial "
+    print(f"the trial of fashion_mnist_scatter_pointwise_eps3: q = {Q:.5f}, {STEPS} steps, δ = {DELTA:g}; "
+          f"σ {SIGMA}: one trial "
           f"PLD ε {accounting.epsilon(SIGMA, Q, STEPS, DELTA, 'pld'):.2f}, RDP ε "
           f"{tuning.naive_epsilon([trial], NO_SCORE, DELTA):.2f}; {math.ceil(mean)} trials composed naively "
           f"RDP ε {tuning.naive_epsilon([trial] * math.ceil(mean), NO_SCORE, DELTA):.2f}")

@@ -61,7 +61,7 @@ def test_views_of_one_example_are_one_clipped_unit(path, microbatch_size):
     grad_fn = fastgrad.choose_gradient_sum_fn(model, path)
     gradient_sum = engine.make_gradient_sum(model, _settings(microbatch_size=microbatch_size, clip=clip),
                                             grad_fn)
-    sums, losses, logits = gradient_sum(x, y, mask)
+    sums, losses, logits, _ = gradient_sum(x, y, mask)
     for got, want, var in zip(sums, expected, model.trainable_variables):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7, err_msg=var.path)
     # the per-example loss is the mean over the views; the logits are view 0's
@@ -89,7 +89,7 @@ def test_clipping_views_separately_would_differ():
 def test_nonprivate_views_average_the_loss():
     model = build_model(activation="relu", seed=2)
     x, y, mask = _views_batch(seed=1)
-    sums, _, _ = engine.make_gradient_sum(model, _settings(private=False))(x, y, mask)
+    sums, *_ = engine.make_gradient_sum(model, _settings(private=False))(x, y, mask)
     with tf.GradientTape() as tape:
         rows = model(tf.reshape(x, [-1, 28, 28, 1]), training=True)
         losses = tf.reshape(engine.per_example_loss(rows, tf.repeat(y, K)), [-1, K])
@@ -117,8 +117,9 @@ def test_mirror_views_of_pixels_and_of_features(tmp_path):
     assert pixels.shape == (5, K, 28, 28, 1)
     np.testing.assert_array_equal(pixels[:, 0], images)
     np.testing.assert_array_equal(pixels[:, 1, :, ::-1], images)  # column j of the mirror is column 27 - j
-    prepared = dataclasses.replace(data, x_train=features.model_inputs(images, "scatter_cnn", tmp_path, 1))
-    feats = augmentation.with_views(prepared, images, "mirror", "scatter_cnn", tmp_path,
+    scatter = "scatter_cnn_16_32"
+    prepared = dataclasses.replace(data, x_train=features.model_inputs(images, scatter, tmp_path, 1))
+    feats = augmentation.with_views(prepared, images, "mirror", scatter, tmp_path,
                                     uncached_tail=1).train_views
     assert feats.shape == (5, K, 7, 7, 81)
     np.testing.assert_allclose(feats[:, 0], scattering.scattering(images), rtol=1e-6)
@@ -139,7 +140,7 @@ def test_augmentation_config():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("architecture", ["tfp_cnn", "scatter_cnn"])
+@pytest.mark.parametrize("architecture", ["tfp_cnn", "scatter_cnn_16_32"])
 def test_a_run_with_mirror_views_trains_and_states_them(architecture, data_dir, tmp_path, monkeypatch):
     from dpsgd_cli.experiment import run as runner
 

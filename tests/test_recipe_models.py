@@ -12,8 +12,8 @@ from dpsgd_cli.training import engine, fastgrad
 from dpsgd_cli.training.model import build_model
 from dpsgd_cli.training.recipe_models import input_shape
 
-ARCHITECTURES = ("tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn", "scatter_cnn_wide",
-                 "scatter_cnn_wider")
+ARCHITECTURES = ("tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn_16_32", "scatter_cnn_32_64",
+                 "scatter_cnn_64_128")
 
 
 def _batch(architecture: str, n: int = 12):
@@ -44,11 +44,19 @@ def test_fast_path_equals_gradient_tape_loop(architecture):
     assert fastgrad.choose_gradient_sum_fn(model, "auto") is fastgrad.fast_clipped_gradient_sum
     x, y, mask = _batch(architecture)
     clip, expected = _loop_reference(model, x, y, mask)
-    sums, losses, logits = tf.function(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(
+    sums, losses, logits, _ = tf.function(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(
         model, x, y, m, clip))(x, y, mask)
     for s, e, v in zip(sums, expected, model.trainable_variables):
         np.testing.assert_allclose(s, e, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(e).max()), err_msg=v.path)
     np.testing.assert_allclose(logits, model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES if a.startswith("scatter_cnn_")])
+def test_a_scatter_cnn_name_gives_its_channel_widths(architecture):
+    c1, c2 = (int(width) for width in architecture.split("_")[-2:])
+    model = build_model(architecture, "tanh", seed=0)
+    assert model.get_layer("conv1").kernel.shape == (3, 3, 81, c1)
+    assert model.get_layer("conv2").kernel.shape == (3, 3, c1, c2)
 
 
 def test_group_norm_uses_per_example_statistics_only():
@@ -81,7 +89,7 @@ def test_input_standardization_is_a_weightless_first_layer_on_the_fast_path():
     np.testing.assert_allclose(model(x), plain((x - 0.286) / 0.353), rtol=1e-5, atol=1e-6)  # same init
     assert fastgrad.choose_gradient_sum_fn(model, "auto") is fastgrad.fast_clipped_gradient_sum
     clip, expected = _loop_reference(model, x, y, mask)
-    sums, _, _ = tf.function(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(model, x, y, m, clip))(
+    sums, *_ = tf.function(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(model, x, y, m, clip))(
         x, y, mask)
     for s, e, v in zip(sums, expected, model.trainable_variables):
         np.testing.assert_allclose(s, e, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(e).max()), err_msg=v.path)
