@@ -262,12 +262,14 @@ def _fake_timings(monkeypatch, xla_ms):
     return layer_jits
 
 
-def test_xla_layers_are_chosen_only_when_the_default_xla_step_passes_the_gate(planner_on, monkeypatch):
+@pytest.mark.parametrize("private", [True, False], ids=["dp", "nonprivate"])
+def test_xla_layers_are_chosen_only_when_the_xla_gate_is_passed(planner_on, monkeypatch, private):
     layer_jits = _fake_timings(monkeypatch, xla_ms=10.0 * planner.XLA_GATE * 1.5)
-    plan = planner.plan_step(build_model(), capacity=8, private=True, use_cache=False)
-    assert plan.jit_compile is False and "default xla" in plan.step_ms and True not in layer_jits
+    plan = planner.plan_step(build_model(), capacity=8, private=private, use_cache=False)
+    assert plan.jit_compile is False and planner.GATE in plan.step_ms and True not in layer_jits
+    assert (planner.GATE_BASE in plan.step_ms) == private  # a private plan's gate: the non-private steps
     layer_jits = _fake_timings(monkeypatch, xla_ms=5.0)
-    plan = planner.plan_step(build_model(), capacity=8, private=True, use_cache=False)
+    plan = planner.plan_step(build_model(), capacity=8, private=private, use_cache=False)
     assert plan.jit_compile is True and True in layer_jits and "fast xla" in plan.step_ms
 
 

@@ -27,13 +27,16 @@ clear losers cost two or three calls and only close candidates get the full coun
    `TIE`× of the fastest count as equally fast and the smallest pass wins (`choose`).
 4. The default step (what `DPSGD_PLANNER=off` runs) is one more whole-step candidate, so a plan is never
    slower than not planning by more than the timing noise.
-5. XLA (`training.jit_compile: auto`): each XLA compile costs seconds (1–3 s for the tutorial CNN's step
-   on a 2-core CPU), so XLA is first tried once: the default step under XLA (built from the formulations
-   XLA handles well: patches, shifted slices) is raced against the best step without it. Only if it comes
-   within `XLA_GATE`× are the layers chosen under XLA too, at a probe batch (`PROBE`; some kernels are
-   pathological under XLA on some devices: on one AMD EPYC, XLA's depthwise filter gradient took 33 s
-   per call at batch 288), and the XLA candidates raced against the best step without it. Passes are not
-   tried under XLA (it schedules memory itself) unless `training.chunk_size` fixes them.
+5. XLA (`training.jit_compile: auto`): each XLA compile costs seconds (3 s for the tutorial CNN's
+   non-private step, 7 s for its private one, on a loaded 2-core CPU), so XLA is first tried once: the
+   model's default non-private step under XLA (built from the formulations XLA handles well: patches,
+   shifted slices; the work every step shares), compiled in a background thread while the main thread
+   traces the steps without XLA, then raced against the best of those (a private plan: against the Keras
+   non-private step). Only if it comes within `XLA_GATE`× are the layers chosen under XLA too, at a probe
+   batch (`PROBE`; some kernels are pathological under XLA on some devices: on one AMD EPYC, XLA's
+   depthwise filter gradient took 33 s per call at batch 288), and the XLA candidates raced against the
+   best step without it. Passes are not tried under XLA (it schedules memory itself) unless
+   `training.chunk_size` fixes them.
 `DPSGD_PLANNER=off` skips measuring (the default formulation, XLA off unless forced): for tests and CI.
 The plan is cached as JSON under `$DPSGD_PLAN_CACHE`, else `$XDG_CACHE_HOME/dpsgd`, else `~/.cache/dpsgd`,
 keyed by (device, oneDNN switch and thread pools, TensorFlow version, model signature, capacity, private,
@@ -73,7 +76,8 @@ STEP_CALLS = 5  # timed calls per whole-step candidate (at most)
 MIN_CALLS = 2  # timed calls before a candidate can be found clearly slower than the leader
 SETTLE_S = 0.002  # pause before each timed call (see `_race`)
 ARITHMETIC_PRUNE = 8.0  # per-example norms needing this multiple of another choice's multiply-adds: not timed
-XLA_GATE = 1.5  # XLA's layers are chosen only if the default step under XLA is within this factor of the best
+GATE, GATE_BASE = "nonprivate default xla", "nonprivate keras graph"  # the XLA gate's two steps
+XLA_GATE = 1.5  # XLA's layers are chosen only if the gate's XLA step is within this factor of its baseline
 MIN_CHUNK = 128  # smallest pass the planner tries (smaller passes pay per-op overhead for little memory)
 TIE = 1.05  # whole steps within this factor of the fastest count as equally fast: the least memory wins
 
@@ -305,15 +309,18 @@ def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed, 
     if False not in jit_modes:  # XLA forced
         xla = _fast_candidates(model, capacity, private, microbatch_size, True, fixed, sizes, layer_ms)
         return _decide(steps, xla, layer_ms)
-    gate = None
+    gate, gate_steps = None, steps
     if True in jit_modes and fixed is None:
-        # XLA or not: an XLA compile costs seconds, so XLA is first tried once, on the default step (built
-        # from the formulations XLA handles well), compiled in the background while the steps without XLA
-        # are traced, then raced against them
-        gate = {"default xla": _default_plan(model, private, jit=True)}
-        steps.start(gate)
+        # XLA or not: an XLA compile costs seconds, so XLA is first tried once, on the model's default
+        # non-private step (built from the formulations XLA handles well; the work every step shares, and
+        # half the compile of a private step), compiled in the background while the steps without XLA are
+        # traced, then raced against the Keras step (private) or the best step without XLA (non-private)
+        if private:
+            gate_steps = _Steps(model, capacity, False, microbatch_size)
+        gate = {GATE: _default_plan(model, False, jit=True)}
+        gate_steps.start(gate)
     graph = _fast_candidates(model, capacity, private, microbatch_size, False, fixed, sizes, layer_ms,
-                             before_timing=steps.wait)
+                             before_timing=gate_steps.wait)
     if fixed is None:
         _add_default(graph, model, private)
     if True not in jit_modes:
@@ -321,12 +328,18 @@ def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed, 
     if gate is None:  # the config fixes the formulation: its step with and without XLA
         xla = _fast_candidates(model, capacity, private, microbatch_size, True, fixed, sizes, layer_ms)
         return _decide(steps, {**graph, **xla}, layer_ms)
-    step_ms = steps.race({**graph, **gate})
-    best = choose({name: step_ms[name] for name in graph}, _slots(graph, capacity))
-    if step_ms["default xla"] > XLA_GATE * step_ms[best]:
+    if private:
+        step_ms = steps.race(graph) if len(graph) > 1 else {}
+        step_ms.update(gate_steps.race({GATE_BASE: StepPlan("keras", False), **gate}))
+        baseline = step_ms[GATE_BASE]
+    else:
+        step_ms = steps.race({**graph, **gate})
+    best = (choose({name: step_ms[name] for name in graph}, _slots(graph, capacity)) if len(graph) > 1
+            else next(iter(graph)))
+    if step_ms[GATE] > XLA_GATE * (baseline if private else step_ms[best]):
         return StepPlan(**{**graph[best].to_dict(), "step_ms": step_ms, "layer_ms": layer_ms})
     xla = _fast_candidates(model, capacity, private, microbatch_size, True, fixed, sizes, layer_ms)
-    final = {best: graph[best], **gate, **xla}
+    final = {best: graph[best], **({} if private else gate), **xla}
     step_ms.update(steps.race(final))
     chosen = choose({name: step_ms[name] for name in final}, _slots(final, capacity))
     return StepPlan(**{**final[chosen].to_dict(), "step_ms": step_ms, "layer_ms": layer_ms})
