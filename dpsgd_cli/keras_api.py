@@ -45,10 +45,10 @@ import tensorflow as tf
 from dpsgd_cli.errors import ConfigError, TrainingError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.run_key import RunKey, new_run_key
+from dpsgd_cli.privacy.sampling import SAMPLINGS, Sampler, steps_in_epoch
 from dpsgd_cli.privacy.statement import PrivacyFacts, privacy_statement
 from dpsgd_cli.training import engine, fastgrad, planner
 from dpsgd_cli.training.model import check_dp_model
-from dpsgd_cli.training.sampling import SAMPLINGS, Sampler, steps_in_epoch
 from dpsgd_cli.training.trainer import take_step
 
 __all__ = ["COVERAGE", "KEY_LOCATION", "DPModel"]

@@ -21,8 +21,8 @@ import numpy as np
 from dpsgd_cli.config import config_from_dict
 from dpsgd_cli.privacy.plan import plan_privacy
 from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.privacy.sampling import Sampler
 from dpsgd_cli.training import distribute
-from dpsgd_cli.training.sampling import Sampler
 
 TRAIN, BATCH, CAPACITY = 96, 32, 32  # 3 steps per epoch; capacity 32 < Poisson batches now and then
 

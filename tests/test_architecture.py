@@ -1,6 +1,7 @@
-"""The package's shape, read from the source (no imports run): no import cycles between dpsgd_cli modules
-(counting imports inside functions too: a lazy import is still a dependency), only the CLI imports
-typer/rich, and the modules that must answer without TensorFlow never import it."""
+"""The package's shape, read from the source (no imports run): the layers import one way only (down),
+no import cycles between dpsgd_cli modules (counting imports inside functions too: a lazy import is still a
+dependency), only the CLI imports typer/rich, and the modules that must answer without TensorFlow never
+import it."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_only_the_cli_imports_typer_and_rich():
     assert offenders == []
 
 
-PRIVACY_SIDE = sorted(["dpsgd_cli.config", "dpsgd_cli.training.sampling"]
+PRIVACY_SIDE = sorted([m for m in GRAPH if m == "dpsgd_cli.config" or m.startswith("dpsgd_cli.config.")]
                       + [m for m in GRAPH if m.startswith("dpsgd_cli.privacy")])
 
 
@@ -100,3 +101,43 @@ def test_privacy_side_never_imports_tensorflow(module):
         return {d.split(".")[0] for m in seen for d in GRAPH.get(m, ())}
 
     assert not reaches(module) & {"tensorflow", "keras"}
+
+
+# Bottom to top. A module may import its own floor and the floors below it, never one above. The package
+# itself (`dpsgd_cli`, the public API) stands on top of all of them, beside the CLI.
+LAYERS = (
+    ("dpsgd_cli.errors", "dpsgd_cli.atomic", "dpsgd_cli.labels", "dpsgd_cli.config"),  # ground floor
+    ("dpsgd_cli.privacy",),  # sampling, accounting, calibration, keys, statements: no TensorFlow
+    ("dpsgd_cli.training",),  # data, models, the DP engine, gradient rules, planner, trainer
+    ("dpsgd_cli.runs",),  # a run directory's files: results, checkpoint, summaries, plots, export
+    ("dpsgd_cli.audit",),  # audits of finished runs
+    ("dpsgd_cli.experiment",),  # orchestration: one run, a sweep
+    ("dpsgd_cli.keras_api",),  # DPModel for library users
+    ("dpsgd_cli.cli", "dpsgd_cli.__main__", "dpsgd_cli"),  # the command line and the public API
+)
+
+
+def _floor(module: str) -> int | None:
+    """The index in LAYERS of the most specific prefix naming `module`."""
+    found, length = None, -1
+    for index, floor in enumerate(LAYERS):
+        for prefix in floor:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > length:
+                found, length = index, len(prefix)
+    return found
+
+
+def test_every_module_has_a_floor():
+    assert sorted(m for m in GRAPH if _floor(m) is None) == []
+
+
+def test_layers_import_only_downwards():
+    upward = sorted(f"{m} → {d}" for m, deps in GRAPH.items() for d in deps & INTERNAL
+                    if d != "dpsgd_cli" and _floor(d) > _floor(m))
+    assert upward == []
+
+
+def test_the_layer_test_sees_an_upward_import():
+    """The rule is not vacuous: the trainer importing the run orchestrator would break it."""
+    assert _floor("dpsgd_cli.experiment.run") > _floor("dpsgd_cli.training.trainer")
+    assert _floor("dpsgd_cli.runs.results") > _floor("dpsgd_cli.privacy.sampling")

@@ -20,8 +20,8 @@ from dpsgd_cli.audit import membership as audit
 from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import ConfigError, RunDirError
+from dpsgd_cli.experiment.run import run
 from dpsgd_cli.training.data import load_dataset, write_idx
-from dpsgd_cli.training.runner import run
 
 TRAIN = 64
 

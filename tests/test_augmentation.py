@@ -141,7 +141,7 @@ def test_augmentation_config():
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["tfp_cnn", "scatter_cnn"])
 def test_a_run_with_mirror_views_trains_and_states_them(architecture, data_dir, tmp_path, monkeypatch):
-    from dpsgd_cli.training import runner
+    from dpsgd_cli.experiment import run as runner
 
     monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "cache"))
     cfg = load_config(None, [f"data.data_dir={data_dir}", "data.train_size=512", "data.test_size=100",

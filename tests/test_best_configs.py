@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dpsgd_cli.config import load_config
+from dpsgd_cli.experiment import run as runner
 from dpsgd_cli.runs.run_dir import WEIGHTS_FILE
-from dpsgd_cli.training import runner
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 BEST = ("fashion_mnist_best", "fashion_mnist_scatter_linear", "fashion_mnist_scatter_cnn", "mnist_best",

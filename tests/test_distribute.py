@@ -23,8 +23,8 @@ from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.privacy.sampling import Sampler
 from dpsgd_cli.training import distribute
-from dpsgd_cli.training.sampling import Sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = Path(__file__).resolve().parent / "distribute_probe.py"

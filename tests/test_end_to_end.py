@@ -15,8 +15,8 @@ import yaml
 from dp_accounting import pld, rdp
 
 from dpsgd_cli.config import load_config
+from dpsgd_cli.experiment.run import run
 from dpsgd_cli.runs.results import METRIC_COLUMNS
-from dpsgd_cli.training.runner import run
 
 ROOT = Path(__file__).parent.parent
 

@@ -118,7 +118,7 @@ def test_stride1_max_pool_matches_tensorflow_with_ties(jit):
             out = pool(h)
         return out, tape.gradient(out, h, output_gradients=upstream)
 
-    mine = _compiled(lambda: value_and_grad(lambda t: fastgrad._max_pool_stride1(t, (3, 3))), jit)()
+    mine = _compiled(lambda: value_and_grad(lambda t: fastgrad.pooling.max_pool_stride1(t, (3, 3))), jit)()
     ref = _compiled(lambda: value_and_grad(lambda t: tf.nn.max_pool2d(t, (3, 3), 1, "VALID")), jit)()
     for a, b in zip(mine, ref):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -170,8 +170,8 @@ def test_config_keys_and_errors():
 @pytest.mark.parametrize("refine", [None, 8.0])
 def test_a_run_with_private_statistics_accounts_them(data_dir, tmp_path, monkeypatch, refine):
     from dpsgd_cli.audit import membership
+    from dpsgd_cli.experiment import run as runner
     from dpsgd_cli.runs.run_dir import RunDir
-    from dpsgd_cli.training import runner
 
     monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "cache"))
     refinement = "null" if refine is None else str(refine)

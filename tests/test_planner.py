@@ -105,7 +105,7 @@ def test_config_accepts_plans_and_rejects_bad_ones():
 @pytest.mark.slow
 def test_run_yaml_records_the_measured_plan(planner_on, tiny_overrides):
     from dpsgd_cli.config import load_config
-    from dpsgd_cli.training.runner import run
+    from dpsgd_cli.experiment.run import run
 
     cfg = load_config(None, [*tiny_overrides, "training.epochs=1", "training.jit_compile=false",
                              "name=planned"])
@@ -120,7 +120,7 @@ def test_run_yaml_records_the_measured_plan(planner_on, tiny_overrides):
 @pytest.mark.slow
 def test_a_run_in_passes_trains_like_one_pass_and_records_them(tiny_overrides, tmp_path, monkeypatch):
     from dpsgd_cli.config import load_config
-    from dpsgd_cli.training.runner import run
+    from dpsgd_cli.experiment.run import run
 
     monkeypatch.setenv(planner.OFF_ENV, "off")
     # the same reproducible key (seed and name) in two folders: the same batches and noise

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from dpsgd_cli.cli import app
 from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import RunDirError
+from dpsgd_cli.labels import CLASS_NAMES
 from dpsgd_cli.runs.plots import curves_figure, per_class_figure, plot_runs
 from dpsgd_cli.runs.results import METRIC_COLUMNS, write_metrics, write_yaml
 from dpsgd_cli.runs.summaries import load_runs, run_labels
-from dpsgd_cli.training.data import CLASS_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

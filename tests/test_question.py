@@ -11,7 +11,7 @@ from dpsgd_cli.config import dataset_size, load_config
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.privacy.plan import plan_privacy
 from dpsgd_cli.privacy.question import resolve_config, resolve_options, round_up
-from dpsgd_cli.training.sampling import steps_after_epochs
+from dpsgd_cli.privacy.sampling import steps_after_epochs
 
 ROOT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -10,9 +10,9 @@ from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.privacy.plan import plan_privacy
 from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.privacy.sampling import Sampler
 from dpsgd_cli.training import recipes
 from dpsgd_cli.training.data import load_dataset
-from dpsgd_cli.training.sampling import Sampler
 from dpsgd_cli.training.trainer import Trainer
 
 

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from dpsgd_cli.privacy.run_key import new_run_key
-from dpsgd_cli.training.sampling import Sampler, poisson_capacity, steps_after_epochs, steps_in_epoch
+from dpsgd_cli.privacy.sampling import Sampler, poisson_capacity, steps_after_epochs, steps_in_epoch
 
 
 def _key(seed: int = 0, label: str = ""):

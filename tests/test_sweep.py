@@ -1,4 +1,4 @@
-"""Tests for dpsgd_cli.runs.sweep and `dpsgd sweep` / `dpsgd report`: grid parsing, naming, skip logic,
+"""Tests for dpsgd_cli.experiment.sweep and `dpsgd sweep` / `dpsgd report`: grid parsing, naming, skip logic,
 summary."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from dpsgd_cli.cli import app
 from dpsgd_cli.errors import ConfigError, RunDirError, TrainingError
+from dpsgd_cli.experiment.sweep import grid_points, parse_grid, plan_sweep, run_name, run_sweep, summarize
 from dpsgd_cli.runs.results import METRIC_COLUMNS, write_metrics, write_yaml
 from dpsgd_cli.runs.summaries import SUMMARY_COLUMNS, load_runs, varied_keys, write_summary
-from dpsgd_cli.runs.sweep import grid_points, parse_grid, plan_sweep, run_name, run_sweep, summarize
 
 GRID = ["privacy.noise_multiplier=1.1,1.2", "data.batch_size=64,128"]
 NAMES = ["noise_multiplier=1.1_batch_size=64", "noise_multiplier=1.1_batch_size=128",
@@ -327,7 +327,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_sweep_module_imports_neither_tensorflow_nor_pandas():
-    code = ("import sys, dpsgd_cli.runs.sweep; "
+    code = ("import sys, dpsgd_cli.experiment.sweep; "
             "print(sorted(m for m in ('tensorflow', 'pandas', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -41,9 +41,10 @@ import numpy as np
 
 from dpsgd_cli.atomic import atomic_write_bytes
 from dpsgd_cli.errors import ConfigError, RunDirError
+from dpsgd_cli.labels import NUM_CLASSES
 from dpsgd_cli.privacy.run_key import STREAM_CANARIES, RunKey
 from dpsgd_cli.runs.run_dir import CANARIES_FILE
-from dpsgd_cli.training.data import NUM_CLASSES, Dataset
+from dpsgd_cli.training.data import Dataset
 
 CANARY_STREAM = 0x5CA7A27  # second entry of the rng key; never a (small) epoch number
 CANARY_FILE = CANARIES_FILE

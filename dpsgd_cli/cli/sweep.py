@@ -17,13 +17,13 @@ PathsArgument = Annotated[list[Path], typer.Argument(
     help="Run directories (holding run.yaml) or sweep directories (holding runs).", show_default=False)]
 
 if TYPE_CHECKING:
+    from dpsgd_cli.experiment.sweep import PlannedRun, SweepPlan
     from dpsgd_cli.runs.summaries import RunInfo
-    from dpsgd_cli.runs.sweep import PlannedRun, SweepPlan
 
 
 def _sweeps():
-    """The `dpsgd_cli.runs.sweep` module, imported when a command needs it (not for every `dpsgd` command)."""
-    from dpsgd_cli.runs import sweep
+    """`dpsgd_cli.experiment.sweep`, imported when a command needs it (not for every `dpsgd` command)."""
+    from dpsgd_cli.experiment import sweep
 
     return sweep
 

@@ -70,8 +70,8 @@ def train(
     else:
         cfg = config_with_shortcuts(config, overrides, **{
             "privacy.noise_multiplier": sigma, "training.epochs": epochs, "name": name})
+    from dpsgd_cli.experiment.run import RunInterrupted, run  # TensorFlow only once training starts
     from dpsgd_cli.runs.run_dir import inspect_run_dir
-    from dpsgd_cli.training.runner import RunInterrupted, run  # TensorFlow only once training starts
 
     console.print(_header(cfg), highlight=False)
     if resume is not None:

@@ -13,7 +13,7 @@ from dpsgd_cli.errors import AccountingInputError, ConfigError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
 from dpsgd_cli.privacy.pld_composition import PldTooLargeError
-from dpsgd_cli.training.sampling import steps_after_epochs
+from dpsgd_cli.privacy.sampling import steps_after_epochs
 
 # The config key each accounting input comes from (AccountingInputError.parameter → key).
 CONFIG_KEYS = {"noise_multiplier": "privacy.noise_multiplier", "sampling_rate": "data.batch_size",

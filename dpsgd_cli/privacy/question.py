@@ -86,7 +86,7 @@ class PrivacyQuestion:
 
     def steps_after(self, epochs: float) -> int:
         """Steps after `epochs` epochs (the dpsgd train convention)."""
-        from dpsgd_cli.training.sampling import steps_after_epochs
+        from dpsgd_cli.privacy.sampling import steps_after_epochs
 
         if self.batch_size and self.dataset_size:
             return steps_after_epochs(epochs, self.batch_size, self.dataset_size, self.sampling)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpsgd_cli.errors import RunDirError
+from dpsgd_cli.labels import CLASS_NAMES
 from dpsgd_cli.runs.summaries import RunInfo, read_run
-from dpsgd_cli.training.data import CLASS_NAMES
 
 
 @dataclass(frozen=True)

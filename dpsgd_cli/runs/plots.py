@@ -20,8 +20,8 @@ from matplotlib.ticker import MaxNLocator
 
 from dpsgd_cli.atomic import atomic_write_bytes
 from dpsgd_cli.errors import OutputError, RunDirError
+from dpsgd_cli.labels import CLASS_NAMES
 from dpsgd_cli.runs.summaries import RunInfo, load_runs, run_labels, shared_title, value_text
-from dpsgd_cli.training.data import CLASS_NAMES
 
 MARKER_EPOCHS = 25  # draw point markers when a run has at most this many epochs
 LEGEND_CHARS = 140  # about how many legend characters fit across a 12-inch figure

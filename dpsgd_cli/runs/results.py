@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from dpsgd_cli.atomic import atomic_write_text
-from dpsgd_cli.training.data import NUM_CLASSES
+from dpsgd_cli.labels import NUM_CLASSES
 
 if TYPE_CHECKING:
     import pandas as pd

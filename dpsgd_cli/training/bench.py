@@ -171,7 +171,7 @@ def planned_cases(batch_sizes: Iterable[int] = (64, 256, 1024),
 def default_cases(batch_sizes: Iterable[int] = (64, 256, 1024), jit: Iterable[bool] = (False, True),
                   paths: Iterable[str] = PATHS, poisson_capacity: bool = True) -> list[BenchCase]:
     """Every (batch, jit, path) row; plus, per batch and jit, the fast path at the Poisson capacity."""
-    from dpsgd_cli.training.sampling import poisson_capacity as capacity_for
+    from dpsgd_cli.privacy.sampling import poisson_capacity as capacity_for
 
     cases = []
     for batch in batch_sizes:
@@ -234,8 +234,8 @@ def epoch_rows(batch_size: int = 256, data_dir: str | None = None, seed: int = 0
 
     from dpsgd_cli.config import config_from_dict
     from dpsgd_cli.privacy.plan import plan_privacy
+    from dpsgd_cli.privacy.sampling import steps_in_epoch
     from dpsgd_cli.training.data import load_dataset
-    from dpsgd_cli.training.sampling import steps_in_epoch
     from dpsgd_cli.training.trainer import Trainer
 
     data_dir = data_dir or os.environ.get("DPSGD_DATA_DIR") or None

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dpsgd_cli.errors import DataError
+from dpsgd_cli.labels import CLASS_NAMES
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -21,14 +22,8 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-NUM_CLASSES = 10  # both datasets: labels 0..9
 IMAGE_MAGIC = 0x00000803
 LABEL_MAGIC = 0x00000801
-CLASS_NAMES = {
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-    "mnist": tuple(str(i) for i in range(10)),
-}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import keras
 
 from dpsgd_cli.config import ACTIVATIONS, ARCHITECTURES
 from dpsgd_cli.errors import ConfigError
-from dpsgd_cli.training.data import NUM_CLASSES
+from dpsgd_cli.labels import NUM_CLASSES
 
 INPUT_SHAPE = (28, 28, 1)
 

@@ -1,7 +1,8 @@
 """One run's training state: the model, the compiled DP step, the sampler and the privacy ledger.
 
-`Trainer` trains an epoch, evaluates on the test split, records ε, and turns its state into a checkpoint
-and back. Importing this module does not import TensorFlow; creating a `Trainer` does.
+`Trainer` trains an epoch, evaluates on the test split, records ε, and hands its state out (weights,
+optimizer variables, a JSON-able state) and takes it back; the orchestrator writes the files.
+Importing this module does not import TensorFlow; creating a `Trainer` does.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,13 @@ import numpy as np
 from dpsgd_cli import __version__
 from dpsgd_cli.config import ExperimentConfig, release_bounds, views_per_example
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
+from dpsgd_cli.labels import NUM_CLASSES
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.plan import PrivacyPlan
 from dpsgd_cli.privacy.run_key import RunKey
+from dpsgd_cli.privacy.sampling import Batch, Sampler, steps_in_epoch
 from dpsgd_cli.privacy.statement import PrivacyFacts
-from dpsgd_cli.runs import checkpoint
-from dpsgd_cli.runs.results import EpochRecord
-from dpsgd_cli.training.data import NUM_CLASSES, Dataset
-from dpsgd_cli.training.sampling import Batch, Sampler, steps_in_epoch
+from dpsgd_cli.training.data import Dataset
 
 StepCallback = Callable[[dict[str, Any]], None]
 EVAL_BATCH = 1000  # test examples per forward pass in `evaluate`
@@ -228,9 +228,10 @@ class Trainer:
                      for k in range(NUM_CLASSES)}
         return {"test_loss": float(losses.mean()), "test_accuracy": float(hits.mean()), **per_class}
 
-    def epoch_record(self, epoch: int, train_stats: dict[str, float], elapsed: float) -> EpochRecord:
+    def epoch_row(self, epoch: int, train_stats: dict[str, float], elapsed: float) -> dict[str, Any]:
+        """The metrics of `epoch` by column name (the columns of `runs.results.EpochRecord`)."""
         private = self.cfg.privacy.enabled
-        return EpochRecord.from_row({
+        return dict({
             "epoch": epoch, "step": self.steps_done, **train_stats, **self.evaluate(),
             **self._epsilons(),
             "delta": self.cfg.privacy.delta,
@@ -257,9 +258,11 @@ class Trainer:
             randomness=self.key.mode, views=views_per_example(self.cfg), releases=self.plan.releases,
             release_bounds=release_bounds(self.cfg) if self.plan.releases else ())
 
-    def snapshot(self, epoch: int, records: list[EpochRecord], elapsed: float) -> checkpoint.Checkpoint:
-        """The checkpoint after `epoch`; TrainingError if the weights or the test loss are not finite (a
-        diverged model is never checkpointed over the last good one)."""
+    def snapshot(self, epoch: int, records: list[Mapping[str, Any]], elapsed: float
+                 ) -> tuple[dict[str, Any], list[np.ndarray], list[np.ndarray]]:
+        """(state, model weights, optimizer variables) after `epoch`, what a checkpoint holds; `records`:
+        the metrics rows so far. TrainingError if the weights or the test loss are not finite (a diverged
+        model is never checkpointed over the last good one)."""
         weights = self.model.get_weights()
         loss = records[-1]["test_loss"]
         finite_weights = all(np.isfinite(w).all() for w in weights)
@@ -269,7 +272,7 @@ class Trainer:
                                 f"lower training.learning_rate (now {self.cfg.training.learning_rate:g})")
         state = {
             "epochs_done": epoch, "epochs": self.cfg.training.epochs, "steps_done": self.steps_done,
-            "ledger_steps": self.ledger.steps, "elapsed_s": elapsed, "records": [r.row() for r in records],
+            "ledger_steps": self.ledger.steps, "elapsed_s": elapsed, "records": [dict(r) for r in records],
             "config": self.cfg.to_dict(), "noise_multiplier": self.plan.noise_multiplier,
             "dataset_size": self.n, "data_fingerprint": self.fingerprint,
             "model_variables": [v.path for v in self.model.weights],
@@ -277,11 +280,11 @@ class Trainer:
             "distribution_history": self.distribution_history,
             "versions": self.versions,
         }
-        return checkpoint.Checkpoint(state, weights, [v.numpy() for v in self.optimizer.variables])
+        return state, weights, [v.numpy() for v in self.optimizer.variables]
 
-    def restore(self, ckpt: checkpoint.Checkpoint) -> None:
-        """Load the weights and optimizer state of `ckpt` and replay the privacy ledger to its step."""
-        where = checkpoint.path_in(self.cfg.run_dir)
+    def restore(self, ckpt: Any, where: Path) -> None:
+        """Load the weights and optimizer state of `ckpt` (`runs.checkpoint.Checkpoint`, read from the file
+        `where`, named in errors) and replay the privacy ledger to its step."""
         self._assign(where, "model", self.model.weights, [v.path for v in self.model.weights],
                      ckpt.model_weights, ckpt.state.get("model_variables"))
         self._assign(where, "optimizer", self.optimizer.variables, self._optimizer_names(),

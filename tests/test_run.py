@@ -22,10 +22,11 @@ import yaml
 
 from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import RunDirError, TrainingError
+from dpsgd_cli.experiment import run as runner
 from dpsgd_cli.privacy.run_key import load_run_key
 from dpsgd_cli.runs import checkpoint
 from dpsgd_cli.runs.run_dir import check_run_dir, resume_config
-from dpsgd_cli.training import runner, trainer
+from dpsgd_cli.training import trainer
 from dpsgd_cli.training.data import write_idx
 
 # 1024 examples / batch 64 = 16 steps an epoch: long enough that a kill right after the first checkpoint
@@ -61,7 +62,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 _UNINTERRUPTED = """
 import sys
 from pathlib import Path
-from dpsgd_cli.training import runner
+from dpsgd_cli.experiment import run as runner
 from dpsgd_cli.config import load_config
 from dpsgd_cli.privacy.run_key import load_run_key
 *sets, keyed = sys.argv[1:]

@@ -224,7 +224,7 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[...,
                           f"({'; '.join(first.differences)}){more}; "
                           "pass --overwrite to re-train, or give the sweep another --name")
     if run_fn is None:
-        from dpsgd_cli.training.runner import run as run_fn  # TensorFlow is imported only now
+        from dpsgd_cli.experiment.run import run as run_fn  # TensorFlow is imported only now
     outcome = SweepOutcome()
     todo = plan.to_train(overwrite)
     outcome.skipped = [r for r in plan.runs if r not in todo]

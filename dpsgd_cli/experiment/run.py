@@ -23,6 +23,7 @@ from dpsgd_cli.config import ExperimentConfig, flatten, release_bounds, resolved
 from dpsgd_cli.errors import DpsgdError, RunDirError
 from dpsgd_cli.privacy.plan import PrivacyPlan, plan_privacy
 from dpsgd_cli.privacy.run_key import RunKey, load_run_key, new_run_key, save_run_key
+from dpsgd_cli.privacy.sampling import steps_after_epochs
 from dpsgd_cli.privacy.statement import privacy_statement
 from dpsgd_cli.runs import checkpoint
 from dpsgd_cli.runs.results import EpochRecord, write_metrics, write_yaml
@@ -37,7 +38,6 @@ from dpsgd_cli.runs.run_dir import (
 )
 from dpsgd_cli.training import augmentation, distribute, feature_norm, features
 from dpsgd_cli.training.data import data_fingerprint, load_dataset
-from dpsgd_cli.training.sampling import steps_after_epochs
 from dpsgd_cli.training.trainer import StepCallback, Trainer, library_versions
 
 EpochCallback = Callable[[EpochRecord], None]
@@ -122,7 +122,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     trainer.feature_stats = feature_stats
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:
-        trainer.restore(ckpt)
+        trainer.restore(ckpt, checkpoint.path_in(run_dir))
         result.records = [EpochRecord.from_row(r) for r in ckpt.records]
         write_metrics(result.records, run_dir / METRICS_FILE)  # as the checkpoint has it
     write_yaml(_run_document(cfg, plan, trainer, "running", result), run_dir / RUN_FILE)
@@ -143,8 +143,9 @@ def _train_epochs(cfg, trainer: Trainer, plan: PrivacyPlan, result: RunResult, o
         for epoch in range(len(result.records) + 1, epochs + 1):
             train_stats = trainer.train_epoch(epoch, on_step)
             elapsed = time.perf_counter() - start
-            record = trainer.epoch_record(epoch, train_stats, elapsed)
-            checkpoint.save(run_dir, trainer.snapshot(epoch, [*result.records, record], elapsed))
+            record = EpochRecord.from_row(trainer.epoch_row(epoch, train_stats, elapsed))
+            checkpoint.save(run_dir, checkpoint.Checkpoint(*trainer.snapshot(epoch, [*result.records, record],
+                                                                             elapsed)))
             result.records.append(record)
             write_metrics(result.records, run_dir / METRICS_FILE)
             if on_epoch:

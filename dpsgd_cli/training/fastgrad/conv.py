@@ -1,0 +1,119 @@
+"""The fast-path rule of `keras.layers.Conv2D`: forward natively or as image patches × kernel, and
+per-unit gradients from patches or, with one input channel, by one depthwise filter-gradient op."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from dpsgd_cli.training.fastgrad.kernel import KernelRule
+
+
+class Conv2DRule(KernelRule):
+    """Forward `native` (tf.nn.conv2d) or `patches` (patches × reshaped kernel, one GEMM); per-unit
+    gradients `materialize`, `ghost` or, for one input channel, `depthwise`."""
+
+    def problem(self, layer):
+        if (layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1)
+                or layer.groups != 1):
+            return "channels_first, dilation or groups"
+        return super().problem(layer)
+
+    def choices(self, layer, private):
+        forwards = ("native", "patches")
+        if not private:
+            return [{"forward": f} for f in forwards]
+        choices = [{"forward": f, "grads": g} for f in forwards for g in ("materialize", "ghost")]
+        if layer.kernel.shape[2] == 1:
+            choices.append({"forward": "native", "grads": "depthwise"})
+        return choices
+
+    def default(self, layer, first):
+        return {"forward": "patches" if first else "native", "grads": "auto"}
+
+    def pre_activation(self, layer, a, choice):
+        if choice.get("forward") != "patches":
+            return super().pre_activation(layer, a, choice)
+        # one GEMM per example with the patches, which the per-example gradients need anyway
+        kernel = tf.convert_to_tensor(layer.kernel)
+        patches, rows = _patches(a, layer)
+        kernel = tf.reshape(kernel, [-1, kernel.shape[-1]])
+        if rows:  # [B·T, p] · [p, c]
+            z = tf.matmul(tf.reshape(patches, [-1, patches.shape[2]]), kernel)
+        else:  # [p, c]ᵀ · [B, p, T], then [B, T, c]
+            z = tf.transpose(tf.matmul(kernel, patches, transpose_a=True), [0, 2, 1])
+        z = tf.reshape(z, layer.compute_output_shape(a.shape))
+        return (z + tf.convert_to_tensor(layer.bias) if layer.use_bias else z), (patches, rows)
+
+    def linear(self, layer, a, kernel):
+        return tf.nn.conv2d(a, kernel, strides=layer.strides, padding=layer.padding.upper())
+
+    def inputs(self, layer, a, aux):
+        return _patches(a, layer) if aux is None else aux
+
+    def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
+        if choice.get("grads") != "depthwise":
+            return super().unit_terms(layer, a, aux, dz, units, k, choice, strategy)
+        grads = depthwise_unit_grads(layer, a, dz, units, k)
+        sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
+        bias = None
+        if layer.use_bias:
+            bias = tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1) / k
+            sq += tf.reduce_sum(tf.square(bias), axis=1)
+        return sq, (None, False, None, grads, bias)
+
+
+def _out_and_pad(n: int, k: int, s: int, padding: str) -> tuple[int, int]:
+    """Output length and leading zero-padding of one spatial axis under TensorFlow's 'same'/'valid' rules."""
+    if padding == "same":
+        out = -(-n // s)
+        return out, max((out - 1) * s + k - n, 0) // 2
+    return (n - k) // s + 1, 0
+
+
+def _patches_by_phase(a: tf.Tensor, layer) -> tf.Tensor:
+    """Patches [B, kh·kw·cin, T] from plain slices of a stride-phase view (fast for few input channels)."""
+    (kh, kw), (sh, sw), (b, h, w, cin) = layer.kernel_size, layer.strides, a.shape
+    (oh, top), (ow, left) = _out_and_pad(h, kh, sh, layer.padding), _out_and_pad(w, kw, sw, layer.padding)
+    hs, ws = (kh - 1) // sh + oh, (kw - 1) // sw + ow  # phase-view rows / columns that patches touch
+    at = tf.transpose(a, [0, 3, 1, 2]) if cin > 1 else tf.reshape(a, [b, 1, h, w])
+    at = tf.pad(at, [[0, 0], [0, 0], [top, max(hs * sh - h - top, 0)], [left, max(ws * sw - w - left, 0)]])
+    view = tf.reshape(at[:, :, :hs * sh, :ws * sw], [b, cin, hs, sh, ws, sw])
+    parts = [view[:, :, i // sh:i // sh + oh, i % sh, j // sw:j // sw + ow, j % sw]
+             for i in range(kh) for j in range(kw)]
+    return tf.reshape(tf.stack(parts, axis=1), [b, kh * kw * cin, oh * ow])
+
+
+def _patches_by_gather(a: tf.Tensor, layer) -> tf.Tensor:
+    """Patches [B, T, kh·kw·cin] by gathering cin-vectors at constant offsets (fast for many channels)."""
+    (kh, kw), (sh, sw), (b, h, w, cin) = layer.kernel_size, layer.strides, a.shape
+    (oh, top), (ow, left) = _out_and_pad(h, kh, sh, layer.padding), _out_and_pad(w, kw, sw, layer.padding)
+    bottom, right = max((oh - 1) * sh + kh - h - top, 0), max((ow - 1) * sw + kw - w - left, 0)
+    padded = tf.pad(a, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    rows = np.arange(oh)[:, None, None, None] * sh + np.arange(kh)[None, None, :, None]
+    cols = np.arange(ow)[None, :, None, None] * sw + np.arange(kw)[None, None, None, :]
+    index = tf.constant((rows * padded.shape[2] + cols).reshape(-1), dtype=tf.int32)
+    patches = tf.gather(tf.reshape(padded, [b, -1, cin]), index, axis=1)
+    return tf.reshape(patches, [b, oh * ow, kh * kw * cin])
+
+
+def _patches(a: tf.Tensor, layer) -> tuple[tf.Tensor, bool]:
+    """(image patches, rows), p = kh·kw·cin ordered like the reshaped kernel, T = output positions: by
+    phase slices [B, p, T] (rows False) for few input channels, else by a gather [B, T, p] (rows True)."""
+    if a.shape[-1] < 8:
+        return _patches_by_phase(a, layer), False
+    return _patches_by_gather(a, layer), True
+
+
+def depthwise_unit_grads(layer, a, dz, units: int, k: int) -> tf.Tensor:
+    """Per-unit kernel gradients [units, kh·kw, c] of a Conv2D with one input channel, by one native op.
+
+    The batch becomes the channels of one image: input [1, H, W, B], output-gradients [1, oh, ow, B·c];
+    the gradient of a depthwise convolution's filter is then every example's own kernel gradient."""
+    (kh, kw), (b, h, w, _), c = layer.kernel_size, a.shape, dz.shape[-1]
+    image = tf.reshape(tf.transpose(tf.reshape(a, [b, h, w]), [1, 2, 0]), [1, h, w, b])
+    out_backprop = tf.reshape(tf.transpose(dz, [1, 2, 0, 3]), [1, dz.shape[1], dz.shape[2], b * c])
+    grads = tf.nn.depthwise_conv2d_backprop_filter(image, [kh, kw, b, c], out_backprop,
+                                                   [1, *layer.strides, 1], layer.padding.upper())
+    grads = tf.reshape(tf.transpose(grads, [2, 0, 1, 3]), [b, kh * kw, c])
+    return grads if k == 1 else tf.reduce_sum(tf.reshape(grads, [units, k, kh * kw, c]), axis=1) / k

@@ -1,0 +1,44 @@
+"""The fast-path rule of `keras.layers.Embedding` (sparse per-unit row gradients, exact norms)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from dpsgd_cli.training.fastgrad.base import WeightRule, extra_variables
+
+
+class EmbeddingRule(WeightRule):
+    """Embedding lookup z = E[ids]. A unit's gradient is sparse: row v of E gets Σ dL/dz over the unit's
+    positions holding id v. Its squared norm is computed exactly without densifying: dz rows are summed
+    per distinct (unit, id) pair (`tf.unique` + segment sums, O(B·T·D)), then the squared row norms per
+    unit; the weighted sum scatters w_u·dz into the rows its ids name. Not handled: `mask_zero` (the fast
+    path does not propagate Keras masks), LoRA, quantization."""
+
+    def problem(self, layer):
+        if layer.mask_zero:
+            return "mask_zero"
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return "LoRA or quantization"
+        if extra_variables(layer, (layer.embeddings,)):
+            return "extra trainable variables"
+        return None
+
+    def pre_activation(self, layer, a, choice):
+        ids = tf.cast(a, tf.int32)
+        return tf.gather(tf.convert_to_tensor(layer.embeddings), ids), ids
+
+    def unit_terms(self, layer, a, ids, dz, units, k, choice, strategy="auto"):
+        vocab, width = layer.embeddings.shape
+        rows = tf.reshape(dz, [-1, width]) / k  # one row per (example, position)
+        unit = tf.repeat(tf.range(units, dtype=tf.int64), tf.size(ids) // units)
+        pair = unit * vocab + tf.cast(tf.reshape(ids, [-1]), tf.int64)
+        distinct, which = tf.unique(pair)
+        summed = tf.math.unsorted_segment_sum(rows, which, tf.size(distinct))
+        sq = tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(summed), axis=1), distinct // vocab, units)
+        return sq, (rows, tf.reshape(ids, [-1]), unit)
+
+    def weighted_sums(self, layer, term, weights):
+        rows, ids, unit = term
+        weighted = rows * tf.gather(weights, unit)[:, None]
+        return [tf.math.unsorted_segment_sum(weighted, ids, layer.embeddings.shape[0])]
+

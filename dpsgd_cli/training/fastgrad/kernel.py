@@ -1,0 +1,105 @@
+"""Dense and Conv2D's shared algebra: z = op(input, kernel) + bias, a unit's kernel gradient A_u·D_u,
+its squared norm by materializing or by Gram matrices ("ghost"), and the weighted sum as one GEMM."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from dpsgd_cli.training.fastgrad.base import WeightRule, extra_variables
+
+
+class KernelRule(WeightRule):
+    """Dense and Conv2D: z = op(input, kernel) + bias. A unit's kernel gradient is A_u·D_u with A_u
+    [p, T] its inputs (Conv2D: patches) and D_u [T, c] its dz / k; its bias gradient Σ_T D_u."""
+
+    def problem(self, layer):
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return "LoRA or quantization"
+        if layer.compute_dtype != "float32":
+            return f"compute dtype {layer.compute_dtype}"
+        if extra_variables(layer, (layer.kernel, layer.bias if layer.use_bias else None)):
+            return "extra trainable variables"
+        return None
+
+    def activation(self, layer, z):
+        return layer.activation(z)
+
+    def pre_activation(self, layer, a, choice):
+        z = self.linear(layer, a, tf.convert_to_tensor(layer.kernel))
+        return (z + tf.convert_to_tensor(layer.bias) if layer.use_bias else z), None
+
+    def linear(self, layer, a: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        """op(a, kernel): the layer's output before bias and activation."""
+        raise NotImplementedError
+
+    def inputs(self, layer, a: tf.Tensor, aux) -> tuple[tf.Tensor, bool]:
+        """(A, rows): each example's inputs that multiply the reshaped [p, c] kernel, as A [B, T, p] (rows,
+        the layout of the forward GEMM) or A [B, p, T], whichever its construction gives without a
+        transpose; the rules below use either layout as it is."""
+        raise NotImplementedError
+
+    def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
+        if strategy == "auto" and choice.get("grads", "auto") != "auto":
+            strategy = choice["grads"]
+        a_u, rows, d_u = unit_factors(*self.inputs(layer, a, aux), dz, units, k)
+        sq, grads, bias = layer_terms(layer, a_u, rows, d_u, strategy)
+        return sq, (a_u, rows, d_u, grads, bias)
+
+    def weighted_sums(self, layer, term, weights):
+        a_u, rows, d_u, grads, bias = term
+        if grads is None:  # one GEMM [p, units·T] · [units·T, c]
+            if rows:
+                a_all, transpose = tf.reshape(a_u, [-1, a_u.shape[2]]), True
+            else:
+                a_all, transpose = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1]), False
+            weighted = tf.reshape(d_u * weights[:, None, None], [-1, d_u.shape[2]])
+            kernel = tf.matmul(a_all, weighted, transpose_a=transpose)
+        else:
+            kernel = tf.tensordot(weights, grads, axes=1)
+        sums = [tf.reshape(kernel, layer.kernel.shape)]
+        return sums + ([] if bias is None else [tf.tensordot(weights, bias, 1)])
+
+
+
+def unit_factors(a: tf.Tensor, rows: bool, dz: tf.Tensor, units: int, k: int):
+    """(A_u, rows, D_u) of each unit's k examples: A_u [units, k·T, p] if `rows` (a [B, T, p]) else
+    [units, p, k·T] (a [B, p, T]), and D_u [units, k·T, c] = dz / k."""
+    c = dz.shape[-1]
+    if rows:
+        return tf.reshape(a, [units, k * a.shape[1], a.shape[2]]), rows, tf.reshape(dz, [units, -1, c]) / k
+    p, t = a.shape[1], a.shape[2]
+    if k > 1:
+        a = tf.transpose(tf.reshape(a, [units, k, p, t]), [0, 2, 1, 3])
+    return tf.reshape(a, [units, p, k * t]), rows, tf.reshape(dz, [units, k * t, c]) / k
+
+
+def prefer_ghost(p: int, t: int, c: int) -> bool:
+    """Whether Gram-matrix norms are cheaper than materializing per-unit kernel gradients.
+
+    Per unit, ghost costs T²(p+c+1) multiply-adds for the norms (the weighted sum then needs one GEMM of
+    T·p·c, the same as materializing); materializing costs T·p·c plus 2·p·c to square and weight.
+    """
+    return t * t * (p + c + 1) < 2 * p * c
+
+
+def layer_terms(layer, a_u, rows: bool, d_u, strategy: str):
+    """(squared norms [units], kernel grads [units, p, c] or None if ghost, bias grads [units, c] or None)
+    from A_u ([units, T, p] if `rows`, else [units, p, T]) and D_u [units, T, c]."""
+    t, p = (a_u.shape[1], a_u.shape[2]) if rows else (a_u.shape[2], a_u.shape[1])
+    if strategy == "ghost" or (strategy == "auto" and prefer_ghost(p, t, d_u.shape[2])):
+        if t == 1:  # one row per unit (a Dense layer on flat inputs): ‖a dᵀ‖² = ‖a‖²‖d‖², no GEMM
+            sq = tf.reduce_sum(tf.square(a_u), axis=[1, 2]) * tf.reduce_sum(tf.square(d_u), axis=[1, 2])
+            return with_bias(layer, sq, None, d_u)
+        gram_a = tf.matmul(a_u, a_u, transpose_a=not rows, transpose_b=rows)  # [units, T, T]
+        gram_d = tf.matmul(d_u, d_u, transpose_b=True)
+        sq, grads = tf.maximum(tf.reduce_sum(gram_a * gram_d, axis=[1, 2]), 0.0), None
+    else:
+        grads = tf.matmul(a_u, d_u, transpose_a=rows)
+        sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
+    return with_bias(layer, sq, grads, d_u)
+
+
+def with_bias(layer, sq, grads, d_u):
+    """(squared norms with the bias gradient's added, kernel grads, bias grads Σ_T D_u or None)."""
+    bias = tf.reduce_sum(d_u, axis=1) if layer.use_bias else None
+    return (sq if bias is None else sq + tf.reduce_sum(tf.square(bias), axis=1)), grads, bias
