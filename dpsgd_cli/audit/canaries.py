@@ -65,17 +65,18 @@ class CanarySet:
         return len(self.y)
 
 
-def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int, key: RunKey) -> CanarySet:
+def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int, key: RunKey,
+                  num_classes: int = NUM_CLASSES) -> CanarySet:
     """Draw m canaries from the real training set (see the module docstring): images and labels from
-    `seed`, inclusion coins from the run's `key`."""
+    `seed`, inclusion coins from the run's `key`; labels 0..num_classes−1."""
     n = len(y_train)
     if not 1 <= m <= n:
         raise ConfigError(f"privacy.canaries: {m} canaries need at least as many training examples "
                           f"(the run has {n}); use 0 ≤ privacy.canaries ≤ {n}")
     rng = np.random.default_rng([seed, CANARY_STREAM])
     source = np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
-    shift = rng.integers(1, NUM_CLASSES, size=m)  # 1..9: never the true label
-    labels = ((y_train[source].astype(np.int64) + shift) % NUM_CLASSES).astype(np.int32)
+    shift = rng.integers(1, num_classes, size=m)  # 1..K−1: never the true label
+    labels = ((y_train[source].astype(np.int64) + shift) % num_classes).astype(np.int32)
     included = key.generator(STREAM_CANARIES).random(m) < 0.5
     return CanarySet(x=np.array(x_train[source], dtype=np.float32), y=labels, included=included,
                      source_index=source)
@@ -83,7 +84,7 @@ def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int, k
 
 def add_canaries(dataset: Dataset, m: int, seed: int, key: RunKey) -> tuple[Dataset, CanarySet]:
     """Return the dataset with the included canaries appended to x_train/y_train, and all m canaries."""
-    canary_set = make_canaries(dataset.x_train, dataset.y_train, m, seed, key)
+    canary_set = make_canaries(dataset.x_train, dataset.y_train, m, seed, key, dataset.num_classes)
     keep = canary_set.included
     grown = replace(dataset,
                     x_train=np.concatenate([dataset.x_train, canary_set.x[keep]]),

@@ -16,10 +16,12 @@ from dpsgd_cli.config.schema import (
     ACTIVATIONS,
     ARCHITECTURES,
     AUGMENTATIONS,
+    BUILTIN_DATASETS,
     CLUSTERS,
     DATASET_SIZES,
     DATASETS,
     FEATURE_NORMS,
+    FILE_DATASETS,
     GRADIENT_PATHS,
     JIT_CHOICES,
     LR_SCHEDULES,
@@ -33,6 +35,7 @@ from dpsgd_cli.config.schema import (
     ExperimentConfig,
     ModelConfig,
     PrivacyConfig,
+    TrackingConfig,
     TrainingConfig,
     json_schema,
     reference_rows,
@@ -40,10 +43,11 @@ from dpsgd_cli.config.schema import (
 from dpsgd_cli.config.validation import validate
 
 __all__ = [
-    "_SECTIONS", "ACTIVATIONS", "ARCHITECTURES", "AUGMENTATIONS", "CLUSTERS", "DATASET_SIZES", "DATASETS",
-    "FEATURE_NORMS", "GRADIENT_PATHS", "JIT_CHOICES", "LR_SCHEDULES", "OPTIMIZERS", "PIXEL_ARCHITECTURES",
-    "PLAN_CHOICES", "SAMPLINGS", "STRATEGIES", "DataConfig", "DistributeConfig", "ExperimentConfig",
-    "ModelConfig", "PrivacyConfig", "TrainingConfig", "config_from_dict", "dataset_size",
-    "feature_releases", "flatten", "json_schema", "load_config", "microbatch_size", "reference_rows",
-    "release_bounds", "replace", "resolved_data_dir", "validate", "views_per_example", "with_overrides",
+    "_SECTIONS", "ACTIVATIONS", "ARCHITECTURES", "AUGMENTATIONS", "BUILTIN_DATASETS", "CLUSTERS",
+    "DATASET_SIZES", "DATASETS", "FEATURE_NORMS", "FILE_DATASETS", "GRADIENT_PATHS", "JIT_CHOICES",
+    "LR_SCHEDULES", "OPTIMIZERS", "PIXEL_ARCHITECTURES", "PLAN_CHOICES", "SAMPLINGS", "STRATEGIES",
+    "DataConfig", "DistributeConfig", "ExperimentConfig", "ModelConfig", "PrivacyConfig", "TrackingConfig",
+    "TrainingConfig", "config_from_dict", "dataset_size", "feature_releases", "flatten", "json_schema",
+    "load_config", "microbatch_size", "reference_rows", "release_bounds", "replace", "resolved_data_dir",
+    "validate", "views_per_example", "with_overrides",
 ]

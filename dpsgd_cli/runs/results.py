@@ -58,8 +58,7 @@ class EpochRecord(Mapping):
     def from_row(cls, row: Mapping[str, Any]) -> EpochRecord:
         """Inverse of `row` (e.g. a record kept in a checkpoint)."""
         scalars = {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name != _PER_CLASS}
-        per_class = tuple(row[f"test_accuracy_class_{k}"] for k in range(NUM_CLASSES)
-                          if f"test_accuracy_class_{k}" in row)
+        per_class = tuple(row[f"test_accuracy_class_{k}"] for k in range(class_count(row)))
         return cls(**scalars, test_accuracy_per_class=per_class)
 
     def __getitem__(self, column: str) -> Any:
@@ -73,24 +72,39 @@ class EpochRecord(Mapping):
 
 
 _PER_CLASS = "test_accuracy_per_class"
-METRIC_COLUMNS = (
-    *(f.name for f in dataclasses.fields(EpochRecord) if f.name != _PER_CLASS),
-    *(f"test_accuracy_class_{k}" for k in range(NUM_CLASSES)),
-)
+SCALAR_COLUMNS = tuple(f.name for f in dataclasses.fields(EpochRecord) if f.name != _PER_CLASS)
+
+
+def metric_columns(num_classes: int = NUM_CLASSES) -> tuple[str, ...]:
+    """The columns of metrics.csv for data of `num_classes` classes."""
+    return (*SCALAR_COLUMNS, *(f"test_accuracy_class_{k}" for k in range(num_classes)))
+
+
+METRIC_COLUMNS = metric_columns(NUM_CLASSES)  # the built-in datasets' (10 classes)
+
+
+def class_count(row: Iterable[str]) -> int:
+    """K of the per-class columns `test_accuracy_class_0` … `_{K−1}` among a row's keys (or columns)."""
+    keys = set(row)
+    k = 0
+    while f"test_accuracy_class_{k}" in keys:
+        k += 1
+    return k
 
 
 def metrics_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Records (one per epoch: EpochRecord or a mapping of columns) as a DataFrame whose columns are
-    exactly METRIC_COLUMNS."""
+    exactly `metric_columns(K)`, K the records' number of per-class columns."""
     import pandas as pd  # imported when first needed: reading run.yaml alone does not need it
 
     frame = pd.DataFrame([dict(r) for r in records])
-    missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
     if frame.empty:
         return pd.DataFrame(columns=list(METRIC_COLUMNS))
+    columns = metric_columns(class_count(frame.columns))
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"metrics records lack columns: {missing}")
-    return frame.loc[:, list(METRIC_COLUMNS)]
+    return frame.loc[:, list(columns)]
 
 
 def write_metrics(records: Iterable[Mapping[str, Any]], path: Path) -> None:
