@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import DataError
 from dpsgd_cli.training.sources import load_source
 from dpsgd_cli.training.sources.cifar import write_batches
@@ -257,3 +258,167 @@ def test_cifar_files_cannot_run_code(tmp_path):
 
 def test_cifar_missing_folder_says_how_to_download(tmp_path):
     _refused(r"cifar-10-batches-py: folder not found .*download it with Keras", "cifar10", data_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the CLI and the runner
+# ------------------------------------------------------------------------------------------------
+def _cli(*args) -> tuple[int, list[str], str]:
+    from typer.testing import CliRunner
+
+    from dpsgd_cli.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, [line for line in result.stderr.splitlines() if line.strip()], result.stdout
+
+
+def _tiny_cifar(root: Path, n: int = 120) -> Path:
+    rng = np.random.default_rng(11)
+    x, y = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), np.arange(n) % 10
+    write_batches(root, "cifar10", {"train": (x, y), "test": (x[:40], y[:40])}, tuple("abcdefghij"))
+    return root
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["model.architecture=scatter_linear"], "model.architecture: scatter_linear needs 28×28×1 grayscale "
+                                            "images (its ScatterNet features are computed for that size); "
+                                            "the data's inputs are 32×32×3"),
+    (["model.architecture=tfp_cnn", "data.augmentation=none"], None),
+])
+def test_builtin_models_check_the_data_fit_them(tmp_path, sets, expected):
+    if expected is None:  # the CNN adapts to 32×32×3 and 10 classes: checked without training
+        from dpsgd_cli.training.model import model_from_config
+
+        cfg = load_config(None, ["privacy.noise_multiplier=1", *sets])
+        assert model_from_config(cfg.model, 0, (32, 32, 3), 10).output_shape == (None, 10)
+        return
+    code, lines, _ = _cli("train", "--sigma", 1, "--set", "data.dataset=cifar10",
+                          "--set", f"data.data_dir={_tiny_cifar(tmp_path / 'c')}",
+                          "--set", f"output_dir={tmp_path / 'out'}", *(a for s in sets for a in ("--set", s)))
+    assert code == 2 and lines == [f"error: {expected}; use tfp_cnn, tanh_cnn, mlp or a model.builder"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cnn_refuses_tabular_features_and_mirror_needs_images(tmp_path):
+    folder = write_csv_folder(tmp_path / "tab", np.ones((8, 3)), np.arange(8) % 2, np.ones((2, 3)), [0, 1])
+    code, lines, _ = _cli("train", "--sigma", 1, "--set", "data.dataset=csv", "--set", f"data.path={folder}",
+                          "--set", "data.batch_size=4", "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: model.architecture: tfp_cnn is a CNN for images H×W×C; the data's "
+                               "inputs are of shape 3 (e.g. a CSV's features); use mlp")
+    code, lines, _ = _cli("train", "--sigma", 1, "--set", "data.dataset=csv", "--set", f"data.path={folder}",
+                          "--set", "data.batch_size=4", "--set", "model.architecture=mlp",
+                          "--set", "data.augmentation=mirror", "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 2 and lines[0].startswith("error: data.augmentation: mirror mirrors images")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_through_the_cli_is_one_line_and_writes_nothing(tmp_path):
+    x = np.ones((9, 3))
+    x[4, 1] = np.nan
+    path = _npz(tmp_path, x_train=x)
+    code, lines, _ = _cli("train", "--sigma", 1, "--set", "data.dataset=npz", "--set", f"data.path={path}",
+                          "--set", "model.architecture=mlp", "--set", "data.batch_size=4",
+                          "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 2 and lines == [f"error: {path}: x_train: record 4 has a NaN or infinite feature (1 such "
+                                   "values in all); remove or impute them before training"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_epsilon_of_a_config_counts_the_records_of_data_path(tmp_path):
+    import json
+
+    y = np.arange(500) % 2
+    folder = write_csv_folder(tmp_path / "tab", np.ones((500, 3)), y, np.ones((2, 3)), [0, 1])
+    code, _, out = _cli("epsilon", "--json", "--config", "configs/quickstart.yaml",
+                        "--set", "data.dataset=csv", "--set", f"data.path={folder}",
+                        "--set", "data.batch_size=50", "--set", "training.epochs=2")
+    assert code == 0
+    answer = json.loads(out)
+    assert answer["dataset_size"] == 500 and answer["sampling_rate"] == 50 / 500 and answer["steps"] == 20
+
+
+# Equal data → equal runs: the same Fashion-MNIST images from each source train, in reproducible mode with
+# the same key, to exactly the metrics of the built-in loader.
+BASE = ["privacy.reproducible=true", "privacy.noise_multiplier=1.1", "data.batch_size=64",
+        "training.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def fashion(data_dir):
+    from dpsgd_cli.training.data import load_dataset
+
+    return load_dataset("fashion_mnist", data_dir, train_size=256, test_size=100)
+
+
+def _train(root: Path, name: str, sets: list[str]):
+    import pandas as pd
+    import yaml
+
+    from dpsgd_cli.experiment.run import run
+
+    result = run(load_config(None, [*BASE, f"name={name}", f"output_dir={root / 'results'}", *sets]))
+    doc = yaml.safe_load((result.run_dir / "run.yaml").read_text())
+    return pd.read_csv(result.run_dir / "metrics.csv").drop(columns=["elapsed_s"]), doc
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    return np.rint(x[..., 0] * 255.0).astype(np.uint8)
+
+
+@pytest.mark.slow
+def test_npz_and_png_folder_train_exactly_like_the_builtin_loader(fashion, data_dir, tmp_path):
+    import pandas as pd
+
+    x, xt = _pixels(fashion.x_train), _pixels(fashion.x_test)
+    assert np.array_equal(x.astype(np.float32) / 255.0, fashion.x_train[..., 0])  # the pixels round-trip
+    npz = write_npz(tmp_path / "fashion.npz", x, fashion.y_train, xt, fashion.y_test)
+    png = write_png_folder(tmp_path / "png", x, fashion.y_train, xt, fashion.y_test,
+                           tuple(str(k) for k in range(10)))
+    builtin, doc = _train(tmp_path, "builtin", [f"data.data_dir={data_dir}", "data.train_size=256",
+                                                "data.test_size=100"])
+    assert doc["resolved"]["data"]["train_records"] == doc["resolved"]["dataset_size"] == 256
+    for name, sets in (("npz", ["data.dataset=npz", f"data.path={npz}"]),
+                       ("png", ["data.dataset=image_folder", f"data.path={png}"])):
+        metrics, doc = _train(tmp_path, name, sets)
+        pd.testing.assert_frame_equal(metrics, builtin, check_exact=True)
+        assert doc["resolved"]["data"]["train_records"] == 256
+        assert "One example, the unit of privacy, is " + doc["resolved"]["data"]["record"] in \
+            doc["privacy_statement"]
+
+
+@pytest.mark.slow
+def test_a_csv_of_pixels_trains_an_mlp_exactly_like_the_builtin_images(fashion, data_dir, tmp_path):
+    import pandas as pd
+
+    flat = fashion.x_train.reshape(len(fashion.x_train), -1)
+    folder = write_csv_folder(tmp_path / "csv", flat, fashion.y_train,
+                              fashion.x_test.reshape(len(fashion.x_test), -1), fashion.y_test)
+    mlp = ["model.architecture=mlp"]
+    builtin, _ = _train(tmp_path, "builtin", [*mlp, f"data.data_dir={data_dir}", "data.train_size=256",
+                                              "data.test_size=100"])
+    metrics, doc = _train(tmp_path, "csv", [*mlp, "data.dataset=csv", f"data.path={folder}"])
+    pd.testing.assert_frame_equal(metrics, builtin, check_exact=True)
+    assert doc["resolved"]["data"]["input_shape"] == [784]
+    assert "is one row of train.csv (its 784 features and its label)" in doc["privacy_statement"]
+
+
+@pytest.mark.slow
+def test_cifar10_trains_from_canonical_files_through_the_cli(tmp_path):
+    import pandas as pd
+    import yaml
+
+    data_dir = _tiny_cifar(tmp_path / "c")
+    code, lines, _ = _cli("train", "--quiet", "--sigma", 1, "--epochs", 1, "--set", "data.dataset=cifar10",
+                          "--set", f"data.data_dir={data_dir}", "--set", "data.batch_size=32",
+                          "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 0, lines
+    doc = yaml.safe_load((tmp_path / "out" / "run" / "run.yaml").read_text())
+    data = doc["resolved"]["data"]
+    assert data["input_shape"] == [32, 32, 3] and data["num_classes"] == 10 and data["train_records"] == 120
+    assert data["class_names"] == list("abcdefghij")
+    assert "one 32×32 colour image of the CIFAR-10 training set with its label" in doc["privacy_statement"]
+    metrics = pd.read_csv(tmp_path / "out" / "run" / "metrics.csv")
+    assert [c for c in metrics.columns if c.startswith("test_accuracy_class_")] == [
+        f"test_accuracy_class_{k}" for k in range(10)]

@@ -66,33 +66,25 @@ class TensorBoardTracker:
             self.writer = None
 
 
+def _events(logdir: Path):
+    """The events of every event file under `logdir`, in file order (records read with tf.data)."""
+    import tensorflow as tf
+
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            yield tf.compat.v1.Event.FromString(raw.numpy())
+
+
 def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} of every scalar in the event files under `logdir` (the last value of a step
-    wins), read back with TensorFlow's own event reader."""
-    import tensorflow as tf
+    wins)."""
     from tensorboard.util import tensor_util
 
     out: dict[str, dict[int, float]] = {}
-    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "scalars":
-                    out.setdefault(value.tag, {})[int(event.step)] = float(
-                        tensor_util.make_ndarray(value.tensor))
-    return out
-
-
-def read_texts(logdir: Path) -> dict[str, str]:
-    """{tag: text} of the text summaries under `logdir` (the last one of a tag wins)."""
-    import tensorflow as tf
-    from tensorboard.util import tensor_util
-
-    out: dict[str, str] = {}
-    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "text":
-                    out[value.tag] = tensor_util.make_ndarray(value.tensor).item().decode()
+    for event in _events(logdir):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "scalars":
+                out.setdefault(value.tag, {})[int(event.step)] = float(tensor_util.make_ndarray(value.tensor))
     return out
 
 
