@@ -50,6 +50,7 @@ def test_overrides_and_float_strings():
     ("data.dataset=npz", "data.path"),
     ("data.path=x.npz", "data.path"),
     ("tracking.mlflow=0", "tracking.mlflow"),
+    ("tracking.mlflow=mlruns", "tracking.mlflow"),
     ("data.batch_size=abc", "data.batch_size"),
     ("data.batch_size=true", "data.batch_size"),
     ("privacy.delta=1.5", "privacy.delta"),

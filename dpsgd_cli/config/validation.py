@@ -105,9 +105,9 @@ def validate(cfg: ExperimentConfig) -> None:
 def _validate_tracking(tracking: TrackingConfig) -> None:
     """`tracking.*`; whether the tracker's package is installed is checked when the run starts."""
     uri = tracking.mlflow
-    _check(isinstance(uri, bool) or (isinstance(uri, str) and uri.strip() != ""),
-           f"tracking.mlflow: must be true, false or a tracking URI (e.g. sqlite:///mlflow.db, "
-           f"http://localhost:5000), got {_describe(uri)}")
+    _check(isinstance(uri, bool) or (isinstance(uri, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S", uri)),
+           f"tracking.mlflow: must be true, false or a tracking URI with its scheme (e.g. "
+           f"sqlite:///mlflow.db, http://localhost:5000), got {_describe(uri)}")
     _check(bool(tracking.mlflow_experiment.strip()),
            "tracking.mlflow_experiment: must name an experiment, got an empty string")
 

@@ -118,7 +118,9 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     if ckpt:
         _check_continues(ckpt, cfg, plan, fingerprint)
     recorded = RunDir(run_dir).document().get("tracking") if resume else None
-    tracked = trackers.open_trackers(cfg, run_dir, recorded=recorded, parent_run_id=tracking_parent)
+    # only the chief (or the one process) tracks: the other workers train the same run
+    tracked = (trackers.open_trackers(cfg, run_dir, recorded=recorded, parent_run_id=tracking_parent)
+               if dist is None or dist.is_chief else trackers.Trackers())
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier, data=data_facts,
                        tracking=dict(tracked.ids))
     try:
