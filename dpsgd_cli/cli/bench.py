@@ -41,7 +41,7 @@ def bench(
     memory_batch: Annotated[int, typer.Option(min=1, help="Batch size of the memory rows.")] = 1024,
     devices: Annotated[str | None, typer.Option(
         help="Comma-separated replica counts, e.g. 1,2: instead of the other rows, the DP step under "
-             "tf.distribute (mirrored) on that many GPUs, else logical CPUs (issue 17).")] = None,
+             "tf.distribute (mirrored) on that many GPUs, else logical CPUs.")] = None,
 ) -> None:
     """Seconds per training step of the non-private and the DP steps, in one process and one run.
 

@@ -1,4 +1,4 @@
-"""`dpsgd class-gap DP_RUN TWIN_RUN`: per-class accuracy lost to privacy (issue 15, item 6)."""
+"""`dpsgd class-gap DP_RUN TWIN_RUN`: per-class accuracy lost to privacy."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from dpsgd_cli.config.schema import _SECTIONS, ExperimentConfig
+from dpsgd_cli.config.schema import _SECTIONS, ARCHITECTURE_ALIASES, ExperimentConfig
 from dpsgd_cli.config.validation import _describe, validate
 from dpsgd_cli.errors import ConfigError
 
@@ -37,6 +37,7 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a nested dict (as from YAML) into an ExperimentConfig."""
     if not isinstance(raw, dict):
         raise ConfigError("config: the top level must be a mapping of keys (name, seed, data, model, ...)")
+    raw = resolve_aliases(raw)
     top_fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
     _reject_unknown(raw, top_fields, "")
     sections = {}
@@ -52,6 +53,18 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     cfg = ExperimentConfig(**top, **sections)
     validate(cfg)
     return cfg
+
+
+def resolve_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config mapping (as from YAML) whose `model.architecture`, if it is another name of a
+    built-in model (`ARCHITECTURE_ALIASES`), is replaced by the model's name; anything else is unchanged."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return raw
+    name = model.get("architecture")
+    if not isinstance(name, str) or name not in ARCHITECTURE_ALIASES:
+        return raw
+    return {**raw, "model": {**model, "architecture": ARCHITECTURE_ALIASES[name]}}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -15,8 +15,12 @@ from typing import Any
 BUILTIN_DATASETS = ("fashion_mnist", "mnist")  # IDX files or the Keras download
 FILE_DATASETS = ("npz", "image_folder", "csv")  # read from data.path
 DATASETS = (*BUILTIN_DATASETS, "cifar10", "cifar100", *FILE_DATASETS)
-ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn",
-                 "scatter_cnn_wide", "scatter_cnn_wider", "mlp")
+ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn_16_32",
+                 "scatter_cnn_32_64", "scatter_cnn_64_128", "mlp")
+# other names of model.architecture, read as the name they map to (run.yaml files written under them still
+# load, resume and audit); configs are written with the names of ARCHITECTURES
+ARCHITECTURE_ALIASES = {"scatter_cnn": "scatter_cnn_16_32", "scatter_cnn_wide": "scatter_cnn_32_64",
+                        "scatter_cnn_wider": "scatter_cnn_64_128"}
 PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on pixels (the scatter_* models on scattering features)
 ACTIVATIONS = ("relu", "tanh")
 FEATURE_NORMS = ("group_norm", "private_stats")
@@ -75,7 +79,9 @@ class ModelConfig:
 
     architecture: str = _key("tfp_cnn", "the built-in model: tfp_cnn is TensorFlow Privacy's tutorial CNN; "
                                         "mlp a small multilayer perceptron (any input, e.g. csv); the others "
-                                        "are the recipes of the results page", ARCHITECTURES)
+                                        "are the recipes of the results page (scatter_cnn_C1_C2: "
+                                        "ScatterNet features, then convolutions of C1 and C2 channels)",
+                             ARCHITECTURES)
     activation: str = _key("relu", "the hidden layers' activation", ACTIVATIONS)
     builder: str | None = _key(None, "\"package.module:function\" building any Keras model (logits) "
                                      "instead of architecture")
@@ -209,12 +215,17 @@ def reference_rows() -> list[tuple[str, Any, str, tuple | None]]:
     return rows
 
 
+JSON_SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"  # what editors' YAML support implements
+
+
 def json_schema() -> dict[str, Any]:
-    """A JSON Schema (draft 2020-12) of the YAML file, for editors: pydantic's schema of the dataclasses,
-    with each key's help as its description, closed choices as enums and unknown keys refused."""
+    """A JSON Schema of the YAML file, for editors: pydantic's schema of the dataclasses, with each key's
+    help as its description, closed choices as enums and unknown keys refused. It declares draft-07 (the
+    draft VS Code's YAML extension implements) and uses only keywords draft-07 knows; its `$ref`s are
+    JSON pointers into `$defs`, which every draft resolves."""
     from pydantic import TypeAdapter
 
-    schema = TypeAdapter(ExperimentConfig).json_schema()
+    schema = {"$schema": JSON_SCHEMA_DIALECT, **TypeAdapter(ExperimentConfig).json_schema()}
     rows = {key: (help_, choices) for key, _, help_, choices in reference_rows()}
     defs = schema.get("$defs", {})
     for section, cls in [("", ExperimentConfig), *_SECTIONS.items()]:
@@ -230,3 +241,11 @@ def json_schema() -> dict[str, Any]:
                     prop["enum"] = list(choices)
     schema["title"] = "dpsgd experiment"
     return schema
+
+
+def json_schema_text() -> str:
+    """`json_schema()` as the text `dpsgd config schema` prints and docs/dpsgd-config.schema.json holds:
+    two-space indented JSON, non-ASCII characters kept (σ, ε), ending in a newline."""
+    import json
+
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli.config import ExperimentConfig, flatten, release_bounds
+from dpsgd_cli.config import ExperimentConfig, flatten, release_bounds, resolve_aliases
 from dpsgd_cli.errors import DpsgdError, RunDirError
 from dpsgd_cli.privacy.plan import PrivacyPlan, plan_privacy
 from dpsgd_cli.privacy.run_key import RunKey, load_run_key, new_run_key, save_run_key
@@ -153,7 +153,7 @@ def _run_stages(cfg: ExperimentConfig, plan: PrivacyPlan, key: RunKey, ckpt, dat
         canaries.save_canaries(canary_set, run_dir)
     tail = len(dataset.y_train) - real_examples  # the canaries: their features are not cached
     images = dataset.x_train
-    if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features (issue 15)
+    if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features
         dataset = features.prepare(dataset, cfg.model.architecture, uncached_tail=tail)
     dataset = augmentation.with_views(dataset, images, cfg.data.augmentation, cfg.model.architecture,
                                       uncached_tail=tail)
@@ -254,7 +254,7 @@ def _check_continues(ckpt: checkpoint.Checkpoint, cfg: ExperimentConfig, plan: P
                      fingerprint: str) -> None:
     """The checkpoint must belong to this config and these data, else resuming would not continue it."""
     where = checkpoint.path_in(cfg.run_dir)
-    stored, current = flatten(ckpt.state.get("config") or {}), flatten(cfg.to_dict())
+    stored, current = flatten(resolve_aliases(ckpt.state.get("config") or {})), flatten(cfg.to_dict())
     changed = sorted(k for k in stored.keys() | current.keys()
                      if k not in _RELOCATABLE and stored.get(k) != current.get(k))
     if changed:

@@ -87,7 +87,7 @@ class Trainer:
         shape = INPUT_SHAPE if features.needs_features(cfg.model.architecture) else dataset.input_shape
         build = (cfg.model, cfg.seed, shape, dataset.num_classes)
         self.model = plain = model if model is not None else model_from_config(*build)
-        # tf.distribute (issue 17): R replicas each take capacity / R slots of every chunk
+        # tf.distribute: R replicas each take capacity / R slots of every chunk
         self.distribution = distribute.setup(cfg)
         replicas = self.distribution.replicas if self.distribution else 1
         if self.distribution:
