@@ -16,7 +16,20 @@ from dpsgd_cli.errors import ConfigError
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read YAML at `path` (or start from defaults), apply `key.sub=value` overrides, validate."""
+    """Read YAML at `path` (or start from defaults), apply `key.sub=value` overrides, validate.
+
+    Args:
+        path: an experiment YAML file, or None for the defaults.
+        overrides: `--set` style items, e.g. `["training.epochs=1", "privacy.noise_multiplier=1.3"]`,
+            applied in order; values are read as YAML scalars.
+
+    Returns:
+        The validated, frozen `ExperimentConfig`.
+
+    Raises:
+        ConfigError: an unreadable file, an unknown key, a value of the wrong type or out of range; the
+            message names the dotted key and what is allowed.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))

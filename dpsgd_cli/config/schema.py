@@ -178,7 +178,17 @@ class TrackingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
-    """One experiment: a name, where results go, the non-secret seed, and the sections."""
+    """One experiment: a name, where results go, the non-secret seed, and the sections. Frozen; build it
+    with `load_config` (which validates it) and change it with `config.with_overrides`.
+
+    Attributes:
+        name: run name; results go to `<output_dir>/<name>/` (`run_dir`).
+        output_dir: where run directories are created.
+        seed: seeds what is not secret (initial weights, canary images); noise and batches come from the
+            run key.
+        data, model, training, privacy, distribute: the sections, one per YAML section (see the config
+            reference for every key).
+    """
 
     name: str = _key("run", "run name: results go to <output_dir>/<name>/")
     output_dir: str = _key("results", "where run directories are created")
@@ -193,9 +203,11 @@ class ExperimentConfig:
 
     @property
     def run_dir(self) -> Path:
+        """`output_dir / name`: the run's directory."""
         return Path(self.output_dir) / self.name
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested dicts, as in the YAML file."""
         return dataclasses.asdict(self)
 
 

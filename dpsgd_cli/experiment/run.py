@@ -56,8 +56,19 @@ _RELOCATABLE = ("name", "output_dir", "data.data_dir", "data.path", "distribute.
 
 @dataclass
 class RunResult:
-    """`data`: what the run trained on (run.yaml's `resolved.data`: source, what one record is, n, shapes,
-    classes); `tracking`: the trackers' run ids (run.yaml's `tracking`)."""
+    """What `run` returns; the same is on disk in `run_dir` (metrics.csv, run.yaml).
+
+    Attributes:
+        run_dir: the run's directory.
+        records: one `EpochRecord` (a mapping keyed by metrics.csv's columns: epoch, test_accuracy,
+            epsilon_rdp, epsilon_pld, …) per finished epoch. train_loss and train_accuracy are computed on
+            the private batches without noise and are not covered by ε.
+        statement: the privacy guarantee in words: ε, δ and what they assume and cover.
+        noise_multiplier: σ as trained (calibrated when the config gives a target ε); None if non-private.
+        data: what the run trained on (run.yaml's `resolved.data`: source, what one record is, n, shapes,
+            classes).
+        tracking: the trackers' run ids (run.yaml's `tracking`).
+    """
 
     run_dir: Path
     records: list[EpochRecord] = field(default_factory=list)
@@ -78,15 +89,31 @@ class RunInterrupted(KeyboardInterrupt):
 def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         on_epoch: EpochCallback | None = None, overwrite: bool = False, resume: bool = False,
         run_key: RunKey | None = None, tracking_parent: str | None = None) -> RunResult:
-    """Train `cfg` and write run.key (0600), metrics.csv, run.yaml and a checkpoint per epoch under
-    `cfg.run_dir`.
+    """Train `cfg` (what `dpsgd train` does, without the terminal) and write run.key (0600), metrics.csv,
+    run.yaml and a checkpoint per epoch under `cfg.run_dir`.
 
-    `resume`: continue the unfinished run in `cfg.run_dir` from its checkpoint and run.key (`cfg` must be
-    the one it was started with: see `resume_config`). `run_key`: the key of a new run (default: a fresh
-    secret key, or the reproducible one when `privacy.reproducible` is true). `tracking_parent`: the MLflow
-    run this one is a child of (a sweep's). Raises RunInterrupted on Ctrl-C, TrainingError on a non-finite
-    loss (the last checkpoint and metrics.csv stay as they were); bad data, a model that does not fit the
-    data or a tracker that cannot start raise before anything is written."""
+    Args:
+        cfg: the experiment, from `load_config`.
+        on_step: called every few steps with a dict (epoch, step_in_epoch, steps_in_epoch, train_loss,
+            train_accuracy: the last two from the private batches, not covered by ε).
+        on_epoch: called with each epoch's `EpochRecord` once it is saved.
+        overwrite: replace an existing run directory.
+        resume: continue the unfinished run in `cfg.run_dir` from its checkpoint and run.key (`cfg` must be
+            the one it was started with: see `resume_config`).
+        run_key: the key of a new run (default: a fresh secret key, or the reproducible one when
+            `privacy.reproducible` is true).
+        tracking_parent: the MLflow run this one is a child of (a sweep's points).
+
+    Returns:
+        A `RunResult`: the run directory, one record per epoch, σ and the privacy statement.
+
+    Raises:
+        RunDirError: the run directory exists (without `overwrite`) or cannot be resumed.
+        ConfigError, DataError: bad input, data a built-in model cannot take, or a tracker that cannot
+            start, before anything is written.
+        TrainingError: a non-finite loss (the last checkpoint and metrics.csv stay as they were).
+        RunInterrupted: Ctrl-C; the finished epochs are saved.
+    """
     trackers.require_packages(cfg)
     dist = distribute.setup(cfg)  # first: devices and collectives are set up before TensorFlow starts
     if dist is not None and not dist.is_chief:  # only the chief writes cfg.run_dir
@@ -160,7 +187,8 @@ def _run_stages(cfg: ExperimentConfig, plan: PrivacyPlan, key: RunKey, ckpt, dat
     feature_stats = None
     if cfg.model.feature_norm == "private_stats":  # released from the key's noise: the same on a resume
         # with the very noise multipliers the plan accounts (none for a non-private twin)
-        dataset, feature_stats = feature_norm.apply(dataset, release_bounds(cfg), plan.releases, key)
+        dataset, feature_stats = feature_norm.apply(dataset, release_bounds(cfg), plan.releases, key,
+                                                    dataset_size=plan.dataset_size)
     trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
     trainer.feature_stats = feature_stats
     if ckpt:

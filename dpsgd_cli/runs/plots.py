@@ -133,12 +133,19 @@ def plot_runs(paths: Iterable[str | Path], out: str | Path | None = None,
     out = Path(out) if out is not None else default_output(paths)
     if out.suffix.lower() != ".png":
         raise OutputError(f"--out {out}: must be a .png file")
-    written = [save_figure(curves_figure(drawn, keys), out)]
+    return draw_runs(drawn, keys, out, per_class), drawn
+
+
+def draw_runs(runs: Sequence[RunInfo], keys: Sequence[str], out: Path, per_class: bool = True) -> list[Path]:
+    """Write the curves PNG at `out`, the per-class PNG beside it and, when a run is private, the
+    accuracy-vs-ε PNG with the published points; return the files written. They draw test metrics and
+    ε only (what a run's ε covers)."""
+    written = [save_figure(curves_figure(runs, keys), out)]
     if per_class:
-        written.append(save_figure(per_class_figure(drawn, keys), per_class_path(out)))
-    if any(r.private for r in drawn):  # accuracy vs ε with the published points
+        written.append(save_figure(per_class_figure(runs, keys), per_class_path(out)))
+    if any(r.private for r in runs):  # accuracy vs ε with the published points
         from dpsgd_cli.runs.tradeoff import tradeoff_figure, tradeoff_path
 
-        written.append(save_figure(tradeoff_figure(drawn, keys), tradeoff_path(out)))
-    return written, drawn
+        written.append(save_figure(tradeoff_figure(runs, keys), tradeoff_path(out)))
+    return written
 

@@ -190,6 +190,32 @@ def check_dp_model(model: Any, where: str, *, input_shape: tuple[int, ...] | Non
                           "last layer): the loss is softmax cross-entropy from logits")
 
 
+def check_embedding_ids(model: keras.Model, x: Any, where: str) -> None:
+    """ConfigError (one line) when an Embedding layer that reads the model's input directly would get an id
+    outside [0, input_dim) from `x` (a numpy array of examples): checked before training, on any device
+    (a GPU's gather returns zeros for such ids instead of failing; the fast path also drops their units)."""
+    import numpy as np
+
+    inputs = [id(t) for t in (getattr(model, "inputs", None) or [])]
+    layers = list(getattr(model, "layers", None) or [])
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, keras.layers.Embedding):
+            continue
+        try:
+            reads_input = (i == 0 and isinstance(model, keras.Sequential)) or id(layer.input) in inputs
+        except (AttributeError, ValueError):  # a layer called more than once has no single input
+            reads_input = False
+        if not reads_input or not len(x):
+            continue
+        ids = np.asarray(x)
+        low, high, vocab = ids.min(), ids.max(), layer.input_dim
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ConfigError(f"{where}: Embedding layer {layer.name!r} takes ids in [0, {vocab}), but the "
+                              f"data hold {bad:g}; map them into the vocabulary (e.g. an out-of-vocabulary "
+                              "id) before training")
+
+
 def batch_mixing_layer(model: keras.Model) -> str | None:
     """Why `model` breaks per-example clipping (a phrase), or None. BatchNormalization normalizes each
     example with statistics of the whole batch, so one example moves every other example's gradient and

@@ -29,6 +29,7 @@ from dpsgd_cli.training.data import Dataset
 StepCallback = Callable[[dict[str, Any]], None]
 EVAL_BATCH = 1000  # test examples per forward pass in `evaluate`
 PROGRESS_EVERY = 20  # steps between `on_step` calls (each reads the running statistics from the device)
+STATS = 4  # a step's statistics: loss sum, correct, count, dropped units (`engine.step_statistics`)
 
 
 def library_versions() -> dict[str, str]:
@@ -45,22 +46,20 @@ def library_versions() -> dict[str, str]:
 
 
 def take_step(step_fn, chunk_fn, zeros, x_train: np.ndarray, y_train: np.ndarray, batch: Batch,
-              noise_seed: np.ndarray) -> tuple[float, float, float, Any]:
+              noise_seed: np.ndarray) -> tuple[tuple[float, float, float, float], Any]:
     """Run the compiled DP step (`engine.make_train_step`) on one sampled `batch` of `x_train`/`y_train`.
 
     An oversized Poisson batch's overflow chunks are summed by `chunk_fn` and added before the noise, so
-    no sampled example is dropped. Returns (loss sum, correct, count) over the first chunk's real
-    examples (the overflow chunks' examples are trained on but not in these running statistics), and the
-    step's further outputs (the first chunk's logits with `return_logits`, else an empty tuple)."""
+    no sampled example is dropped. Returns the step's statistics (`engine.step_statistics`: loss sum,
+    correct, count, dropped units) over the first chunk's real examples (the overflow chunks' examples
+    are trained on but not in these running statistics), and the step's further outputs (the first
+    chunk's logits with `return_logits`, else an empty tuple)."""
     from dpsgd_cli.training.engine import overflow_sums
 
     (idx, mask), *overflow = batch.chunks
     extra = overflow_sums(chunk_fn, [(x_train[j], y_train[j], m) for j, m in overflow], zeros)
     out = step_fn(x_train[idx], y_train[idx], mask, extra, noise_seed)
-    step_loss, step_correct, step_count = (float(v) for v in out[:3])
-    if overflow:
-        step_count = float(mask.sum())
-    return step_loss, step_correct, step_count, tuple(out[3:])
+    return tuple(float(v) for v in out[:STATS]), tuple(out[STATS:])
 
 
 class Trainer:
@@ -124,9 +123,10 @@ class Trainer:
         if self.distribution:
             self.step_fn, self.chunk_fn = distribute.make_distributed_step(
                 self.distribution, self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
-        else:
+        else:  # the loss is engine.per_example_loss: no Python control flow for autograph to convert,
+            # and tracing without it takes a fraction of the time
             self.step_fn, self.chunk_fn = engine.make_train_step(
-                self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
+                self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device, autograph=False)
         self.predict = tf.function(lambda x: self.model(x, training=False),
                                    jit_compile=self.jit_compile and not self.distribution)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
@@ -158,46 +158,45 @@ class Trainer:
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
         """Train one epoch. The step's statistics stay on the device and are read in one transfer every
-        `PROGRESS_EVERY` steps (for `on_step`) and at the end, so the host never waits for each step; a
-        non-finite loss stops the run with TrainingError at the end of the epoch, naming the first such
-        step. The ledger composes each step that ran."""
+        `PROGRESS_EVERY` steps (for `on_step`) and at the end, so the host never waits for each step. A
+        unit with a non-finite gradient norm or loss is dropped from its step and counted
+        (`train_nonfinite_units`); a step that dropped every real unit it had (or whose loss sum is not
+        finite) stops the run with TrainingError at the end of the epoch, naming the first such step.
+        The ledger composes each step that ran."""
         from dpsgd_cli.training.engine import overflow_sums
 
         tf = self.tf
         total = steps_in_epoch(epoch, self.cfg.data.batch_size, self.n, self.cfg.data.sampling)
-        rows, pending, counts, steps = [], [], [], []
+        rows, pending, steps = [], [], []
 
-        def read() -> np.ndarray:  # [steps so far, 3]: loss sum, correct, count
+        def read() -> np.ndarray:  # [steps so far, STATS]: loss sum, correct, count, dropped units
             if pending:
                 flat = tf.stack([t for out in pending for t in out]).numpy().astype(np.float64)
-                rows.append(flat.reshape(-1, 3))
+                rows.append(flat.reshape(-1, STATS))
                 pending.clear()
-            table = np.concatenate(rows) if rows else np.zeros((0, 3))
-            for i, count in counts:  # the overflow chunks' examples are trained on, not in the stats
-                table[i, 2] = count
-            return table
+            return np.concatenate(rows) if rows else np.zeros((0, STATS))
 
         for i, batch in enumerate(self.sampler.epoch(epoch), start=1):
-            (idx, mask), *overflow = batch.chunks
+            (idx, mask), *overflow = batch.chunks  # the overflow chunks' examples are not in the stats
             extra = overflow_sums(self.chunk_fn, overflow, self.zeros)
-            if overflow:
-                counts.append((i - 1, float(mask.sum())))
             pending.append(self.step_fn(idx, mask, extra, self.key.noise_seed(batch.step)))
             self._account(1)  # the ledger composes the steps that ran, not a formula
             steps.append(batch.step)
             self.steps_done = batch.step + 1
             if on_step and (i % PROGRESS_EVERY == 0 or i == total):
-                loss_sum, correct, count = read().sum(axis=0)
+                loss_sum, correct, count, _ = read().sum(axis=0)
                 on_step({"epoch": epoch, "step_in_epoch": i, "steps_in_epoch": total,
                          "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)})
         table = read()
-        bad = np.flatnonzero(~np.isfinite(table[:, 0]))
+        bad = np.flatnonzero(~np.isfinite(table[:, 0]) | ((table[:, 2] == 0) & (table[:, 3] > 0)))
         if bad.size:
-            raise TrainingError(f"loss is {table[bad[0], 0]} at epoch {epoch}, step {steps[bad[0]] + 1}: "
-                                f"training diverged; lower training.learning_rate "
-                                f"(now {self.cfg.training.learning_rate:g})")
-        loss_sum, correct, count = (float(v) for v in table.sum(axis=0))
-        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
+            what = (f"loss is {table[bad[0], 0]}" if not np.isfinite(table[bad[0], 0]) else
+                    f"every example's gradient or loss was non-finite ({table[bad[0], 3]:g} units dropped)")
+            raise TrainingError(f"{what} at epoch {epoch}, step {steps[bad[0]] + 1}: training diverged; "
+                                f"lower training.learning_rate (now {self.cfg.training.learning_rate:g})")
+        loss_sum, correct, count, dropped = (float(v) for v in table.sum(axis=0))
+        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+                "train_nonfinite_units": dropped}
 
     def _account(self, steps: int) -> None:
         """Compose `steps` executed steps into the privacy ledger (private runs only)."""

@@ -105,14 +105,16 @@ class _Record(NamedTuple):
 
 
 def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None):
-    """Logits and a `_Record` per weight layer, z's watched. `formulation`: {layer name: {"forward": ...,
-    "grads": ...}} (missing: `default_formulation`)."""
+    """Logits and a `_Record` per weight layer with trainable variables, z's watched (a frozen layer is
+    run like a weightless one: its gradient is neither clipped nor summed, so it must not count in a
+    unit's norm). `formulation`: {layer name: {"forward": ..., "grads": ...}} (missing:
+    `default_formulation`)."""
     defaults = default_formulation(model)
     records, h = [], x
     for layer in model.layers:
         rule = rule_for(layer)
         choice = _choice(formulation, layer, defaults.get(layer.name))
-        if rule.weighted:
+        if rule.weighted and layer.trainable_variables:
             z, aux = rule.pre_activation(layer, h, choice)
             tape.watch(z)
             records.append(_Record(rule, layer, h, z, aux, choice))
