@@ -241,3 +241,19 @@ def test_a_sweeps_points_are_children_of_one_parent_and_log_training_metrics_if_
         assert "tracking.training_metrics: true" in child.data.tags["privacy_statement"]
     # a later invocation on the same sweep (one point per job) finds the same parent
     assert open_sweep_parent(plan.runs[0].cfg, "grid", plan.sweep_dir) == parents[0].info.run_id
+
+
+def test_a_private_search_refuses_trackers(data_dir, tmp_path):
+    """A tune's trials are private (how many ran and what they scored is what the selection hides)."""
+    from dpsgd_cli.experiment.tune import plan_search
+
+    doc = {"name": "srch", "output_dir": str(tmp_path / "results"),
+           "data": {"data_dir": data_dir, "train_size": 640, "batch_size": 64},
+           "privacy": {"reproducible": True}, "tracking": {"mlflow": True},
+           "tune": {"space": {"training.learning_rate": [0.1, 0.2]}, "distribution": "geometric", "mean": 2,
+                    "target_epsilon": 10.0, "holdout": 128, "score_noise_multiplier": 2.0}}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="tracking: a private search does not send its trials to a tracker"):
+        plan_search(path)
+    assert not (tmp_path / "results").exists()

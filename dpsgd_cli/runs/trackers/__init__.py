@@ -17,18 +17,21 @@ from typing import Any, Protocol
 
 from dpsgd_cli.config import ExperimentConfig
 from dpsgd_cli.errors import ConfigError
+from dpsgd_cli.runs.results import is_covered
 
-TEST_METRICS = ("test_loss", "test_accuracy")
 EPSILONS = ("epsilon_rdp", "epsilon_pld")
+# covered columns that are the run's settings or counters: logged as params (or as the step), not metrics
+SETTINGS = ("epoch", "step", "delta", "noise_multiplier", "l2_norm_clip", "batch_size", "learning_rate")
 TRAINING_METRICS = ("train_loss", "train_accuracy")
 
 
 def tracked_metrics(record: Mapping[str, Any], training_metrics: bool = False) -> dict[str, float]:
-    """The values of one epoch's record a tracker may log: test loss and accuracy, per-class test accuracy,
-    ε by each accountant when finite (a non-private run has none), and the training metrics only when
-    asked for."""
-    keys = [*TEST_METRICS, *(k for k in record if str(k).startswith("test_accuracy_class_")),
-            *(k for k in EPSILONS if math.isfinite(float(record[k])))]
+    """The values of one epoch's record a tracker may log as metrics: the columns ε covers
+    (`results.is_covered`, the rule `dpsgd export` applies) that are not settings — test loss and accuracy,
+    per-class test accuracy, ε by each accountant when finite (a non-private run has none) — and the
+    training metrics only when asked for."""
+    keys = [k for k in record if is_covered(k) and k not in SETTINGS
+            and (k not in EPSILONS or math.isfinite(float(record[k])))]
     if training_metrics:
         keys += TRAINING_METRICS
     return {k: float(record[k]) for k in keys}

@@ -1,5 +1,5 @@
 """TensorBoard: event files in `<run dir>/tensorboard/` — per epoch (TensorBoard's step = the epoch) the
-metrics `tracked_metrics` allows, the hyperparameters through the HParams plugin (one session per run, so
+metrics `tracked_metrics` allows, the hyperparameters through the HParams plugin (one entry per run, so
 `tensorboard --logdir results/<sweep>` compares a sweep's points), and the privacy statement as text at
 the end. Needs the `tensorboard` package (its summary ops and the HParams plugin)."""
 
