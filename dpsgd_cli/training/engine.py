@@ -210,7 +210,7 @@ class StepSettings:
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
                     grad_sum_fn: GradSumFn | None = None, forward_fn=None, data=None, *,
-                    loss_fn: LossFn = per_example_loss, return_logits: bool = False):
+                    loss_fn: LossFn = per_example_loss, return_logits: bool = False, autograph: bool = True):
     """Build the compiled step `step(x, y, mask, extra_sums, noise_seed) -> (loss_sum, correct, count,
     dropped)` (`step_statistics`).
 
@@ -224,6 +224,10 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     `loss_fn(logits, labels)`: the per-example loss (default softmax cross-entropy on class indices).
     `return_logits`: the step also returns the logits [capacity, classes] and `kept` [capacity] (1 for a
     real example whose unit was summed; e.g. for Keras metrics on those examples) after its statistics.
+
+    `autograph`: False traces without converting Python control flow: several times faster to trace, the
+    same graph unless `loss_fn` branches in Python on tensor values (then it fails to trace; Keras layers'
+    `call` is never converted by autograph either way).
 
     `data` = (x_all, y_all) tensors kept on the device: then the steps take indices instead of examples,
     `step(idx, mask, extra_sums, noise_seed)` and `chunk_sum(idx, mask)`, and gather inside the compiled
@@ -252,8 +256,8 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
         def chunk_sum(idx, mask):
             return take_chunk(tf.gather(x_all, idx), tf.gather(y_all, idx), mask)
 
-    return (tf.function(step, jit_compile=settings.jit_compile, reduce_retracing=False),
-            tf.function(chunk_sum, jit_compile=settings.jit_compile))
+    return (tf.function(step, jit_compile=settings.jit_compile, reduce_retracing=False, autograph=autograph),
+            tf.function(chunk_sum, jit_compile=settings.jit_compile, autograph=autograph))
 
 
 def step_statistics(losses, logits, y, mask, kept, microbatch_size: int = 1) -> tuple[tf.Tensor, ...]:

@@ -121,9 +121,10 @@ class Trainer:
         if self.distribution:
             self.step_fn, self.chunk_fn = distribute.make_distributed_step(
                 self.distribution, self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
-        else:
+        else:  # the loss is engine.per_example_loss: no Python control flow for autograph to convert,
+            # and tracing without it takes a fraction of the time
             self.step_fn, self.chunk_fn = engine.make_train_step(
-                self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
+                self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device, autograph=False)
         self.predict = tf.function(lambda x: self.model(x, training=False),
                                    jit_compile=self.jit_compile and not self.distribution)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
