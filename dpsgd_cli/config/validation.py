@@ -105,7 +105,8 @@ def validate(cfg: ExperimentConfig) -> None:
 def _validate_tracking(tracking: TrackingConfig) -> None:
     """`tracking.*`; whether the tracker's package is installed is checked when the run starts."""
     uri = tracking.mlflow
-    _check(isinstance(uri, bool) or (isinstance(uri, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S", uri)),
+    _check(isinstance(uri, bool) or (isinstance(uri, str)
+                                      and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S", uri) is not None),
            f"tracking.mlflow: must be true, false or a tracking URI with its scheme (e.g. "
            f"sqlite:///mlflow.db, http://localhost:5000), got {_describe(uri)}")
     _check(bool(tracking.mlflow_experiment.strip()),

@@ -2,7 +2,9 @@
 
 For each batch size, `jit_compile` setting and gradient path it builds a fresh model and the compiled step
 from `engine.make_train_step` (the very step `dpsgd train` uses), then records:
-- `compile_s`: wall time of the first call (tracing + compilation + one step);
+- `compile_s`: wall time of the first call (tracing + compilation + one step); dpsgd's steps are called
+  through their one concrete function, as the trainer calls them (`Trainer`), the plain step as a user
+  calls a `tf.function`;
 - `step_s`: median wall time of `steps` further calls (after `warmup` untimed ones), each call forced to
   finish (its outputs read back), on a fixed random batch of 28×28×1 inputs, every slot a real example;
   the rows' calls are interleaved (round i times call i of every row, in a fresh random order after a
@@ -182,11 +184,13 @@ def _prepare(case: BenchCase, warmup: int, seed: int) -> tuple[dict[str, Any], C
     key = new_run_key(reproducible=False, seed=seed)
     with _PeakRss() as memory:
         step_fn, zeros, jit, step_plan, traced = _build_step(case, seed)
+        start = time.perf_counter()
+        if case.path != "plain":  # called as the trainer calls it: its one concrete function
+            step_fn = step_fn.get_concrete_function(x, y, mask, zeros, key.noise_seed(0))
 
         def call(i: int) -> None:
             [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i))]
 
-        start = time.perf_counter()
         call(0)
         compile_s = time.perf_counter() - start
         for i in range(warmup):

@@ -125,8 +125,15 @@ class Trainer:
                 self.distribution, self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
         else:  # the loss is engine.per_example_loss: no Python control flow for autograph to convert,
             # and tracing without it takes a fraction of the time
-            self.step_fn, self.chunk_fn = engine.make_train_step(
+            step_fn, self.chunk_fn = engine.make_train_step(
                 self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device, autograph=False)
+            # its one concrete function, traced now and called directly: each call then skips matching its
+            # arguments (four, one a list of 8+ tensors) to a trace, a fixed cost per step
+            capacity = self.sampler.capacity
+            self.step_fn = step_fn.get_concrete_function(
+                tf.TensorSpec([capacity], tf.int64), tf.TensorSpec([capacity], tf.float32),
+                [tf.TensorSpec(v.shape, v.dtype) for v in self.model.trainable_variables],
+                tf.TensorSpec([2], tf.int64))
         self.predict = tf.function(lambda x: self.model(x, training=False),
                                    jit_compile=self.jit_compile and not self.distribution)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
