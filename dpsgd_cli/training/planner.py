@@ -143,7 +143,9 @@ def runtime_settings() -> dict[str, Any]:
 
 def model_signature(model) -> list:
     """Layer names, types, shapes and the configuration that changes the work (not initial weights: each
-    layer rule's `signature_keys`)."""
+    layer rule's `signature_keys`), and for a model that is not Sequential its wiring."""
+    import keras
+
     from dpsgd_cli.training import fastgrad
 
     rows = []
@@ -152,7 +154,13 @@ def model_signature(model) -> list:
         keys = rule.signature_keys if rule else fastgrad.SIGNATURE_KEYS
         rows.append([type(layer).__name__, layer.name, list(layer.output.shape[1:]),
                      {k: config[k] for k in keys if k in config}])
-    return [list(model.inputs[0].shape[1:]), rows]
+    signature = [list(model.inputs[0].shape[1:]), rows]
+    if not isinstance(model, keras.Sequential):
+        try:
+            signature.append(fastgrad.graph_signature(model))
+        except fastgrad.GraphProblem:
+            signature.append(None)
+    return signature
 
 
 def validate_formulation(model, formulation: dict, private: bool) -> dict[str, dict[str, str]]:
@@ -178,13 +186,11 @@ def validate_formulation(model, formulation: dict, private: bool) -> dict[str, d
 def _layer_options(model, private: bool) -> list[tuple[str, list[dict[str, str]]]]:
     from dpsgd_cli.training import fastgrad
 
-    first, out = True, []
-    for layer in model.layers:
+    out = []
+    for layer, first in fastgrad.layers_in_order(model):
         choices = fastgrad.formulation_choices(layer, first, private)
         if choices:
             out.append((layer.name, choices))
-        rule = fastgrad.rule_for(layer)
-        first = first and not (rule and rule.weighted)
     return out
 
 
@@ -204,6 +210,7 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
     supported = fastgrad.supports_fast_path(model)
     if gradient_path == "fast" and not supported:
         fastgrad.choose_gradient_sum_fn(model, "fast")  # raises the ConfigError naming the layer
+    model = fastgrad.as_functional(model)  # a subclassed model: its traced graph over the same layers
     fast = supported and gradient_path != "vectorized_map"
     fixed = validate_formulation(model, formulation, private) if formulation != "auto" else None
     if fixed is not None and not fast:
@@ -353,12 +360,10 @@ def _name(path: str, tag: str, size: int) -> str:
 
 
 def _shapes(model, capacity: int) -> dict[str, tuple[int, ...]]:
-    """Each layer's input shape at `capacity` examples."""
-    shape, out = (capacity, *model.inputs[0].shape[1:]), {}
-    for layer in model.layers:
-        out[layer.name] = tuple(shape)
-        shape = (capacity, *layer.output.shape[1:])
-    return out
+    """Each (single-input) layer's input shape at `capacity` examples."""
+    from dpsgd_cli.training import fastgrad
+
+    return {name: (capacity, *shape) for name, shape in fastgrad.layer_input_shapes(model).items()}
 
 
 def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: bool):
@@ -369,11 +374,11 @@ def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: boo
 
     chosen, timings = fastgrad.default_formulation(model), {}
     shapes = _shapes(model, capacity)
-    first_weight = next((layer.name for layer in model.layers if fastgrad.rule_for(layer).weighted), None)
+    firsts = {layer.name: first for layer, first in fastgrad.layers_in_order(model)}
     probe = min(PROBE, capacity)
     for name, choices in _layer_options(model, private):
         layer = model.get_layer(name)
-        first = name == first_weight
+        first = firsts[name]
 
         def work(choice, batch, layer=layer, name=name, first=first):
             return _layer_work(layer, choice, shapes[name], batch, private, first, microbatch_size, jit)

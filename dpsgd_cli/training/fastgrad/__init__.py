@@ -45,6 +45,7 @@ from dpsgd_cli.config import GRADIENT_PATHS
 from dpsgd_cli.training.fastgrad.base import SIGNATURE_KEYS, LayerRule, WeightRule
 from dpsgd_cli.training.fastgrad.conv import Conv2DRule
 from dpsgd_cli.training.fastgrad.dense import DenseRule
+from dpsgd_cli.training.fastgrad.depthwise import DepthwiseConv2DRule, SeparableConv2DRule
 from dpsgd_cli.training.fastgrad.driver import (
     FORWARDS,
     GRADS,
@@ -56,6 +57,9 @@ from dpsgd_cli.training.fastgrad.driver import (
     fast_path_problem,
     formulation_choices,
     forward,
+    graph_signature,
+    layer_input_shapes,
+    layers_in_order,
     make_forward_fn,
     make_grad_sum_fn,
     per_unit_norms,
@@ -63,16 +67,20 @@ from dpsgd_cli.training.fastgrad.driver import (
     unit_terms,
 )
 from dpsgd_cli.training.fastgrad.embedding import EmbeddingRule
+from dpsgd_cli.training.fastgrad.graph import GraphProblem, as_functional, graph_of
 from dpsgd_cli.training.fastgrad.kernel import KernelRule
+from dpsgd_cli.training.fastgrad.merge import ConcatenateRule, ElementwiseOpRule, MergeRule
 from dpsgd_cli.training.fastgrad.normalization import AffineNormRule, NormRule, PerExampleNormRule
 from dpsgd_cli.training.fastgrad.pooling import MaxPool2DRule
 from dpsgd_cli.training.fastgrad.registry import REGISTRY, register, rule_for
 
 __all__ = [
-    "FORWARDS", "GRADIENT_PATHS", "GRADS", "REGISTRY", "SIGNATURE_KEYS", "AffineNormRule", "Conv2DRule",
-    "DenseRule", "EmbeddingRule", "KernelRule", "LayerRule", "MaxPool2DRule", "NormRule",
-    "PerExampleNormRule", "WeightRule", "_clipped_sum", "choose_gradient_path", "choose_gradient_sum_fn",
-    "default_formulation", "fast_clipped_gradient_sum", "fast_path_problem", "formulation_choices",
-    "forward", "make_forward_fn", "make_grad_sum_fn", "per_unit_norms", "register", "rule_for",
-    "supports_fast_path", "unit_terms",
+    "FORWARDS", "GRADIENT_PATHS", "GRADS", "REGISTRY", "SIGNATURE_KEYS", "AffineNormRule",
+    "ConcatenateRule", "Conv2DRule", "DenseRule", "DepthwiseConv2DRule", "ElementwiseOpRule",
+    "EmbeddingRule", "GraphProblem", "KernelRule", "LayerRule", "MaxPool2DRule", "MergeRule", "NormRule",
+    "PerExampleNormRule", "SeparableConv2DRule", "WeightRule", "_clipped_sum", "as_functional",
+    "choose_gradient_path", "choose_gradient_sum_fn", "default_formulation", "fast_clipped_gradient_sum",
+    "fast_path_problem", "formulation_choices", "forward", "graph_of", "graph_signature",
+    "layer_input_shapes", "layers_in_order", "make_forward_fn", "make_grad_sum_fn", "per_unit_norms",
+    "register", "rule_for", "supports_fast_path", "unit_terms",
 ]

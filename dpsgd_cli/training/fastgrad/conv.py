@@ -51,14 +51,15 @@ class Conv2DRule(KernelRule):
     def inputs(self, layer, a, aux):
         return _patches(a, layer) if aux is None else aux
 
-    def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
+    def shared_unit_terms(self, layer, uses, units, k, choice, strategy="auto"):
         if choice.get("grads") != "depthwise":
-            return super().unit_terms(layer, a, aux, dz, units, k, choice, strategy)
-        grads = depthwise_unit_grads(layer, a, dz, units, k)
+            return super().shared_unit_terms(layer, uses, units, k, choice, strategy)
+        grads = tf.add_n([depthwise_unit_grads(layer, a, dz, units, k) for a, _, dz in uses])
         sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
         bias = None
         if layer.use_bias:
-            bias = tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1) / k
+            bias = tf.add_n([tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1)
+                             for _, _, dz in uses]) / k
             sq += tf.reduce_sum(tf.square(bias), axis=1)
         return sq, (None, False, None, grads, bias)
 

@@ -28,14 +28,20 @@ class EmbeddingRule(WeightRule):
         return tf.gather(tf.convert_to_tensor(layer.embeddings), ids), ids
 
     def unit_terms(self, layer, a, ids, dz, units, k, choice, strategy="auto"):
+        return self.shared_unit_terms(layer, [(a, ids, dz)], units, k, choice, strategy)
+
+    def shared_unit_terms(self, layer, uses, units, k, choice, strategy="auto"):
+        """Every call's (unit, id, row) triples together: the segment sums add a row's terms across calls."""
         vocab, width = layer.embeddings.shape
-        rows = tf.reshape(dz, [-1, width]) / k  # one row per (example, position)
-        unit = tf.repeat(tf.range(units, dtype=tf.int64), tf.size(ids) // units)
-        pair = unit * vocab + tf.cast(tf.reshape(ids, [-1]), tf.int64)
+        rows = tf.concat([tf.reshape(dz, [-1, width]) for _, _, dz in uses], 0) / k  # (example, position)
+        unit = tf.concat([tf.repeat(tf.range(units, dtype=tf.int64), tf.size(ids) // units)
+                          for _, ids, _ in uses], 0)
+        ids = tf.concat([tf.reshape(ids, [-1]) for _, ids, _ in uses], 0)
+        pair = unit * vocab + tf.cast(ids, tf.int64)
         distinct, which = tf.unique(pair)
         summed = tf.math.unsorted_segment_sum(rows, which, tf.size(distinct))
         sq = tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(summed), axis=1), distinct // vocab, units)
-        return sq, (rows, tf.reshape(ids, [-1]), unit)
+        return sq, (rows, ids, unit)
 
     def weighted_sums(self, layer, term, weights):
         rows, ids, unit = term
