@@ -1,22 +1,28 @@
-"""Fast per-example clipping for Sequential models of Dense, Conv2D, normalisation, embedding and
-weightless layers.
+"""Fast per-example clipping for models of Dense, Conv2D, DepthwiseConv2D, SeparableConv2D, normalisation,
+embedding and weightless layers, wired as a Sequential, a Functional graph (residual adds, concatenations,
+branches, shared layers, nested models) or a subclassed model whose `call` traces to such a graph.
 
 Package layout (one rule family a module, like Opacus's `grad_sample/`): `base` (the rule interface),
-`kernel` (Dense and Conv2D's shared GEMM algebra), `dense`, `conv`, `pooling`, `normalization`, `embedding`,
-`registry` (layer type → rule) and `driver` (the forward pass, per-unit terms, clipped sums, path choice).
+`kernel` (Dense and Conv2D's shared GEMM algebra), `dense`, `conv`, `depthwise`, `pooling`, `normalization`,
+`embedding`, `merge` (layers and operations joining branches), `registry` (layer type → rule), `graph` (the
+model as calls in topological order) and `driver` (the forward pass, per-unit terms, clipped sums, path
+choice).
 
 One dispatch point: `REGISTRY` maps a layer type to its `LayerRule` (like TF Privacy's layer registry):
 whether a layer is supported, its forward formulations and default, and for layers with weights
 (`WeightRule`) the per-unit squared norms and the weighted sum of per-unit gradients. Adding a layer type
 is one `register(layer_type, rule)` and a test equal to the per-example GradientTape loop.
 
-Same contract as `engine.vmap_clipped_gradient_sum`. One forward pass keeps each Dense/Conv2D layer's input
-and pre-activation output z; one backward pass of the *summed* loss w.r.t. the z's gives every example's
-output-gradient dz (example i's loss depends on example i's activations only: no BatchNorm). A unit's
-(example's, or microbatch's) kernel gradient is A_u·D_u with A_u [p, T] its inputs (Conv2D: image patches,
-p = kh·kw·cin, T = output positions × k) and D_u [T, c] its dz / k; bias gradient Σ_T D_u. A_u is kept in
-the layout its construction gives ([T, p] for Dense inputs and gathered patches, [p, T] for phase-slice
-patches): the GEMMs take either, so no factor is transposed in memory.
+Same contract as `engine.vmap_clipped_gradient_sum`. One forward pass walks the model's graph and keeps
+each weight layer call's input and pre-activation output z; one backward pass of the *summed* loss w.r.t.
+the z's gives every example's output-gradient dz (example i's loss depends on example i's activations
+only: no BatchNorm, no layer mixing examples). A unit's (example's, or microbatch's) kernel gradient is
+A_u·D_u with A_u [p, T] its inputs (Conv2D: image patches, p = kh·kw·cin, T = output positions × k) and
+D_u [T, c] its dz / k; bias gradient Σ_T D_u. A_u is kept in the layout its construction gives ([T, p]
+for Dense inputs and gathered patches, [p, T] for phase-slice patches): the GEMMs take either, so no
+factor is transposed in memory. A layer called more than once (shared) has, per unit, the *sum* of its
+calls' gradients: its rule joins the calls (`WeightRule.shared_unit_terms`), so the norm keeps the cross
+terms between calls.
 
 Each layer can be computed several ways ("formulations", `formulation_choices`), all equal to the
 per-example GradientTape reference (tests/test_fastgrad.py), so choosing one changes speed only:
