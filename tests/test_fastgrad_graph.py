@@ -155,6 +155,8 @@ def test_a_shared_convolution_and_norm_sum_their_calls():
     h = keras.layers.Add()([h, norm(conv(inputs))])
     model = _perturbed(keras.Model(inputs, _head(h)))
     formulations = [None, {"shared_conv": {"forward": "patches", "grads": "materialize"}}]
+    if fastgrad.conv.grouped_filter_gradients():
+        formulations.append({"shared_conv": {"forward": "native", "grads": "grouped"}})
     _assert_fast_equals_loop(model, 2, formulations, ("auto", "ghost", "materialize"))
 
 
@@ -185,6 +187,23 @@ def test_nested_sequential_and_subclassed_models_equal_the_loop():
     model(tf.zeros((1, *SHAPE)))
     _assert_fast_equals_loop(_perturbed(model), 2)
     assert fastgrad.as_functional(model).get_layer("inner") is model.inner  # the very same layers
+
+
+@pytest.mark.skipif(not fastgrad.conv.grouped_filter_gradients(),
+                    reason="this TensorFlow build has no grouped filter gradients (oneDNN off)")
+@pytest.mark.parametrize("k", [1, 3], ids=["per_example", "microbatch3"])
+def test_grouped_filter_gradients_of_convolutions_equal_the_loop(k):
+    """`grouped`: the batch as the groups of one grouped convolution; strides, both paddings, one and
+    several input channels."""
+    keras.utils.set_random_seed(8)
+    inputs = keras.Input(SHAPE)
+    h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="tanh", name="c1")(inputs)
+    h = keras.layers.Conv2D(4, 2, strides=1, padding="valid", activation="tanh", name="c2")(h)
+    one = keras.layers.Conv2D(2, 3, strides=2, name="c3")(keras.layers.Reshape((8, 16, 1))(inputs))
+    h = keras.layers.Concatenate()([keras.layers.Flatten()(h), keras.layers.Flatten()(one)])
+    model = _perturbed(keras.Model(inputs, keras.layers.Dense(3)(h)))
+    grouped = {"forward": "native", "grads": "grouped"}
+    _assert_fast_equals_loop(model, k, [{"c1": grouped, "c2": grouped, "c3": grouped}])
 
 
 @pytest.mark.parametrize("k", [1, 4], ids=["per_example", "microbatch4"])

@@ -8,7 +8,8 @@ GradientTape reference (tests/test_fastgrad.py): a plan changes speed only, neve
 How a plan is made, for one model, capacity (slots per step), private or not, microbatch size:
 1. For each XLA setting allowed (`training.jit_compile: auto` → off and on), for each layer with a choice
    (`fastgrad.formulation_choices`: Conv2D/Dense forward native or patches × matmul; per-unit gradients
-   materialized, ghost norms or, for one input channel, the depthwise-convolution trick; stride-1 max
+   materialized, ghost norms, the batch as the groups of one grouped convolution or, for one input
+   channel, the depthwise-convolution trick; depthwise kernels folded or from patches; stride-1 max
    pooling native or shifted slices), the layer's own work in the step is timed alone for each candidate
    (its forward, the gradient to its input, its per-unit norms and weighted sum; non-private: its forward
    and gradients): first at a probe batch (`PROBE`), which drops candidates more than `PRUNE`× slower than
@@ -54,7 +55,7 @@ from dpsgd_cli.errors import ConfigError
 CACHE_ENV = "DPSGD_PLAN_CACHE"
 OFF_ENV = "DPSGD_PLANNER"  # "off": no measuring; the default formulation, XLA off unless forced (tests, CI)
 CACHE_FILE = "plans.json"
-PLAN_VERSION = 3  # bumped when a formulation's implementation changes: cached plans timed the old one
+PLAN_VERSION = 4  # bumped when a formulation is added or its implementation changes: cached plans lack it
 PROBE = 16  # examples per call when probing a candidate
 PRUNE = 3.0  # drop a candidate whose probe time exceeds this multiple of the best probe time
 PROBE_CALLS = 3  # timed calls per layer candidate at the probe batch

@@ -110,7 +110,8 @@ def choose_gradient_sum_fn(model: keras.Model, gradient_path: str) -> engine.Gra
 
 # weight layers: native | patches; stride-1 max pooling: native | slices
 FORWARDS = ("native", "patches", "slices")
-GRADS = ("materialize", "ghost", "depthwise")  # per-unit kernel gradients or norms of Dense/Conv2D layers
+# per-unit kernel gradients or norms of Dense/Conv2D layers
+GRADS = ("materialize", "ghost", "depthwise", "grouped")
 
 
 def default_formulation(model: keras.Model) -> dict[str, dict[str, str]]:
