@@ -4,26 +4,31 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DPSGD := $(BIN)/dpsgd
 
-.PHONY: help install test test-fast lint quickstart bench bench-accounting
+.PHONY: help install test test-fast lint typecheck quickstart bench bench-accounting
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hypothesis)
+install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hypothesis, mypy)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 
-test:  ## run the test suite (what CI runs)
+test:  ## run the test suite (what CI runs): ruff, mypy, pytest
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
-test-fast:  ## ruff + every test that trains no model (pytest -m "not slow"): feedback in about two minutes
+test-fast:  ## ruff, mypy + every test that trains no model (pytest -m "not slow"): about two minutes
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q -m "not slow"
 
 lint:  ## ruff
 	$(BIN)/ruff check .
+
+typecheck:  ## mypy on the privacy code, the config and the public API (the files listed in pyproject.toml)
+	$(BIN)/mypy
 
 bench:  ## step-time benchmark: non-private vs DP paths, batch 64/256/1024, XLA on/off (a few minutes)
 	$(DPSGD) bench
@@ -31,7 +36,7 @@ bench:  ## step-time benchmark: non-private vs DP paths, batch 64/256/1024, XLA 
 quickstart:  ## a one-minute DP-SGD run on Fashion-MNIST
 	$(DPSGD) train --config configs/quickstart.yaml --overwrite
 
-# --- Sweeps and the seed experiment. Every run is its own make target (one directory each), so
+# --- Sweeps and the σ = 1.1 / 1.2 baseline. Every run is its own make target (one directory each), so
 # `make -j2 reproduce` trains two runs side by side; finished runs are skipped when a target is re-made.
 # A sweep's summary.csv is rebuilt (under a lock) by each run, so it ends up listing them all.
 RESULTS ?= results
@@ -64,12 +69,12 @@ sweep-sigma: $(SIGMA_RUNS)  ## σ = 0.8..1.5 at batch 256, SWEEP_EPOCHS epochs
 $(SIGMA_RUNS): sweep-sigma-%:
 	$(SWEEP) --config $(SWEEP_BASE) --name sweep-sigma --epochs $(SWEEP_EPOCHS) --grid privacy.noise_multiplier=$*
 
-reproduce: $(REPRODUCE_RUNS)  ## the seed experiment: σ = 1.1 and 1.2, 100 epochs each (REPRODUCE_EPOCHS=20 for less)
+reproduce: $(REPRODUCE_RUNS)  ## the tutorial CNN on Fashion-MNIST at σ = 1.1 and 1.2, 100 epochs each (REPRODUCE_EPOCHS=20 for less)
 	$(DPSGD) plot $(RESULTS)/reproduce
 	$(DPSGD) report $(RESULTS)/reproduce
 
 $(REPRODUCE_RUNS): reproduce-%:
 	$(SWEEP) --config configs/fashion_mnist_$*.yaml --name reproduce $(if $(REPRODUCE_EPOCHS),--epochs $(REPRODUCE_EPOCHS))
 
-bench-accounting:  ## time dpsgd epsilon / dpsgd noise (issue 3 speed cases) and the per-epoch PLD curve
+bench-accounting:  ## time dpsgd epsilon / dpsgd noise against their wall-time targets, and the per-epoch PLD curve
 	$(BIN)/python benchmarks/bench_accounting.py

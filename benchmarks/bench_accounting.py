@@ -1,4 +1,6 @@
-"""How fast `dpsgd epsilon` and `dpsgd noise` answer (issue 3's speed cases), and the per-epoch PLD curve.
+"""How fast `dpsgd epsilon` and `dpsgd noise` answer, against a wall-time target per case (`CASES`: 1 s for
+ε after 100 epochs by RDP, 5 s for the per-epoch PLD curve, 2 s for σ at a target ε), and the per-epoch
+PLD curve.
 
 Each case runs as a whole command in a fresh subprocess (`python -m dpsgd_cli ...`), so interpreter
 start-up and every import are included. Wall time is what the targets are about; the subprocess's CPU time

@@ -2,7 +2,14 @@
 
 
 class DpsgdError(Exception):
-    """Base class: a one-line message meant for the user. `exit_code` is what the CLI exits with."""
+    """Base class of every error dpsgd raises for a problem the user can fix: a one-line message.
+
+    Args:
+        message: what is wrong and what is allowed, naming the key, option or file.
+
+    Attributes:
+        exit_code: what the CLI exits with (2 for bad input, 1 for a failed run).
+    """
 
     exit_code = 2
 

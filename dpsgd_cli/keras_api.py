@@ -1,6 +1,6 @@
 """Bring your own Keras 3 model: DP-SGD through `compile` + `fit`, on the engine `dpsgd train` uses.
 
-    from dpsgd_cli.keras_api import DPModel
+    from dpsgd_cli import DPModel
 
     dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.1)   # TF Privacy's names
     dp_model.compile(optimizer=keras.optimizers.SGD(0.15),
@@ -68,18 +68,34 @@ _UNSUPPORTED_FIT_ARGS = {"validation_split": 0.0, "sample_weight": None, "class_
 class DPModel(keras.Model):
     """Your Keras model, trained by `fit` with DP-SGD. Compile it as usual (any Keras optimizer; any loss
     whose per-example values depend on that example only, e.g. `SparseCategoricalCrossentropy(
-    from_logits=True)`; metrics), then `fit(x, y, epochs=, batch_size=, validation_data=, callbacks=)`.
-
-    `l2_norm_clip` (C), `noise_multiplier` (σ; noise std σ·C on the clipped sum), `num_microbatches`
-    (None = per-example clipping; M clips the mean gradient of each of M microbatches, TF Privacy's
-    semantics, accounted with σ/2; M < batch_size needs `sampling="shuffle"`), `delta` (δ of the ε
-    reported), `sampling` ("poisson" or "shuffle"), `target_epsilon` (stop before exceeding it, by
-    `target_accountant`), `reproducible_seed` (derive the key from this seed instead of OS entropy:
-    the ε then holds only while the seed stays secret), `run_key` (an explicit `run_key.RunKey`, e.g.
-    a CLI run's), `gradient_path` ("auto", "fast", "vectorized_map") and `jit_compile` ("auto", True,
-    False) as in the CLI config.
+    from_logits=True)`; metrics), then `fit(x, y, epochs=, batch_size=, validation_data=, callbacks=)`;
+    `privacy_statement()` then says what ε assumes and covers. Names follow TensorFlow Privacy.
 
     The wrapped model is `dp_model.model`; it shares its variables, so save or use either one.
+
+    Args:
+        model: an un-trained or pre-trained `keras.Model` whose outputs the loss reads (e.g. logits).
+        l2_norm_clip: C, the L2 norm each example's (or microbatch's) gradient is clipped to.
+        noise_multiplier: σ; the noise added to the clipped sum has std σ·C.
+        num_microbatches: None = per-example clipping; M clips the mean gradient of each of M microbatches
+            (TF Privacy's semantics, accounted with σ/2); M < batch_size needs `sampling="shuffle"`.
+        delta: δ of the ε reported.
+        sampling: "poisson" (each example joins each step with probability q = batch_size / n: what the
+            analysis assumes) or "shuffle" (fixed shuffled batches; the Poisson ε is then optimistic).
+        target_epsilon: stop `fit` before an epoch whose steps would take ε past it.
+        target_accountant: "pld" or "rdp", the accountant `target_epsilon` is checked with.
+        reproducible_seed: derive the key of the noise and the batches from this seed instead of OS
+            entropy (research and tests: the ε then holds only while the seed stays secret).
+        run_key: an explicit `run_key.RunKey`, e.g. a CLI run's (not with `reproducible_seed`).
+        gradient_path: "auto", "fast" or "vectorized_map", as in the CLI config.
+        jit_compile: "auto", True or False, as in the CLI config.
+        name: the Keras name (default "dp_<model name>").
+
+    Returns:
+        A `keras.Model`; `fit` returns Keras' History with `epsilon_rdp` and `epsilon_pld` per epoch.
+
+    Raises:
+        ConfigError: an argument out of range, or a layer that mixes examples (e.g. BatchNormalization).
     """
 
     def __init__(self, model: keras.Model, *, l2_norm_clip: float, noise_multiplier: float,
@@ -121,8 +137,8 @@ class DPModel(keras.Model):
             run_key = new_run_key(reproducible=reproducible_seed is not None, seed=reproducible_seed or 0,
                                   label=_REPRODUCIBLE_LABEL)
         self._run_key = run_key
-        self._plan: tuple | None = None  # (n, batch_size, microbatch size) of the first fit
-        self._step = None
+        self._plan: tuple[int, int, int] | None = None  # (n, batch_size, microbatch size) of the first fit
+        self._step: tuple[Any, Any, list[Any]] | None = None  # (step_fn, chunk_fn, zeros), built by fit
         self.ledger: accounting.PrivacyLedger | None = None
         self.epochs_done = 0
         self.steps_done = 0
@@ -157,8 +173,7 @@ class DPModel(keras.Model):
         if getattr(self, "optimizer", None) is None or getattr(self, "loss", None) is None:
             raise ConfigError("DPModel: call compile(optimizer=…, loss=…) before fit")
         x, y, batch_size = self._as_arrays(x, y, batch_size)
-        self._prepare(x, y, batch_size or 32)
-        n, b, _ = self._plan
+        n, b, _ = self._prepare(x, y, batch_size or 32)
         verbose = 1 if verbose == "auto" else int(verbose)
         first_steps = steps_in_epoch(self.epochs_done + 1, b, n, self.sampling)
         cbs = keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0,
@@ -184,7 +199,7 @@ class DPModel(keras.Model):
         return self.history
 
     def _train_epoch(self, x: np.ndarray, y: np.ndarray, cbs) -> dict[str, float]:
-        step_fn, chunk_fn, zeros = self._step
+        (step_fn, chunk_fn, zeros), ledger = self._fitted()
         self.reset_metrics()
         self.epochs_done += 1
         loss_sum = count = 0.0
@@ -198,7 +213,7 @@ class DPModel(keras.Model):
             idx, mask = batch.chunks[0]
             self._update_metrics(y[idx], logits, mask)
             self.steps_done += 1
-            self.ledger.advance(1)  # accounted as soon as taken
+            ledger.advance(1)  # accounted as soon as taken
             if not math.isfinite(step_loss):
                 raise TrainingError(f"loss is {step_loss} at step {batch.step + 1}: training diverged; "
                                     "lower the learning rate")
@@ -222,13 +237,14 @@ class DPModel(keras.Model):
         `target_epsilon`."""
         if self.target_epsilon is None:
             return False
-        ahead = self.ledger.epsilon(self.target_accountant, self.ledger.steps + steps)
+        _, ledger = self._fitted()
+        ahead = ledger.epsilon(self.target_accountant, ledger.steps + steps)
         if ahead <= self.target_epsilon:
             return False
         self.stopped_reason = (
             f"stopped before epoch {self.epochs_done + 1}: its {steps} steps would bring ε "
             f"({self.target_accountant}) to {ahead:.4g} > target_epsilon {self.target_epsilon:g}; "
-            f"ε after {self.ledger.steps} steps is {self.ledger.epsilon(self.target_accountant):.4g}")
+            f"ε after {ledger.steps} steps is {ledger.epsilon(self.target_accountant):.4g}")
         warnings.warn(self.stopped_reason, stacklevel=3)
         return True
 
@@ -240,16 +256,23 @@ class DPModel(keras.Model):
         return 0.0 if self.ledger is None else self.ledger.epsilon(accountant)
 
     def privacy_facts(self) -> PrivacyFacts:
+        _, ledger = self._fitted()
         if self._plan is None:
             raise ConfigError("DPModel: no training yet; call fit first")
         n, b, k = self._plan
         return PrivacyFacts(
             noise_multiplier=self.noise_multiplier,
-            accounting_noise_multiplier=self.ledger.noise_multiplier, l2_norm_clip=self.l2_norm_clip,
-            sampling_rate=b / n, steps=self.ledger.steps, delta=self.delta, sampling=self.sampling,
+            accounting_noise_multiplier=ledger.noise_multiplier, l2_norm_clip=self.l2_norm_clip,
+            sampling_rate=b / n, steps=ledger.steps, delta=self.delta, sampling=self.sampling,
             microbatch_size=k, epsilon_rdp=self.epsilon("rdp"), epsilon_pld=self.epsilon("pld"),
             source="run", randomness=self._run_key.mode, key_location=KEY_LOCATION, coverage=COVERAGE,
             reproducible_from=self._reproducible_from)
+
+    def _fitted(self) -> tuple[tuple[Any, Any, list[Any]], accounting.PrivacyLedger]:
+        """The compiled step and the privacy ledger that `fit` sets up; ConfigError before the first fit."""
+        if self._step is None or self.ledger is None:
+            raise ConfigError("DPModel: no training yet; call fit first")
+        return self._step, self.ledger
 
     def privacy_statement(self) -> str:
         """The (ε, δ) guarantee of the training so far in words, with every assumption it rests on."""
@@ -258,8 +281,9 @@ class DPModel(keras.Model):
     # ------------------------------------------------------------------------------------------------
     # set-up
 
-    def _prepare(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
-        """Check the sizes; on the first fit build the sampler, the ledger and the compiled step."""
+    def _prepare(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[int, int, int]:
+        """Check the sizes; on the first fit build the sampler, the ledger and the compiled step. Returns
+        (n, batch size, microbatch size)."""
         n = len(x)
         _check(1 <= batch_size <= n, f"batch_size: must be in [1, {n}] (the training examples), got "
                f"{batch_size}")
@@ -275,7 +299,7 @@ class DPModel(keras.Model):
             _check(plan == self._plan, f"fit: this DPModel accounts n = {self._plan[0]} examples in batches "
                    f"of {self._plan[1]}; fit again with the same numbers, or wrap the model in a new DPModel "
                    "(and add the ε of both)")
-            return
+            return plan
         self._sampler = Sampler(sampling=self.sampling, batch_size=batch_size, dataset_size=n,
                                 key=self._run_key)
         if self.sampling == "shuffle":
@@ -284,6 +308,7 @@ class DPModel(keras.Model):
                           stacklevel=3)
         self._build_step(x[:2], y[:2], batch_size, k)
         self._plan = plan
+        return plan
 
     def _build_step(self, x0: np.ndarray, y0: np.ndarray, batch_size: int, k: int) -> None:
         step_plan = planner.plan_step(self.model, capacity=self._sampler.capacity, private=True,

@@ -117,8 +117,9 @@ def test_mirror_views_of_pixels_and_of_features(tmp_path):
     assert pixels.shape == (5, K, 28, 28, 1)
     np.testing.assert_array_equal(pixels[:, 0], images)
     np.testing.assert_array_equal(pixels[:, 1, :, ::-1], images)  # column j of the mirror is column 27 - j
-    prepared = dataclasses.replace(data, x_train=features.model_inputs(images, "scatter_cnn", tmp_path, 1))
-    feats = augmentation.with_views(prepared, images, "mirror", "scatter_cnn", tmp_path,
+    scatter = "scatter_cnn_16_32"
+    prepared = dataclasses.replace(data, x_train=features.model_inputs(images, scatter, tmp_path, 1))
+    feats = augmentation.with_views(prepared, images, "mirror", scatter, tmp_path,
                                     uncached_tail=1).train_views
     assert feats.shape == (5, K, 7, 7, 81)
     np.testing.assert_allclose(feats[:, 0], scattering.scattering(images), rtol=1e-6)
@@ -139,7 +140,7 @@ def test_augmentation_config():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("architecture", ["tfp_cnn", "scatter_cnn"])
+@pytest.mark.parametrize("architecture", ["tfp_cnn", "scatter_cnn_16_32"])
 def test_a_run_with_mirror_views_trains_and_states_them(architecture, data_dir, tmp_path, monkeypatch):
     from dpsgd_cli.experiment import run as runner
 

@@ -469,8 +469,9 @@ def test_epsilon_of_a_config_with_random_and_extreme_numbers(world, data, accoun
      "training.epochs: 10,000,000,000 epochs are more than"),
 ])
 def test_accounting_extremes_name_the_option(world, args, expected):
-    """The crashes of issue 12 (ZeroDivisionError, NoBracketIntervalFoundError) and their siblings: each is
-    now one line that names the option or key and what it takes."""
+    """Extremes that would crash the accountants (ZeroDivisionError, dp-accounting's
+    NoBracketIntervalFoundError) and their siblings: each is one line that names the option or key and what
+    it takes."""
     line = check_answered_or_rejected(world, "accounting extremes", args)
     assert line is not None and expected in line, line
 

@@ -1,6 +1,6 @@
-"""The best-recipe configs (issue 15) run end to end on a slice of the data for one epoch and record ε; their
-non-private twins (`*_best_nonprivate.yaml`, for `dpsgd class-gap`) differ only in privacy and learning
-rate."""
+"""The recipe configs at ε = 3 (`*_eps3.yaml`) run end to end on a slice of the data for one epoch and record
+ε; their non-private twins (`*_nonprivate.yaml` of the same recipe, for `dpsgd class-gap`) differ only in
+privacy and learning rate."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from dpsgd_cli.experiment import run as runner
 from dpsgd_cli.runs.run_dir import WEIGHTS_FILE
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-BEST = ("fashion_mnist_best", "fashion_mnist_scatter_linear", "fashion_mnist_scatter_cnn", "mnist_best",
-        "fashion_mnist_tutorial_cnn_best")
-TWINS = {"fashion_mnist_best_nonprivate": "fashion_mnist_best",
-         "fashion_mnist_scatter_linear_nonprivate": "fashion_mnist_scatter_linear",
-         "fashion_mnist_scatter_cnn_nonprivate": "fashion_mnist_scatter_cnn",
-         "mnist_best_nonprivate": "mnist_best",
-         "fashion_mnist_tutorial_cnn_best_nonprivate": "fashion_mnist_tutorial_cnn_best"}
+BEST = ("fashion_mnist_scatter_pointwise_eps3", "fashion_mnist_scatter_linear_eps3",
+        "fashion_mnist_scatter_cnn_64_128_eps3", "mnist_scatter_cnn_32_64_eps3",
+        "fashion_mnist_tfp_cnn_tanh_eps3")
+TWINS = {"fashion_mnist_scatter_pointwise_nonprivate": "fashion_mnist_scatter_pointwise_eps3",
+         "fashion_mnist_scatter_linear_nonprivate": "fashion_mnist_scatter_linear_eps3",
+         "fashion_mnist_scatter_cnn_64_128_nonprivate": "fashion_mnist_scatter_cnn_64_128_eps3",
+         "mnist_scatter_cnn_32_64_nonprivate": "mnist_scatter_cnn_32_64_eps3",
+         "fashion_mnist_tfp_cnn_tanh_nonprivate": "fashion_mnist_tfp_cnn_tanh_eps3"}
 
 
 @pytest.mark.parametrize("name", BEST)

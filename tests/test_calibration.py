@@ -72,8 +72,8 @@ def test_each_sigma_is_evaluated_once(monkeypatch):
 
 
 def test_targets_no_sigma_the_accountants_take_can_meet_are_refused_with_their_name():
-    """Issue 12: dp-accounting's bracket search gave up with NoBracketIntervalFoundError. A target that even
-    σ = 1e-4 meets, or that even σ = 1e6 misses, is now a ValueError that says so and names the target."""
+    """dp-accounting's bracket search gives up with NoBracketIntervalFoundError on these. A target that even
+    σ = 1e-4 meets, or that even σ = 1e6 misses, is a ValueError that says so and names the target."""
     with pytest.raises(AccountingInputError, match="so large that even σ = 0.0001") as refused:
         calibrate_noise_multiplier(1e9, 1e-5, 256 / 60000, 1)
     assert refused.value.parameter == "target_epsilon"

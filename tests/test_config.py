@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dpsgd_cli.config import load_config, microbatch_size
+from dpsgd_cli.config import ARCHITECTURES, load_config, microbatch_size, resolve_aliases
 from dpsgd_cli.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -26,7 +27,7 @@ def test_every_shipped_config_loads(path):
     assert cfg.name == path.stem
 
 
-def test_seed_experiment_and_tutorial_values():
+def test_baseline_and_tutorial_values():
     seed = load_config(CONFIGS[0].parent / "fashion_mnist_sigma1.2.yaml")
     assert (seed.privacy.noise_multiplier, seed.privacy.l2_norm_clip, seed.training.learning_rate,
             seed.training.epochs, seed.training.optimizer) == (1.2, 1.0, 0.001, 100, "adam")
@@ -68,7 +69,7 @@ def test_bad_values_name_the_key(override, key):
 def test_input_standardization_is_for_pixel_models_only():
     cfg = load_config(None, ["privacy.noise_multiplier=1.0", "model.input_mean=0.5", "model.input_std=0.5"])
     assert (cfg.model.input_mean, cfg.model.input_std) == (0.5, 0.5)
-    for other in ("model.architecture=scatter_cnn", "model.builder=pkg.mod:fn"):
+    for other in ("model.architecture=scatter_cnn_16_32", "model.builder=pkg.mod:fn"):
         with pytest.raises(ConfigError, match="^model.input_mean, model.input_std: only for the pixel"):
             load_config(None, ["privacy.noise_multiplier=1.0", "model.input_mean=0.5", other])
 
@@ -110,3 +111,29 @@ def test_cli_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "privacy.noise_multiplier" in lines[0]
+
+
+OTHER_NAMES = {"scatter_cnn": "scatter_cnn_16_32", "scatter_cnn_wide": "scatter_cnn_32_64",
+               "scatter_cnn_wider": "scatter_cnn_64_128"}
+
+
+@pytest.mark.parametrize("other,name", OTHER_NAMES.items())
+def test_other_architecture_names_resolve_to_the_model_name(other, name, tmp_path):
+    assert name in ARCHITECTURES and other not in ARCHITECTURES  # configs are written with the names
+    sigma = "privacy.noise_multiplier=1.0"
+    assert load_config(None, [sigma, f"model.architecture={other}"]).model.architecture == name
+    path = tmp_path / "run.yaml"  # a config written under the other name, as an older run.yaml holds it
+    path.write_text(yaml.safe_dump({"privacy": {"noise_multiplier": 1.0}, "model": {"architecture": other}}))
+    cfg = load_config(path)
+    assert cfg.model.architecture == name and cfg.to_dict()["model"]["architecture"] == name
+    raw = {"model": {"architecture": other, "activation": "tanh"}, "seed": 3}
+    assert resolve_aliases(raw) == {"model": {"architecture": name, "activation": "tanh"}, "seed": 3}
+    assert raw["model"]["architecture"] == other  # the caller's mapping is left as it was
+
+
+def test_an_unknown_architecture_lists_the_model_names_only():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["privacy.noise_multiplier=1.0", "model.architecture=scatter_cnn_8_16"])
+    message = str(info.value)
+    assert message.startswith("model.architecture") and "choose one of: " in message
+    assert message.split("choose one of: ")[1].split(", ") == list(ARCHITECTURES)

@@ -1,4 +1,4 @@
-"""tf.distribute (issue 17): the mechanism, the weights and ε do not depend on the replica count R.
+"""tf.distribute: the mechanism, the weights and ε do not depend on the replica count R.
 
 Logical CPU devices must be configured before TensorFlow starts, so everything that needs 2 or 4 of them
 runs in a fresh process: `tests/distribute_probe.py` (one process for the equivalence and padding checks)

@@ -413,7 +413,7 @@ def _perturbed(model):
     lambda: keras.layers.GroupNormalization(4, scale=False, name="norm")],
     ids=["layer", "layer_two_axes", "layer_scale_only", "group", "group_center_only"])
 def test_affine_normalisations_have_per_example_gradients_equal_to_the_loop(make, k):
-    """The built-in rule: γ's gradient Σ dL/dy ⊙ x̂ and β's Σ dL/dy per example (issue 15)."""
+    """The built-in rule: γ's gradient Σ dL/dy ⊙ x̂ and β's Σ dL/dy per example."""
     model = keras.Sequential([keras.Input(shape=(5, 6)), keras.layers.Dense(8, activation="tanh"), make(),
                               keras.layers.Flatten(), keras.layers.Dense(3)])
     assert isinstance(fastgrad.rule_for(model.get_layer("norm")), fastgrad.AffineNormRule)

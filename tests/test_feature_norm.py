@@ -143,15 +143,14 @@ def test_calibration_leaves_the_releases_their_share():
 
 
 def test_config_keys_and_errors():
-    cfg = load_config(None, [*SIGMA, "model.architecture=scatter_cnn", "model.feature_norm=private_stats"])
+    stats = ["model.architecture=scatter_cnn_16_32", "model.feature_norm=private_stats"]
+    cfg = load_config(None, [*SIGMA, *stats])
     assert feature_releases(cfg) == (8.0, 8.0) and release_bounds(cfg) == (0.3, 0.15)
-    refined = load_config(None, [*SIGMA, "model.architecture=scatter_cnn", "model.feature_norm=private_stats",
-                                 "privacy.feature_norm_noise_multiplier=16",
+    refined = load_config(None, [*SIGMA, *stats, "privacy.feature_norm_noise_multiplier=16",
                                  "privacy.feature_norm_refine_noise_multiplier=8"])
     assert feature_releases(refined) == (16.0, 16.0, 8.0, 8.0)
     assert release_bounds(refined) == (0.3, 0.15, 9.0, 18.0)
-    off = load_config(None, [*SIGMA, "model.architecture=scatter_cnn", "model.feature_norm=private_stats",
-                             "privacy.enabled=false", "privacy.noise_multiplier=null"])
+    off = load_config(None, [*SIGMA, *stats, "privacy.enabled=false", "privacy.noise_multiplier=null"])
     assert feature_releases(off) == () and feature_releases(load_config(None, SIGMA)) == ()
     for extra, message in (
             (["model.feature_norm=private_stats"], "model.feature_norm: private_stats is only for"),

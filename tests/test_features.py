@@ -51,7 +51,7 @@ def test_prepare_scattering_features_once(tmp_path, monkeypatch):
         raise AssertionError("recomputed although cached")
 
     monkeypatch.setattr(scattering, "scattering", fail)
-    again = features.prepare(data, "scatter_cnn", tmp_path)  # same transform: the same cache entries
+    again = features.prepare(data, "scatter_cnn_16_32", tmp_path)  # same transform: the same cache entries
     assert np.array_equal(again.x_train, out.x_train)
 
 

@@ -12,8 +12,8 @@ from dpsgd_cli.training import engine, fastgrad
 from dpsgd_cli.training.model import build_model
 from dpsgd_cli.training.recipe_models import input_shape
 
-ARCHITECTURES = ("tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn", "scatter_cnn_wide",
-                 "scatter_cnn_wider")
+ARCHITECTURES = ("tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn_16_32", "scatter_cnn_32_64",
+                 "scatter_cnn_64_128")
 
 
 def _batch(architecture: str, n: int = 12):
@@ -49,6 +49,14 @@ def test_fast_path_equals_gradient_tape_loop(architecture):
     for s, e, v in zip(sums, expected, model.trainable_variables):
         np.testing.assert_allclose(s, e, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(e).max()), err_msg=v.path)
     np.testing.assert_allclose(logits, model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES if a.startswith("scatter_cnn_")])
+def test_a_scatter_cnn_name_gives_its_channel_widths(architecture):
+    c1, c2 = (int(width) for width in architecture.split("_")[-2:])
+    model = build_model(architecture, "tanh", seed=0)
+    assert model.get_layer("conv1").kernel.shape == (3, 3, 81, c1)
+    assert model.get_layer("conv2").kernel.shape == (3, 3, c1, c2)
 
 
 def test_group_norm_uses_per_example_statistics_only():

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,6 +63,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 _UNINTERRUPTED = """
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from dpsgd_cli.experiment import run as runner
 from dpsgd_cli.config import load_config
 from dpsgd_cli.privacy.run_key import load_run_key
@@ -237,3 +239,20 @@ def test_divergence_keeps_the_last_good_checkpoint_and_metrics(data_dir, tmp_pat
     assert doc["status"] == "failed" and "diverged" in doc["error"] and doc["epochs_done"] == 1
     with pytest.raises(RunDirError, match=r"holds a failed run \(epoch 1 of 3 finished"):
         check_run_dir(cfg.run_dir)
+
+
+def test_a_checkpoint_under_another_architecture_name_continues_and_a_changed_model_does_not():
+    """A checkpoint whose recorded config names the model by another name (scatter_cnn_wide for
+    scatter_cnn_32_64) belongs to the same run; one recording a different model does not."""
+    cfg = load_config(None, [*TINY, "model.architecture=scatter_cnn_32_64", "model.activation=tanh"])
+    plan = SimpleNamespace(noise_multiplier=1.1)
+
+    def ckpt(architecture: str) -> checkpoint.Checkpoint:
+        recorded = cfg.to_dict()
+        recorded["model"] = {**recorded["model"], "architecture": architecture}
+        return checkpoint.Checkpoint({"config": recorded, "noise_multiplier": 1.1, "data_fingerprint": "f",
+                                      "dataset_size": 1024, "epochs_done": 1, "steps_done": 16})
+
+    runner._check_continues(ckpt("scatter_cnn_wide"), cfg, plan, "f")
+    with pytest.raises(RunDirError, match=r"different config .*model\.architecture"):
+        runner._check_continues(ckpt("scatter_cnn_wider"), cfg, plan, "f")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 from test_cli_train import make_run_dir
 
 from dpsgd_cli.errors import RunDirError
@@ -57,3 +58,11 @@ def test_the_checkpoint_is_verified_once_per_version(tmp_path, monkeypatch):
                                                           [np.zeros((), np.int64)]))
     assert RunDir(tmp_path / "r").checkpoint().epochs_done == 2 and len(loads) == 2  # a new version
     assert RunDir(tmp_path / "nowhere").checkpoint() is None
+
+
+def test_a_run_yaml_under_another_architecture_name_loads_with_the_model_name(tmp_path):
+    run_dir = make_run_dir(tmp_path / "r", "finished", epochs=2)
+    doc = yaml.safe_load((run_dir / "run.yaml").read_text())
+    doc["config"]["model"]["architecture"] = "scatter_cnn_wide"  # the name of scatter_cnn_32_64 in older runs
+    (run_dir / "run.yaml").write_text(yaml.safe_dump(doc))
+    assert RunDir(run_dir).config().model.architecture == "scatter_cnn_32_64"

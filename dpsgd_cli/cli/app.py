@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from dpsgd_cli.cli import quiet
 from dpsgd_cli.errors import DpsgdError
 
 app = typer.Typer(
@@ -76,5 +77,11 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @app.callback()
-def main() -> None:
+def main(
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show TensorFlow's own start-up and log lines (also: "
+        f"{quiet.VERBOSE_ENV}=1).")] = False,
+) -> None:
     """dpsgd: DP-SGD experiments with honest privacy accounting. Start with `dpsgd train --help`."""
+    if not (verbose or quiet.verbose_requested()):
+        quiet.install()

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, user_errors
+from dpsgd_cli.cli.tables import print_table
 
 
 @app.command()
@@ -40,7 +41,7 @@ def audit(
         typer.echo(json.dumps(report.summary, indent=2, allow_nan=False, ensure_ascii=False))
         return
     s = report.summary
-    console.print(audit_table(s))
+    print_table(audit_table(s), console)
     console.print(_guarantees(s), highlight=False)
     console.print(f"verdict: {s['verdict']}", highlight=False)
     console.print(f"wrote {path}" + (f" and {roc}" if roc is not None else ""), highlight=False)

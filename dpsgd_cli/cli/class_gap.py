@@ -1,4 +1,4 @@
-"""`dpsgd class-gap DP_RUN TWIN_RUN`: per-class accuracy lost to privacy (issue 15, item 6)."""
+"""`dpsgd class-gap DP_RUN TWIN_RUN`: per-class accuracy lost to privacy."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, user_errors
+from dpsgd_cli.cli.tables import print_table
 
 
 @app.command("class-gap")
@@ -27,7 +28,7 @@ def class_gap(
         table.add_column(column, justify="left" if column == "class" else "right")
     for g in gaps:
         table.add_row(f"{g.label} {g.name}", f"{g.nonprivate:.4f}", f"{g.private:.4f}", f"{100 * g.loss:.2f}")
-    console.print(table)
+    print_table(table, console)
     if out is not None:
         from dpsgd_cli.runs.class_gap import gap_figure
         from dpsgd_cli.runs.plots import save_figure

@@ -18,16 +18,16 @@ import typer
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, user_errors
-from dpsgd_cli.errors import AccountingInputError, ConfigError, OutputError
+from dpsgd_cli.cli.tables import print_table
+from dpsgd_cli.errors import ConfigError, OutputError
 from dpsgd_cli.privacy import accounting
-from dpsgd_cli.privacy.calibration import calibrate_noise_multiplier
+from dpsgd_cli.privacy.answer import calibrated_noise, epsilons
 from dpsgd_cli.privacy.question import (
     PrivacyQuestion,
     answer_statement,
     describe_question,
     resolve_config,
     resolve_options,
-    round_up,
 )
 
 # --- options shared by both commands -----------------------------------------------------------------
@@ -136,11 +136,7 @@ def epsilon(
                             need_sigma=True)
     per_epoch = per_epoch or csv_path is not None
     points = s.epoch_points() if per_epoch else [(s.epochs, s.steps)]
-    try:
-        curves = {a: accounting.epsilon_curve(s.accounting_sigma, s.sampling_rate, [k for _, k in points],
-                                              s.delta, a, s.releases) for a in accountants}
-    except AccountingInputError as exc:  # e.g. σ out of range, or too small for the PLD accountant
-        raise s.option_error(exc) from None
+    curves = epsilons(s, accountants, [k for _, k in points])
     final = {a: curve[-1] for a, curve in curves.items()}
     statement = answer_statement(s, s.noise_multiplier, final)
     rows = [{"epoch": round(e, 6) if e is not None else None, "steps": k,
@@ -164,7 +160,7 @@ def epsilon(
         for row in rows:
             curve.add_row(f"{row['epoch']:g}", str(row["steps"]),
                           *(_eps_text(row[f"epsilon_{a}"]) for a in accountants))
-        console.print(curve)
+        print_table(curve, console)
     _print_privacy(s, s.noise_multiplier, final, statement, "privacy of this training")
     if csv_path is not None:
         console.print(f"wrote {csv_path} ({len(rows)} rows)", highlight=False)
@@ -178,7 +174,7 @@ def _print_privacy(s, sigma: float, epsilons: dict[str, float], statement: str, 
     _setting_rows(table, s, sigma)
     for name, value in epsilons.items():
         table.add_row(f"ε ({name.upper()})", _eps_text(value))
-    console.print(table)
+    print_table(table, console)
     console.print(statement, highlight=False)
 
 
@@ -202,18 +198,13 @@ def noise(
     """Print the smallest noise multiplier σ that keeps ε ≤ --target-epsilon after the given training."""
     if target_epsilon is None:
         raise ConfigError("give the privacy budget: --target-epsilon E")
-    if not 0 < target_epsilon < math.inf:
+    if not 0 < target_epsilon < math.inf:  # before the other options are checked
         raise ConfigError(f"--target-epsilon must be > 0 and finite, got {target_epsilon:g}")
     (acc,) = _accountants(accountant, accounting.ACCOUNTANTS)
     s = resolve_options(sigma=None, steps=steps, epochs=epochs, batch_size=batch_size,
                         dataset_size=dataset_size, sampling_rate=sampling_rate,
                         num_microbatches=num_microbatches, sampling=sampling, delta=delta, need_sigma=False)
-    try:
-        exact = calibrate_noise_multiplier(target_epsilon, s.delta, s.sampling_rate, s.steps,
-                                           accountant=acc, microbatch_size=s.microbatch_size)
-    except AccountingInputError as exc:  # e.g. no σ the accountants take meets the target
-        raise s.option_error(exc) from None
-    sigma = round_up(exact)
+    sigma, exact = calibrated_noise(s, target_epsilon, acc)
     eps = accounting.epsilon(accounting.accounting_noise_multiplier(sigma, s.microbatch_size),
                              s.sampling_rate, s.steps, s.delta, acc)
     statement = answer_statement(s, sigma, {acc: eps})

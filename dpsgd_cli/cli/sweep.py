@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, err_console, user_errors
+from dpsgd_cli.cli.tables import print_table
 from dpsgd_cli.cli.train import ConfigOption, SetOption, _epoch_line, _progress
 from dpsgd_cli.errors import ConfigError
 
@@ -85,12 +86,12 @@ def sweep(
         plan = plan.only(index)
     console.print(f"[bold]sweep {plan.name}[/]: {_plan_counts(plan, overwrite)}", highlight=False)
     if dry_run:
-        console.print(_plan_table(plan, overwrite))
+        print_table(_plan_table(plan, overwrite), console)
         return
     outcome = sweeps.run_sweep(plan, overwrite=overwrite, summary=index is None, **_callbacks(quiet))
     if outcome.summary_path is not None:
         runs, keys = _summaries().load_runs([plan.sweep_dir], plan.keys)
-        console.print(report_table(runs, keys))
+        print_table(report_table(runs, keys), console)
         console.print(f"wrote {outcome.summary_path}", highlight=False)
     if outcome.failed:
         for planned, message in outcome.failed:
@@ -179,7 +180,7 @@ def report(paths: PathsArgument) -> None:
 
     Columns name only the settings that differ between the runs; the title names the shared ones."""
     runs, keys = _summaries().load_runs(paths)
-    console.print(report_table(runs, keys))
+    print_table(report_table(runs, keys), console)
     for note in _summaries().report_notes(runs):
         console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
 

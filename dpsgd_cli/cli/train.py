@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, err_console, user_errors
+from dpsgd_cli.cli.tables import print_table
 from dpsgd_cli.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def train(
                               f"{stop.run_dir}; continue with: dpsgd train --resume {stop.run_dir}",
                               highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(130) from None
-    console.print(summary_table(result.records[-1], result.noise_multiplier))
+    print_table(summary_table(result.records[-1], result.noise_multiplier), console)
     console.print(result.statement, highlight=False, markup=False)
     console.print(f"wrote {result.run_dir / 'metrics.csv'} and {result.run_dir / 'run.yaml'}",
                   highlight=False, markup=False)

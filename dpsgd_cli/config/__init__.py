@@ -10,10 +10,18 @@ from dpsgd_cli.config.derived import (
     resolved_data_dir,
     views_per_example,
 )
-from dpsgd_cli.config.parsing import config_from_dict, flatten, load_config, replace, with_overrides
+from dpsgd_cli.config.parsing import (
+    config_from_dict,
+    flatten,
+    load_config,
+    replace,
+    resolve_aliases,
+    with_overrides,
+)
 from dpsgd_cli.config.schema import (
     _SECTIONS,
     ACTIVATIONS,
+    ARCHITECTURE_ALIASES,
     ARCHITECTURES,
     AUGMENTATIONS,
     CLUSTERS,
@@ -35,15 +43,17 @@ from dpsgd_cli.config.schema import (
     PrivacyConfig,
     TrainingConfig,
     json_schema,
+    json_schema_text,
     reference_rows,
 )
 from dpsgd_cli.config.validation import validate
 
 __all__ = [
-    "_SECTIONS", "ACTIVATIONS", "ARCHITECTURES", "AUGMENTATIONS", "CLUSTERS", "DATASET_SIZES", "DATASETS",
-    "FEATURE_NORMS", "GRADIENT_PATHS", "JIT_CHOICES", "LR_SCHEDULES", "OPTIMIZERS", "PIXEL_ARCHITECTURES",
-    "PLAN_CHOICES", "SAMPLINGS", "STRATEGIES", "DataConfig", "DistributeConfig", "ExperimentConfig",
-    "ModelConfig", "PrivacyConfig", "TrainingConfig", "config_from_dict", "dataset_size",
-    "feature_releases", "flatten", "json_schema", "load_config", "microbatch_size", "reference_rows",
-    "release_bounds", "replace", "resolved_data_dir", "validate", "views_per_example", "with_overrides",
+    "_SECTIONS", "ACTIVATIONS", "ARCHITECTURE_ALIASES", "ARCHITECTURES", "AUGMENTATIONS", "CLUSTERS",
+    "DATASET_SIZES", "DATASETS", "FEATURE_NORMS", "GRADIENT_PATHS", "JIT_CHOICES", "LR_SCHEDULES",
+    "OPTIMIZERS", "PIXEL_ARCHITECTURES", "PLAN_CHOICES", "SAMPLINGS", "STRATEGIES", "DataConfig",
+    "DistributeConfig", "ExperimentConfig", "ModelConfig", "PrivacyConfig", "TrainingConfig",
+    "config_from_dict", "dataset_size", "feature_releases", "flatten", "json_schema", "json_schema_text",
+    "load_config", "microbatch_size", "reference_rows", "release_bounds", "replace", "resolve_aliases",
+    "resolved_data_dir", "validate", "views_per_example", "with_overrides",
 ]

@@ -29,7 +29,7 @@ def release_bounds(cfg: ExperimentConfig) -> tuple[float, ...]:
     """The L2 bounds of the feature-statistics releases, in release order: (per-channel mean, mean square)
     of the features, then, with a refinement, of the features standardised by the first pair."""
     p = cfg.privacy
-    bounds = (p.feature_norm_clip_mean, p.feature_norm_clip_square)
+    bounds: tuple[float, ...] = (p.feature_norm_clip_mean, p.feature_norm_clip_square)
     if p.feature_norm_refine_noise_multiplier is not None:
         bounds += (p.feature_norm_refine_clip_mean, p.feature_norm_refine_clip_square)
     return bounds

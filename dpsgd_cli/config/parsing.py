@@ -10,13 +10,26 @@ from typing import Any
 
 import yaml
 
-from dpsgd_cli.config.schema import _SECTIONS, ExperimentConfig
+from dpsgd_cli.config.schema import _SECTIONS, ARCHITECTURE_ALIASES, ExperimentConfig
 from dpsgd_cli.config.validation import _describe, validate
 from dpsgd_cli.errors import ConfigError
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read YAML at `path` (or start from defaults), apply `key.sub=value` overrides, validate."""
+    """Read YAML at `path` (or start from defaults), apply `key.sub=value` overrides, validate.
+
+    Args:
+        path: an experiment YAML file, or None for the defaults.
+        overrides: `--set` style items, e.g. `["training.epochs=1", "privacy.noise_multiplier=1.3"]`,
+            applied in order; values are read as YAML scalars.
+
+    Returns:
+        The validated, frozen `ExperimentConfig`.
+
+    Raises:
+        ConfigError: an unreadable file, an unknown key, a value of the wrong type or out of range; the
+            message names the dotted key and what is allowed.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
@@ -37,6 +50,7 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a nested dict (as from YAML) into an ExperimentConfig."""
     if not isinstance(raw, dict):
         raise ConfigError("config: the top level must be a mapping of keys (name, seed, data, model, ...)")
+    raw = resolve_aliases(raw)
     top_fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
     _reject_unknown(raw, top_fields, "")
     sections = {}
@@ -52,6 +66,18 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     cfg = ExperimentConfig(**top, **sections)
     validate(cfg)
     return cfg
+
+
+def resolve_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config mapping (as from YAML) whose `model.architecture`, if it is another name of a
+    built-in model (`ARCHITECTURE_ALIASES`), is replaced by the model's name; anything else is unchanged."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return raw
+    name = model.get("architecture")
+    if not isinstance(name, str) or name not in ARCHITECTURE_ALIASES:
+        return raw
+    return {**raw, "model": {**model, "architecture": ARCHITECTURE_ALIASES[name]}}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

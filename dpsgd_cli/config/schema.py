@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 DATASETS = ("fashion_mnist", "mnist")
-ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn",
-                 "scatter_cnn_wide", "scatter_cnn_wider")
+ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn_16_32",
+                 "scatter_cnn_32_64", "scatter_cnn_64_128")
+# other names of model.architecture, read as the name they map to (run.yaml files written under them still
+# load, resume and audit); configs are written with the names of ARCHITECTURES
+ARCHITECTURE_ALIASES = {"scatter_cnn": "scatter_cnn_16_32", "scatter_cnn_wide": "scatter_cnn_32_64",
+                        "scatter_cnn_wider": "scatter_cnn_64_128"}
 PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on 28×28 pixels (the others on scattering features)
 ACTIVATIONS = ("relu", "tanh")
 FEATURE_NORMS = ("group_norm", "private_stats")
@@ -65,7 +69,9 @@ class ModelConfig:
     whose outputs are logits; when given, it replaces `architecture` and `activation`."""
 
     architecture: str = _key("tfp_cnn", "the built-in model: tfp_cnn is TensorFlow Privacy's tutorial CNN; "
-                                        "the others are the recipes of the results page", ARCHITECTURES)
+                                        "the others are the recipes of the results page (scatter_cnn_C1_C2: "
+                                        "ScatterNet features, then convolutions of C1 and C2 channels)",
+                             ARCHITECTURES)
     activation: str = _key("relu", "the hidden layers' activation", ACTIVATIONS)
     builder: str | None = _key(None, "\"package.module:function\" building any Keras model (logits) "
                                      "instead of architecture")
@@ -148,7 +154,17 @@ class DistributeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
-    """One experiment: a name, where results go, the non-secret seed, and the sections."""
+    """One experiment: a name, where results go, the non-secret seed, and the sections. Frozen; build it
+    with `load_config` (which validates it) and change it with `config.with_overrides`.
+
+    Attributes:
+        name: run name; results go to `<output_dir>/<name>/` (`run_dir`).
+        output_dir: where run directories are created.
+        seed: seeds what is not secret (initial weights, canary images); noise and batches come from the
+            run key.
+        data, model, training, privacy, distribute: the sections, one per YAML section (see the config
+            reference for every key).
+    """
 
     name: str = _key("run", "run name: results go to <output_dir>/<name>/")
     output_dir: str = _key("results", "where run directories are created")
@@ -162,9 +178,11 @@ class ExperimentConfig:
 
     @property
     def run_dir(self) -> Path:
+        """`output_dir / name`: the run's directory."""
         return Path(self.output_dir) / self.name
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested dicts, as in the YAML file."""
         return dataclasses.asdict(self)
 
 
@@ -184,12 +202,17 @@ def reference_rows() -> list[tuple[str, Any, str, tuple | None]]:
     return rows
 
 
+JSON_SCHEMA_DIALECT = "http://json-schema.org/draft-07/schema#"  # what editors' YAML support implements
+
+
 def json_schema() -> dict[str, Any]:
-    """A JSON Schema (draft 2020-12) of the YAML file, for editors: pydantic's schema of the dataclasses,
-    with each key's help as its description, closed choices as enums and unknown keys refused."""
+    """A JSON Schema of the YAML file, for editors: pydantic's schema of the dataclasses, with each key's
+    help as its description, closed choices as enums and unknown keys refused. It declares draft-07 (the
+    draft VS Code's YAML extension implements) and uses only keywords draft-07 knows; its `$ref`s are
+    JSON pointers into `$defs`, which every draft resolves."""
     from pydantic import TypeAdapter
 
-    schema = TypeAdapter(ExperimentConfig).json_schema()
+    schema = {"$schema": JSON_SCHEMA_DIALECT, **TypeAdapter(ExperimentConfig).json_schema()}
     rows = {key: (help_, choices) for key, _, help_, choices in reference_rows()}
     defs = schema.get("$defs", {})
     for section, cls in [("", ExperimentConfig), *_SECTIONS.items()]:
@@ -205,3 +228,11 @@ def json_schema() -> dict[str, Any]:
                     prop["enum"] = list(choices)
     schema["title"] = "dpsgd experiment"
     return schema
+
+
+def json_schema_text() -> str:
+    """`json_schema()` as the text `dpsgd config schema` prints and docs/dpsgd-config.schema.json holds:
+    two-space indented JSON, non-ASCII characters kept (σ, ε), ending in a newline."""
+    import json
+
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"

@@ -97,7 +97,7 @@ def _validate_distribute(dist: DistributeConfig, p: PrivacyConfig, d: DataConfig
     _choice("distribute.strategy", dist.strategy, STRATEGIES)
     _choice("distribute.cluster", dist.cluster, CLUSTERS)
     devices = dist.devices
-    _check(devices is None or (isinstance(devices, list) and devices and all(
+    _check(devices is None or (isinstance(devices, list) and len(devices) > 0 and all(
         isinstance(v, str) and re.fullmatch(r"(/[\w:.-]+)*/?(device:)?(CPU|GPU|TPU):\d+", v) for v in devices)
         and len(set(devices)) == len(devices)),
         f"distribute.devices: must be null (all GPUs, else all CPUs) or a list of distinct devices such as "
@@ -123,11 +123,11 @@ def _validate_plan(plan: Any) -> None:
     model when the run starts)."""
     if plan == "auto":
         return
-    _check(isinstance(plan, dict) and plan, f"training.plan: must be auto or a mapping of layer names to "
-           f"choices, got {_describe(plan)}")
+    _check(isinstance(plan, dict) and len(plan) > 0, f"training.plan: must be auto or a mapping of layer "
+           f"names to choices, got {_describe(plan)}")
     for layer, choice in plan.items():
-        _check(isinstance(choice, dict) and choice, f"training.plan.{layer}: must be a mapping such as "
-               f"{{forward: native, grads: depthwise}}, got {_describe(choice)}")
+        _check(isinstance(choice, dict) and len(choice) > 0, f"training.plan.{layer}: must be a mapping such "
+               f"as {{forward: native, grads: depthwise}}, got {_describe(choice)}")
         for key, value in choice.items():
             _check(key in PLAN_CHOICES, f"training.plan.{layer}.{key}: unknown key; allowed here: "
                    f"{', '.join(PLAN_CHOICES)}")

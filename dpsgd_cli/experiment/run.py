@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli.config import ExperimentConfig, flatten, release_bounds, resolved_data_dir
+from dpsgd_cli.config import ExperimentConfig, flatten, release_bounds, resolve_aliases, resolved_data_dir
 from dpsgd_cli.errors import DpsgdError, RunDirError
 from dpsgd_cli.privacy.plan import PrivacyPlan, plan_privacy
 from dpsgd_cli.privacy.run_key import RunKey, load_run_key, new_run_key, save_run_key
@@ -50,6 +50,17 @@ _RELOCATABLE = ("name", "output_dir", "data.data_dir", "distribute.strategy", "d
 
 @dataclass
 class RunResult:
+    """What `run` returns; the same is on disk in `run_dir` (metrics.csv, run.yaml).
+
+    Attributes:
+        run_dir: the run's directory.
+        records: one `EpochRecord` (a mapping keyed by metrics.csv's columns: epoch, test_accuracy,
+            epsilon_rdp, epsilon_pld, …) per finished epoch. train_loss and train_accuracy are computed on
+            the private batches without noise and are not covered by ε.
+        statement: the privacy guarantee in words: ε, δ and what they assume and cover.
+        noise_multiplier: σ as trained (calibrated when the config gives a target ε); None if non-private.
+    """
+
     run_dir: Path
     records: list[EpochRecord] = field(default_factory=list)
     statement: str = ""
@@ -67,13 +78,29 @@ class RunInterrupted(KeyboardInterrupt):
 def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         on_epoch: EpochCallback | None = None, overwrite: bool = False, resume: bool = False,
         run_key: RunKey | None = None) -> RunResult:
-    """Train `cfg` and write run.key (0600), metrics.csv, run.yaml and a checkpoint per epoch under
-    `cfg.run_dir`.
+    """Train `cfg` (what `dpsgd train` does, without the terminal) and write run.key (0600), metrics.csv,
+    run.yaml and a checkpoint per epoch under `cfg.run_dir`.
 
-    `resume`: continue the unfinished run in `cfg.run_dir` from its checkpoint and run.key (`cfg` must be
-    the one it was started with: see `resume_config`). `run_key`: the key of a new run (default: a fresh
-    secret key, or the reproducible one when `privacy.reproducible` is true). Raises RunInterrupted on
-    Ctrl-C, TrainingError on a non-finite loss (the last checkpoint and metrics.csv stay as they were)."""
+    Args:
+        cfg: the experiment, from `load_config`.
+        on_step: called every few steps with a dict (epoch, step_in_epoch, steps_in_epoch, train_loss,
+            train_accuracy: the last two from the private batches, not covered by ε).
+        on_epoch: called with each epoch's `EpochRecord` once it is saved.
+        overwrite: replace an existing run directory.
+        resume: continue the unfinished run in `cfg.run_dir` from its checkpoint and run.key (`cfg` must be
+            the one it was started with: see `resume_config`).
+        run_key: the key of a new run (default: a fresh secret key, or the reproducible one when
+            `privacy.reproducible` is true).
+
+    Returns:
+        A `RunResult`: the run directory, one record per epoch, σ and the privacy statement.
+
+    Raises:
+        RunDirError: the run directory exists (without `overwrite`) or cannot be resumed.
+        ConfigError, DataError: bad input, before anything is written.
+        TrainingError: a non-finite loss (the last checkpoint and metrics.csv stay as they were).
+        RunInterrupted: Ctrl-C; the finished epochs are saved.
+    """
     dist = distribute.setup(cfg)  # first: devices and collectives are set up before TensorFlow starts
     if dist is not None and not dist.is_chief:  # only the chief writes cfg.run_dir
         cfg = distribute.worker_config(dist, cfg, resume)
@@ -110,7 +137,7 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         canaries.save_canaries(canary_set, run_dir)
     tail = len(dataset.y_train) - real_examples  # the canaries: their features are not cached
     images = dataset.x_train
-    if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features (issue 15)
+    if features.needs_features(cfg.model.architecture):  # ScatterNet: train on cached features
         dataset = features.prepare(dataset, cfg.model.architecture, uncached_tail=tail)
     dataset = augmentation.with_views(dataset, images, cfg.data.augmentation, cfg.model.architecture,
                                       uncached_tail=tail)
@@ -185,7 +212,7 @@ def _check_continues(ckpt: checkpoint.Checkpoint, cfg: ExperimentConfig, plan: P
                      fingerprint: str) -> None:
     """The checkpoint must belong to this config and these data, else resuming would not continue it."""
     where = checkpoint.path_in(cfg.run_dir)
-    stored, current = flatten(ckpt.state.get("config") or {}), flatten(cfg.to_dict())
+    stored, current = flatten(resolve_aliases(ckpt.state.get("config") or {})), flatten(cfg.to_dict())
     changed = sorted(k for k in stored.keys() | current.keys()
                      if k not in _RELOCATABLE and stored.get(k) != current.get(k))
     if changed:

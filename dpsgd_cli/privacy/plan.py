@@ -58,10 +58,13 @@ def plan_privacy(cfg: ExperimentConfig, dataset_size: int, *,
     sigma = cfg.privacy.noise_multiplier if noise_multiplier is None else noise_multiplier
     target = cfg.privacy.target_epsilon
     try:
-        if cfg.privacy.enabled and sigma is None:
-            sigma = calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total, accountant="pld",
-                                               microbatch_size=k, releases=releases)
         if cfg.privacy.enabled:
+            if sigma is None:
+                if target is None:  # load_config refuses this; a config built in code may not
+                    raise ConfigError("privacy: give exactly one of noise_multiplier or target_epsilon when "
+                                      "privacy.enabled is true")
+                sigma = calibrate_noise_multiplier(target, cfg.privacy.delta, b / n, total, accountant="pld",
+                                                   microbatch_size=k, releases=releases)
             accounting.check_args(accounting.accounting_noise_multiplier(sigma, k), b / n, cfg.privacy.delta)
     except PldTooLargeError:  # only calibration uses the PLD accountant here
         raise ConfigError(f"privacy.target_epsilon: ε = {target:g} over {total:,} steps needs so little "

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 from dpsgd_cli.errors import AccountingInputError
 from dpsgd_cli.privacy.dp_library import dp_module
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 PLD_DISCRETIZATION = 1e-4  # value_discretization_interval of the PLD (dp-accounting's default)
 PLD_TAIL_MASS = 1e-15  # mass a composition may move to infinite loss (dp-accounting's default)
@@ -59,10 +63,10 @@ class PmfPowers:
         index = np.arange(m)
         self._log_mgfs = [float(special.logsumexp(index * o, b=self.probs)) for o in self._orders]
         self._length = 0
-        self._spectrum = None
-        self._power = None
+        self._spectrum: NDArray | None = None  # set by _resize, which the first compose calls
+        self._power: NDArray | None = None
         self._count = 0
-        self._step_powers: dict[int, object] = {}
+        self._step_powers: dict[int, NDArray] = {}
 
     def bounds(self, k: int) -> tuple[int, int]:
         """Index range outside which the k-fold composition has at most `tail_mass` (Chernoff bound):
@@ -106,14 +110,17 @@ class PmfPowers:
         width = upper - lower + 1
         if width > self._length:
             self._resize(2 * width, k)
+        spectrum = self._spectrum
+        if spectrum is None:  # cannot happen: the length starts at 0, so the first call resizes
+            raise RuntimeError("PmfPowers.compose: no transform")
         if self._power is None or k < self._count:
-            self._power = self._spectrum**k
+            self._power = spectrum**k
         elif k > self._count:
             gap = k - self._count
             if gap not in self._step_powers:
                 if len(self._step_powers) >= 4:
                     self._step_powers.clear()
-                self._step_powers[gap] = self._spectrum**gap
+                self._step_powers[gap] = spectrum**gap
             self._power = self._power * self._step_powers[gap]
         self._count = k
         circular = fft.irfft(self._power, self._length)

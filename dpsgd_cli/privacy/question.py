@@ -13,7 +13,7 @@ from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli.config import SAMPLINGS
+from dpsgd_cli.config import SAMPLINGS, ExperimentConfig
 from dpsgd_cli.errors import AccountingInputError, ConfigError
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.statement import PrivacyFacts, privacy_statement
@@ -47,6 +47,9 @@ class PrivacyQuestion:
 
     @property
     def accounting_sigma(self) -> float:
+        """The σ the accountant sees (σ/2 for microbatches of more than one example)."""
+        if self.noise_multiplier is None:
+            raise ValueError("this question has no noise multiplier (dpsgd noise asks for one)")
         return accounting.accounting_noise_multiplier(self.noise_multiplier, self.microbatch_size)
 
     @property
@@ -94,6 +97,8 @@ class PrivacyQuestion:
 
     def steps_per_epoch(self) -> float:
         if self.sampling == "shuffle":
+            if self.batch_size is None or self.dataset_size is None:  # resolve_options refuses this
+                raise ValueError("shuffled batches need the batch and dataset sizes")
             return float(self.dataset_size // self.batch_size)
         return 1.0 / self.sampling_rate
 
@@ -183,7 +188,7 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
                       epochs=epochs, l2_norm_clip=None, source="options")
     if steps is not None:
         _check_positive_int("--steps", steps)
-    else:
+    elif epochs is not None:  # one of the two is given (checked above)
         if not 0 < epochs < math.inf:
             raise ConfigError(f"--epochs must be > 0 and finite, got {epochs:g}")
         if sampling == "shuffle" and not float(epochs).is_integer():
@@ -202,15 +207,22 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
 
 def resolve_config(config: Path, overrides: list[str] | None) -> PrivacyQuestion:
     """The privacy setting of an experiment file, from `privacy_plan.plan_privacy` as `dpsgd train` uses."""
-    from dpsgd_cli.config import dataset_size, load_config, release_bounds, views_per_example
+    from dpsgd_cli.config import load_config
+
+    return resolve_experiment(load_config(config, overrides), str(config))
+
+
+def resolve_experiment(cfg: ExperimentConfig, where: str = "config") -> PrivacyQuestion:
+    """The privacy setting of `cfg` (errors start with `where`, e.g. its file name), from
+    `privacy_plan.plan_privacy` as `dpsgd train` uses it."""
+    from dpsgd_cli.config import dataset_size, release_bounds, views_per_example
     from dpsgd_cli.privacy.plan import plan_privacy
 
-    cfg = load_config(config, overrides)
     p = cfg.privacy
     if not p.enabled:
-        raise ConfigError(f"{config}: privacy.enabled is false, a non-private run: there is no ε to report")
+        raise ConfigError(f"{where}: privacy.enabled is false, a non-private run: there is no ε to report")
     if p.noise_multiplier is not None and p.noise_multiplier <= 0:
-        raise ConfigError(f"{config}: privacy.noise_multiplier is {p.noise_multiplier:g}: no noise, ε = ∞")
+        raise ConfigError(f"{where}: privacy.noise_multiplier is {p.noise_multiplier:g}: no noise, ε = ∞")
     plan = plan_privacy(cfg, dataset_size(cfg))
     n = plan.dataset_size
     return PrivacyQuestion(noise_multiplier=plan.noise_multiplier, microbatch_size=plan.microbatch_size,

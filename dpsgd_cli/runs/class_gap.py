@@ -1,4 +1,4 @@
-"""Who pays for privacy (issue 15, item 6): per-class test accuracy of a DP run next to its non-private
+"""Who pays for privacy: per-class test accuracy of a DP run next to its non-private
 twin (same data, model and schedule, `privacy.enabled: false`), and what each class loses.
 
 DP-SGD is known to cost under-represented and hard classes the most (Bagdasaryan et al. 2019): clipping

@@ -136,7 +136,7 @@ def plot_runs(paths: Iterable[str | Path], out: str | Path | None = None,
     written = [save_figure(curves_figure(drawn, keys), out)]
     if per_class:
         written.append(save_figure(per_class_figure(drawn, keys), per_class_path(out)))
-    if any(r.private for r in drawn):  # accuracy vs ε with the published points (issue 15)
+    if any(r.private for r in drawn):  # accuracy vs ε with the published points
         from dpsgd_cli.runs.tradeoff import tradeoff_figure, tradeoff_path
 
         written.append(save_figure(tradeoff_figure(drawn, keys), tradeoff_path(out)))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli.config import flatten
+from dpsgd_cli.config import flatten, resolve_aliases
 from dpsgd_cli.errors import RunDirError
 from dpsgd_cli.runs.run_dir import FINISHED, RunDir
 
@@ -68,7 +68,7 @@ class RunInfo:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return flatten(self.doc.get("config") or {})
+        return flatten(resolve_aliases(self.doc.get("config") or {}))
 
     @property
     def noise_multiplier(self) -> float | None:

@@ -1,4 +1,4 @@
-"""The privacy/utility trade-off figure (issue 15): test accuracy against PLD ε, one curve per private
+"""The privacy/utility trade-off figure: test accuracy against PLD ε, one curve per private
 run (a point per epoch), with the best published DP-SGD results on the run's dataset marked.
 
 The published points are those of Tramèr & Boneh 2021 and Cheng et al. 2022 at their "ε = 3", drawn at

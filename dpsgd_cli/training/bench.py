@@ -30,7 +30,7 @@ cached by another row's allocator is reused: `peak_mb` = the peak resident memor
 compiled and run `steps` times, minus the resident memory just before (TensorFlow imported, any plan
 already made); `ratio_to_nonprivate` divides by the Keras non-private step's `peak_mb`.
 
-Device rows (`device_rows`, issue 17): the DP step (fast path, XLA off, SGD) under tf.distribute's
+Device rows (`device_rows`): the DP step (fast path, XLA off, SGD) under tf.distribute's
 MirroredStrategy with R = 1, 2, … devices (GPUs if any, else logical CPUs: `distribute.split_cpu` must
 have run before TensorFlow started), on one fixed global batch dealt into R slices; `examples_per_s` =
 batch / step_s. Logical CPUs share the same cores, so on a CPU the point is that it runs, not speed.

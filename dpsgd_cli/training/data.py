@@ -155,7 +155,7 @@ def write_validation_split(data_dir: str | Path | None, out_dir: str | Path, nam
     with the first n − validation_size training examples as its training split and the held-out ones as
     its test split, and return that folder. A run with `data.data_dir: <out_dir>` then trains and is
     accounted on the rest and evaluates on the held-out examples: tune hyper-parameters there, never on
-    the test set (issue 15)."""
+    the test set."""
     full = load_dataset(name, data_dir)
     n = len(full.y_train) - validation_size
     if not 0 < validation_size < len(full.y_train):

@@ -1,4 +1,4 @@
-"""Fixed feature maps computed once per dataset and cached on disk (ScatterNet models, issue 15).
+"""Fixed feature maps computed once per dataset and cached on disk (the ScatterNet models).
 
 A model whose architecture starts with a weightless, data-independent transform (`model.FEATURES`)
 trains on the transform's output: `prepare(dataset, architecture)` replaces the images by their features
@@ -27,8 +27,9 @@ from dpsgd_cli.errors import OutputError
 from dpsgd_cli.training.data import Dataset
 
 # architecture → the transform its input comes from
-FEATURES = {"scatter_linear": "scattering", "scatter_pointwise": "scattering", "scatter_cnn": "scattering",
-            "scatter_cnn_wide": "scattering", "scatter_cnn_wider": "scattering"}
+FEATURES = {"scatter_linear": "scattering", "scatter_pointwise": "scattering",
+            "scatter_cnn_16_32": "scattering", "scatter_cnn_32_64": "scattering",
+            "scatter_cnn_64_128": "scattering"}
 
 
 def cache_dir() -> Path:

@@ -27,7 +27,7 @@ def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: i
     Layers: Conv 16@8×8 stride 2 'same', MaxPool 2 stride 1, Conv 32@4×4 stride 2 'valid',
     MaxPool 2 stride 1, Flatten, Dense 32, Dense 10. Initialisers are seeded by `seed`.
     """
-    if architecture != "tfp_cnn" and architecture in ARCHITECTURES:  # issue 15: the best published recipes
+    if architecture != "tfp_cnn" and architecture in ARCHITECTURES:  # the models of the published recipes
         from dpsgd_cli.training.recipe_models import build_recipe_model
 
         return build_recipe_model(architecture, activation, seed, group_norm=group_norm)

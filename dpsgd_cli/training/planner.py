@@ -1,4 +1,4 @@
-"""Choose the training step's formulation by timing it on the device at hand (issue 14).
+"""Choose the training step's formulation by timing it on the device at hand.
 
 Like FFTW's planner or cuDNN's autotuner: TensorFlow's kernels are fast or slow depending on the device
 (CPU model, thread count, oneDNN, GPU) and on XLA, so which formulation of each layer is fastest is

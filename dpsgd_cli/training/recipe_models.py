@@ -1,4 +1,4 @@
-"""The models of the best published DP-SGD recipes on (Fashion-)MNIST (Tramèr & Boneh 2021, issue 15).
+"""The models of the best published DP-SGD recipes on (Fashion-)MNIST (Tramèr & Boneh 2021).
 
 * `tanh_cnn`: the end-to-end CNN of Papernot et al. 2021 / Tramèr & Boneh 2021 on 28×28 pixels: Conv
   16@8×8 stride 2 (zero padding 2), MaxPool 2 stride 1, Conv 32@4×4 stride 2, MaxPool 2 stride 1, Dense 32,
@@ -7,9 +7,9 @@
 * `scatter_pointwise`: the features → GroupNorm(27, no affine) → Conv 64@1×1 (the same small layer at every
   position of the 7×7 grid, 5 248 weights) → Dense 10 on the 7×7×64 outputs; `activation` (tanh in the
   configs). 36 618 weights, fewer than `scatter_linear`'s 39 700, but no longer linear in the features.
-* `scatter_cnn` / `scatter_cnn_wide` / `scatter_cnn_wider`: the features → GroupNorm(27, no affine) → Conv
-  c1@3×3 stride 2 'same' → Conv c2@3×3 'same' → Dense 32 → Dense 10, tanh; (c1, c2) = (16, 32), (32, 64)
-  or (64, 128).
+* `scatter_cnn_16_32` / `scatter_cnn_32_64` / `scatter_cnn_64_128`: the features → GroupNorm(27, no affine)
+  → Conv c1@3×3 stride 2 'same' → Conv c2@3×3 'same' → Dense 32 → Dense 10, tanh; the name gives (c1, c2).
+  `scatter_cnn_16_32` has the widths of Tramèr & Boneh's ScatterNet CNN for (Fashion-)MNIST.
 
 ScatterNet models take precomputed scattering features as input (`features.prepare`): the transform is
 weightless and stays outside the gradient tape. GroupNorm without γ, β normalises each example by its own
@@ -27,7 +27,7 @@ from dpsgd_cli.training.scattering import ScatteringParams
 NUM_CLASSES = 10
 GROUPS = 27  # Tramèr & Boneh's GroupNorm groups over the 81 scattering channels
 POINTWISE_WIDTH = 64  # channels of scatter_pointwise's 1×1 convolution
-WIDTHS = {"scatter_cnn": (16, 32), "scatter_cnn_wide": (32, 64), "scatter_cnn_wider": (64, 128)}
+WIDTHS = {"scatter_cnn_16_32": (16, 32), "scatter_cnn_32_64": (32, 64), "scatter_cnn_64_128": (64, 128)}
 
 
 def input_shape(architecture: str) -> tuple[int, int, int]:

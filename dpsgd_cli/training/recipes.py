@@ -1,4 +1,4 @@
-"""Training options of the large-batch recipes (issue 15): learning-rate schedule and weight averaging.
+"""Training options of the large-batch recipes: learning-rate schedule and weight averaging.
 
 Both are post-processing of the noisy gradients, so they cost no privacy: the averaged weights (an
 exponential moving average, EMA, over the steps, Polyak & Juditsky 1992; De et al. 2022) and a decaying

@@ -85,7 +85,7 @@ class Trainer:
                                dataset_size=self.n, population=len(dataset.y_train), key=key,
                                max_capacity=cfg.training.physical_batch_size)
         self.model = plain = model if model is not None else model_from_config(cfg.model, cfg.seed)
-        # tf.distribute (issue 17): R replicas each take capacity / R slots of every chunk
+        # tf.distribute: R replicas each take capacity / R slots of every chunk
         self.distribution = distribute.setup(cfg)
         replicas = self.distribution.replicas if self.distribution else 1
         if self.distribution:
