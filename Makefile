@@ -4,24 +4,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DPSGD := $(BIN)/dpsgd
 
-.PHONY: help install test test-fast lint typecheck quickstart bench bench-accounting
+.PHONY: help install test test-fast lint typecheck docs docs-check quickstart bench bench-accounting
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hypothesis, mypy)
+install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hypothesis, mypy, mkdocs)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 
-test:  ## run the test suite (what CI runs): ruff, mypy, pytest
+test:  ## run the test suite (what CI runs): ruff, mypy, a strict docs build, pytest
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	@$(MAKE) --no-print-directory docs-check
 	$(BIN)/pytest -q
 
 test-fast:  ## ruff, mypy + every test that trains no model (pytest -m "not slow"): about two minutes
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	@$(MAKE) --no-print-directory docs-check
 	$(BIN)/pytest -q -m "not slow"
 
 lint:  ## ruff
@@ -29,6 +31,17 @@ lint:  ## ruff
 
 typecheck:  ## mypy on the privacy code, the config and the public API (the files listed in pyproject.toml)
 	$(BIN)/mypy
+
+# mkdocs' --quiet hides warnings from --strict as well, so the check keeps the log and prints it on failure.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs:  ## build the documentation site into site/ (mkdocs build --strict: a broken link or anchor fails)
+	$(MKDOCS) build --strict
+
+docs-check:  ## the strict docs build into a temporary folder, quiet unless it fails (part of make test)
+	@d=$$(mktemp -d) && $(MKDOCS) build --strict -d "$$d/site" > "$$d/log" 2>&1; s=$$?; \
+	if [ $$s -ne 0 ]; then cat "$$d/log"; fi; rm -rf "$$d"; \
+	if [ $$s -ne 0 ]; then echo "docs-check: mkdocs build --strict failed"; fi; exit $$s
 
 bench:  ## step-time benchmark: non-private vs DP paths, batch 64/256/1024, XLA on/off (a few minutes)
 	$(DPSGD) bench

@@ -26,7 +26,7 @@ from dpsgd_cli.training.data import load_dataset
 from dpsgd_cli.training.model import model_from_config
 from dpsgd_cli.training.trainer import Trainer
 
-DOCS = Path(__file__).resolve().parent.parent / "README.md"  # its "Coming from TensorFlow Privacy" example
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "keras.md"  # "Migrating from TensorFlow Privacy"
 
 
 def _weights(model) -> np.ndarray:
@@ -244,14 +244,14 @@ def test_microbatches_need_shuffle_and_fit_needs_compile():
 
 def _docs_example() -> str:
     text = DOCS.read_text(encoding="utf-8")
-    block = re.search(r"## Coming from TensorFlow Privacy.*?```python\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"## Migrating from TensorFlow Privacy.*?```python\n(.*?)```", text, re.S).group(1)
     assert "EPOCHS = 60\n" in block and "TRAIN_SIZE = None" in block
     return block
 
 
 @pytest.mark.slow
-def test_readme_example_runs(data_dir, monkeypatch, capsys):
-    """The "Coming from TensorFlow Privacy" example, as written, on 2000 images for one epoch."""
+def test_docs_example_runs(data_dir, monkeypatch, capsys):
+    """docs/keras.md's "Migrating from TensorFlow Privacy" example, as written, on 2000 images, one epoch."""
     monkeypatch.setenv("DPSGD_DATA_DIR", data_dir)
     code = _docs_example().replace("EPOCHS = 60\n", "EPOCHS = 1\n").replace("TRAIN_SIZE = None",
                                                                               "TRAIN_SIZE = 2000")

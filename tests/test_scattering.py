@@ -5,7 +5,7 @@ modulus, and subsamples by keeping every 2^j-th pixel: none of the module's Four
 spectrum periodization or subsampling-by-aliasing. It shares only the filters (their spatial kernels are
 the inverse DFTs of the filter bank's spectra), which are checked separately. (Compared once with
 kymatio 0.3.0's numpy frontend under SciPy 1.16 on 8 Fashion-MNIST test images: max |difference|
-2.4e-7, features up to 0.92; see README, "The scattering transform".)
+2.4e-7, features up to 0.92; see docs/recipes.md, "The scattering transform".)
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ canaries' inclusion coins — is derived from one 128-bit key:
 Streams: the noise of step t uses the TensorFlow stateless seed (k0 XOR t, k1), where k0, k1 are the key's
 two 64-bit halves (see `noise_seed`); batches and canary coins use numpy generators seeded by the whole key
 and a stream label (`generator`). Neither TensorFlow's Philox nor numpy's PCG64 is a cryptographically
-secure generator: see README, "Threat model".
+secure generator: see docs/privacy.md, "Threat model".
 """
 
 from __future__ import annotations

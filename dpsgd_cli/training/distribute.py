@@ -225,7 +225,7 @@ def _multi_worker(tf, d) -> Distribution:
 def shared_key(dist: Distribution, key):
     """Every worker's copy of the chief's run key (one all-reduce in which only the chief contributes):
     batches and noise must be identical on every worker. The key crosses the cluster's network, like
-    the unnoised per-replica sums do: the interconnect must be trusted (README)."""
+    the unnoised per-replica sums do: the interconnect must be trusted (docs/distributed.md)."""
     if dist.workers == 1:
         return key
     import tensorflow as tf

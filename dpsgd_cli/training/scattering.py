@@ -14,7 +14,8 @@ the package is imported, and SciPy 1.17 removed that function, so `import kymati
 this project needs; pinning SciPy below 1.17 would hold back dp-accounting's dependency for one feature
 map. This module is ~100 lines of numpy, has no dependency, and is tested against a direct spatial-domain
 convolution reference (tests/test_scattering.py); on the images compared once, it matched kymatio 0.3.0
-(run in a separate environment with SciPy 1.16) to float32 round-off (README, "The scattering transform").
+(run in a separate environment with SciPy 1.16) to float32 round-off (docs/recipes.md, "The scattering
+transform").
 
 Features are channels-last: `scattering(x)` maps [N, 28, 28] or [N, 28, 28, 1] to [N, 7, 7, 81] float32.
 No parameter is learned, so the features are computed once per dataset (see `features`).
