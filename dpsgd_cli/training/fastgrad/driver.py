@@ -62,8 +62,9 @@ def _call_problem(call) -> str | None:
     if call.arguments is None:
         return None
     args, kwargs = call.arguments.args, call.arguments.kwargs
+    constants = (bool, int, float, str, type(None), np.ndarray, np.generic)
     for value in keras.tree.flatten((args, kwargs)):
-        if not isinstance(value, (keras.KerasTensor, bool, int, float, str, type(None), np.ndarray)):
+        if not isinstance(value, (keras.KerasTensor, *constants)):
             return f"an argument that is a {type(value).__name__}, not a tensor of the graph"
     if _weighted(call.op) and not (len(args) == 1 and isinstance(args[0], keras.KerasTensor)
                                    and set(kwargs) <= {"training"}):
