@@ -24,17 +24,25 @@ What `fit` does, and where each part lives (nothing here re-implements clipping,
   static graph, docs/models.md) when every layer is supported, else `tf.vectorized_map` (a warning says
   so once).
 * randomness: `run_key`. A fresh secret 128-bit key from OS entropy per DPModel, held only in memory; a
-  reproducible key only when asked (`reproducible_seed=`), for research and tests.
+  reproducible key only when asked (`reproducible_seed=`), for research and tests. A key passed as
+  `run_key=` is refused when a run directory's run.key holds it (that run drew its noise and batches from
+  it) or, secret, when another DPModel of this process trains with it; the statement then names it as
+  supplied by the caller.
 * ε: `accounting.PrivacyLedger`, one step at a time as steps are taken; `epsilon_rdp` and `epsilon_pld`
   join the epoch logs (progress bar, History, CSVLogger, TensorBoard). `target_epsilon=` stops `fit`
   before an epoch whose steps would take ε past it. `privacy_statement()` says what ε assumes and covers.
-
-`loss` and the training metrics in the logs are computed on the private batches without noise and are
-not covered by ε; validation metrics are computed from the weights and are.
+* the logs that callbacks read (and History, the progress bar) hold only what ε covers: ε and the
+  validation metrics (computed from the weights). `loss`, the compiled training metrics and
+  `nonfinite_units` are computed on the private batches without noise; a callback acting on them
+  (EarlyStopping, ReduceLROnPlateau, restore_best_weights) would make the released weights depend on
+  them. They join the logs only with `DPModel(log_train_metrics=True)`, and the statement then says so.
+* a unit whose gradient norm or loss is not finite is left out of its step (`engine.clipped_sum`) and
+  counted in `nonfinite_units`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from typing import Any
@@ -49,16 +57,23 @@ from dpsgd_cli.privacy.run_key import RunKey, new_run_key
 from dpsgd_cli.privacy.sampling import SAMPLINGS, Sampler, steps_in_epoch
 from dpsgd_cli.privacy.statement import PrivacyFacts, privacy_statement
 from dpsgd_cli.training import engine, fastgrad, planner
-from dpsgd_cli.training.model import check_dp_model
+from dpsgd_cli.training.model import check_dp_model, check_embedding_ids
 from dpsgd_cli.training.trainer import take_step
 
 __all__ = ["COVERAGE", "KEY_LOCATION", "DPModel"]
 
 KEY_LOCATION = "the memory of the Python process that trained the model, never written anywhere,"
 COVERAGE = ("It covers the model weights after every epoch and at the end, and what is computed from them "
-            "alone (validation loss and metrics); it does not cover `loss` and the training metrics of "
-            "the fit logs (progress bar, History, CSVLogger), which are computed on the private batches "
-            "without noise.")
+            "alone (validation loss and metrics); the fit logs that callbacks, History and the progress bar "
+            "read held only these and ε.")
+COVERAGE_WITH_TRAIN_METRICS = (
+    "It covers the model weights after every epoch and at the end, and what is computed from them alone "
+    "(validation loss and metrics). The fit logs also held the training loss, metrics and nonfinite_units "
+    "(log_train_metrics=True): they are computed on the private batches without noise and are not covered; "
+    "any decision a callback took on them — stopping early (EarlyStopping), changing the learning rate "
+    "(ReduceLROnPlateau), or choosing which weights to keep (restore_best_weights, "
+    "ModelCheckpoint(save_best_only=True)) — made the weights depend on them, and such weights are not "
+    "covered either.")
 _REPRODUCIBLE_LABEL = "dpsgd.keras_api"
 _MAX_DATASET_BYTES = 4 * 2**30
 _UNSUPPORTED_FIT_ARGS = {"validation_split": 0.0, "sample_weight": None, "class_weight": None,
@@ -86,9 +101,13 @@ class DPModel(keras.Model):
         target_accountant: "pld" or "rdp", the accountant `target_epsilon` is checked with.
         reproducible_seed: derive the key of the noise and the batches from this seed instead of OS
             entropy (research and tests: the ε then holds only while the seed stays secret).
-        run_key: an explicit `run_key.RunKey`, e.g. a CLI run's (not with `reproducible_seed`).
+        run_key: an explicit `run_key.RunKey` that no other training used — never a run directory's
+            run.key (refused: it would replay that run's noise and batches); not with `reproducible_seed`.
         gradient_path: "auto", "fast" or "vectorized_map", as in the CLI config.
         jit_compile: "auto", True or False, as in the CLI config.
+        log_train_metrics: put the training loss and metrics (computed on the private batches without
+            noise) into the logs callbacks read; the statement then says they, and any weights a callback
+            chose by them, are not covered. Default False: callbacks see validation metrics and ε only.
         name: the Keras name (default "dp_<model name>").
 
     Returns:
@@ -102,7 +121,8 @@ class DPModel(keras.Model):
                  num_microbatches: int | None = None, delta: float = 1e-5, sampling: str = "poisson",
                  target_epsilon: float | None = None, target_accountant: str = "pld",
                  reproducible_seed: int | None = None, run_key: RunKey | None = None,
-                 gradient_path: str = "auto", jit_compile: Any = "auto", name: str | None = None):
+                 gradient_path: str = "auto", jit_compile: Any = "auto", log_train_metrics: bool = False,
+                 name: str | None = None):
         check_dp_model(model, "DPModel(model)")
         _check(0 < l2_norm_clip < math.inf, f"l2_norm_clip: must be > 0 and finite, got {l2_norm_clip}")
         _check(0 <= noise_multiplier < math.inf, f"noise_multiplier: must be ≥ 0, got {noise_multiplier}")
@@ -131,11 +151,17 @@ class DPModel(keras.Model):
         self.target_accountant = target_accountant
         self.gradient_path_setting = gradient_path
         self.jit_compile_setting = jit_compile
+        self.log_train_metrics = bool(log_train_metrics)
+        self.nonfinite_units = 0  # units left out of their step for a non-finite gradient norm or loss
         self._reproducible_from = ("the seed passed as DPModel(reproducible_seed=…)"
                                    if reproducible_seed is not None else "the run_key given to DPModel")
+        self._key_origin = None
         if run_key is None:
             run_key = new_run_key(reproducible=reproducible_seed is not None, seed=reproducible_seed or 0,
                                   label=_REPRODUCIBLE_LABEL)
+        else:
+            _claim(run_key)
+            self._key_origin = "the run_key passed to DPModel" if run_key.mode == "secret" else None
         self._run_key = run_key
         self._plan: tuple[int, int, int] | None = None  # (n, batch_size, microbatch size) of the first fit
         self._step: tuple[Any, Any, list[Any]] | None = None  # (step_fn, chunk_fn, zeros), built by fit
@@ -187,7 +213,8 @@ class DPModel(keras.Model):
             if self._would_exceed_target(steps):
                 break
             cbs.on_epoch_begin(epoch)
-            logs = self._train_epoch(x, y, cbs)
+            train_logs = self._train_epoch(x, y, cbs)
+            logs = dict(train_logs) if self.log_train_metrics else {}
             logs.update({f"epsilon_{a}": self.epsilon(a) for a in accounting.ACCOUNTANTS})
             if validation_data is not None and (epoch + 1) % validation_freq == 0:
                 logs.update({f"val_{k}": float(v) for k, v in self._validate(
@@ -199,27 +226,31 @@ class DPModel(keras.Model):
         return self.history
 
     def _train_epoch(self, x: np.ndarray, y: np.ndarray, cbs) -> dict[str, float]:
+        """One epoch's steps; returns the training statistics (private: the logs get them only with
+        `log_train_metrics`)."""
         (step_fn, chunk_fn, zeros), ledger = self._fitted()
         self.reset_metrics()
         self.epochs_done += 1
-        loss_sum = count = 0.0
+        loss_sum = count = dropped = 0.0
         logs: dict[str, float] = {}
         for i, batch in enumerate(self._sampler.epoch(self.epochs_done)):
             if batch.step != self.steps_done:
                 raise RuntimeError(f"step numbering out of order ({batch.step} != {self.steps_done})")
             cbs.on_train_batch_begin(i)
-            step_loss, _, step_count, (logits,) = take_step(step_fn, chunk_fn, zeros, x, y, batch,
-                                                            self._run_key.noise_seed(batch.step))
-            idx, mask = batch.chunks[0]
-            self._update_metrics(y[idx], logits, mask)
+            (step_loss, _, step_count, step_dropped), (logits, kept) = take_step(
+                step_fn, chunk_fn, zeros, x, y, batch, self._run_key.noise_seed(batch.step))
+            self._update_metrics(y[batch.chunks[0][0]], logits, kept)
             self.steps_done += 1
             ledger.advance(1)  # accounted as soon as taken
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"loss is {step_loss} at step {batch.step + 1}: training diverged; "
-                                    "lower the learning rate")
-            loss_sum, count = loss_sum + step_loss, count + step_count
-            logs = {"loss": loss_sum / max(count, 1.0), **self._metric_results()}
-            cbs.on_train_batch_end(i, logs)
+            self.nonfinite_units += int(step_dropped)
+            if not math.isfinite(step_loss) or (step_count == 0 and step_dropped > 0):
+                what = f"loss is {step_loss}" if not math.isfinite(step_loss) else \
+                    "every example's gradient or loss was non-finite"
+                raise TrainingError(f"{what} at step {batch.step + 1}: training diverged; lower the "
+                                    "learning rate")
+            loss_sum, count, dropped = loss_sum + step_loss, count + step_count, dropped + step_dropped
+            logs = {"loss": loss_sum / max(count, 1.0), **self._metric_results(), "nonfinite_units": dropped}
+            cbs.on_train_batch_end(i, logs if self.log_train_metrics else {})
         return logs
 
     def _metric_results(self) -> dict[str, float]:
@@ -265,8 +296,9 @@ class DPModel(keras.Model):
             accounting_noise_multiplier=ledger.noise_multiplier, l2_norm_clip=self.l2_norm_clip,
             sampling_rate=b / n, steps=ledger.steps, delta=self.delta, sampling=self.sampling,
             microbatch_size=k, epsilon_rdp=self.epsilon("rdp"), epsilon_pld=self.epsilon("pld"),
-            source="run", randomness=self._run_key.mode, key_location=KEY_LOCATION, coverage=COVERAGE,
-            reproducible_from=self._reproducible_from)
+            source="run", randomness=self._run_key.mode, key_location=KEY_LOCATION,
+            coverage=COVERAGE_WITH_TRAIN_METRICS if self.log_train_metrics else COVERAGE,
+            reproducible_from=self._reproducible_from, key_origin=self._key_origin)
 
     def _fitted(self) -> tuple[tuple[Any, Any, list[Any]], accounting.PrivacyLedger]:
         """The compiled step and the privacy ledger that `fit` sets up; ConfigError before the first fit."""
@@ -295,6 +327,7 @@ class DPModel(keras.Model):
                    "sampling='shuffle' to DPModel, or num_microbatches=None (per-example clipping)")
         k = 1 if m is None else batch_size // m
         plan = (n, batch_size, k)
+        check_embedding_ids(self.model, x, "fit(x)")
         if self._plan is not None:
             _check(plan == self._plan, f"fit: this DPModel accounts n = {self._plan[0]} examples in batches "
                    f"of {self._plan[1]}; fit again with the same numbers, or wrap the model in a new DPModel "
@@ -331,7 +364,8 @@ class DPModel(keras.Model):
         self.reset_metrics()  # the metrics' variables now exist, outside any tf.function
 
         def update_metrics(labels, logits, mask):
-            """Keras metrics (unweighted by design) on the real examples only: padded slots dropped."""
+            """Keras metrics (unweighted by design) on the kept examples only: padded slots and the
+            examples of dropped units left out."""
             real = mask > 0
             self.compute_metrics(None, tf.boolean_mask(labels, real), tf.boolean_mask(logits, real))
             return tf.constant(0)
@@ -353,6 +387,25 @@ class DPModel(keras.Model):
         if x.dtype.kind == "f" and x.dtype != np.float32:
             x = x.astype(np.float32)
         return x, y, batch_size
+
+
+_CLAIMED_KEYS: set[str] = set()  # digests of the secret keys DPModels of this process train with
+
+
+def _claim(key: RunKey) -> None:
+    """Refuse a key a run directory already used, or a secret key another DPModel already holds: two
+    trainings with one key share their noise and batches, while each statement says the key is secret."""
+    if key.origin is not None:
+        raise ConfigError(f"run_key: this is the key in {key.origin}; that run already drew its noise and "
+                          "batches from it, and a model trained with it would share them; pass no run_key "
+                          "(a fresh secret key), or reproducible_seed= for a reproducible run")
+    if key.mode != "secret":
+        return  # reproducible: the stated research opt-in (the statement says what it depends on)
+    digest = hashlib.sha256(b"dpsgd DPModel key\0" + key.material).hexdigest()
+    if digest in _CLAIMED_KEYS:
+        raise ConfigError("run_key: another DPModel already trains with this secret key; the two would share "
+                          "their noise and batches: pass no run_key (a fresh secret key) to each model")
+    _CLAIMED_KEYS.add(digest)
 
 
 def per_example_loss_fn(loss) -> engine.LossFn:

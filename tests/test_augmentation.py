@@ -61,7 +61,7 @@ def test_views_of_one_example_are_one_clipped_unit(path, microbatch_size):
     grad_fn = fastgrad.choose_gradient_sum_fn(model, path)
     gradient_sum = engine.make_gradient_sum(model, _settings(microbatch_size=microbatch_size, clip=clip),
                                             grad_fn)
-    sums, losses, logits = gradient_sum(x, y, mask)
+    sums, losses, logits, _ = gradient_sum(x, y, mask)
     for got, want, var in zip(sums, expected, model.trainable_variables):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7, err_msg=var.path)
     # the per-example loss is the mean over the views; the logits are view 0's
@@ -89,7 +89,7 @@ def test_clipping_views_separately_would_differ():
 def test_nonprivate_views_average_the_loss():
     model = build_model(activation="relu", seed=2)
     x, y, mask = _views_batch(seed=1)
-    sums, _, _ = engine.make_gradient_sum(model, _settings(private=False))(x, y, mask)
+    sums, *_ = engine.make_gradient_sum(model, _settings(private=False))(x, y, mask)
     with tf.GradientTape() as tape:
         rows = model(tf.reshape(x, [-1, 28, 28, 1]), training=True)
         losses = tf.reshape(engine.per_example_loss(rows, tf.repeat(y, K)), [-1, K])

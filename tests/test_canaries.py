@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from scipy import stats
@@ -34,11 +32,11 @@ def test_images_come_from_the_seed_and_coins_from_the_key():
     for field in ("x", "y", "included", "source_index"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     other_key = canaries.make_canaries(data.x_train, data.y_train, 200, 3, _key(2))
-    np.testing.assert_array_equal(a.source_index, other_key.source_index)  # the seed is not secret
+    np.testing.assert_array_equal(a.x, other_key.x)  # the seed is not secret
     np.testing.assert_array_equal(a.y, other_key.y)
     assert not np.array_equal(a.included, other_key.included)  # the coins are
     other_seed = canaries.make_canaries(data.x_train, data.y_train, 200, 4, _key(1))
-    assert not np.array_equal(a.source_index, other_seed.source_index)
+    assert not np.array_equal(a.x, other_seed.x)
 
 
 def test_coins_of_secret_keys_cannot_be_recomputed_from_the_seed():
@@ -59,16 +57,22 @@ def test_inclusion_rate_is_one_half():
     assert abs(included.mean() - 0.5) < 0.02
 
 
-def test_canaries_are_mislabelled_copies_of_distinct_training_images():
-    data = _dataset()
+def test_canaries_are_synthetic_never_copies_of_a_training_record():
+    """An included canary that copied a training image would give that person a second record (twice the
+    influence the accountant assumes): canary images are synthetic, drawn from the seed, and equal no
+    training or test image; their labels are uniform over the classes."""
+    data = _dataset(n=2000)
+    data.x_train[:300] = np.round(data.x_train[:300] * 255) / 255  # pixel values as the IDX loader gives
     c = canaries.make_canaries(data.x_train, data.y_train, 300, 0, _key())
-    assert c.m == 300 and len(np.unique(c.source_index)) == 300
-    np.testing.assert_array_equal(c.x, data.x_train[c.source_index])
-    assert np.all(c.y != data.y_train[c.source_index])
-    assert c.y.dtype == np.int32 and c.y.min() >= 0 and c.y.max() <= 9
-    # the wrong label is uniform over the other nine classes
-    shift = (c.y - data.y_train[c.source_index]) % 10
-    assert set(np.unique(shift)) <= set(range(1, 10))
+    assert c.m == 300 and c.x.shape == (300, 28, 28, 1) and c.x.dtype == np.float32
+    assert c.x.min() >= 0.0 and c.x.max() <= 1.0
+    records = np.concatenate([data.x_train, data.x_test]).reshape(-1, 28 * 28)
+    for image in c.x.reshape(300, -1):
+        assert np.abs(records - image).max(axis=1).min() > 0.1, "a canary equals a record"
+    assert len({image.tobytes() for image in c.x}) == 300  # distinct from each other too
+    assert c.y.dtype == np.int32 and set(np.unique(c.y)) == set(range(10))
+    assert stats.chisquare(np.bincount(c.y, minlength=10)).pvalue > 1e-4
+    assert np.all(c.source_index == -1)  # no source record
 
 
 def test_add_canaries_appends_exactly_the_included_ones_and_keeps_the_real_data():
@@ -97,9 +101,7 @@ def test_saved_file_round_trips(tmp_path):
     path = canaries.save_canaries(c, tmp_path)
     assert path == tmp_path / canaries.CANARY_FILE
     assert [p.name for p in tmp_path.iterdir()] == [canaries.CANARY_FILE]  # no temporary file left
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert path.stat().st_mode & 0o777 == 0o600  # the secret coins: owner only, like run.key
     back = canaries.load_canaries(tmp_path)
     for field in ("x", "y", "included", "source_index"):
         np.testing.assert_array_equal(getattr(back, field), getattr(c, field))

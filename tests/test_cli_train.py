@@ -3,6 +3,7 @@ Ctrl-C. Run directories for the refusal tests are made by hand (`make_run_dir`),
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,34 @@ def test_diverging_run_is_one_line_exit_1(data_dir, tmp_path):
     assert yaml.safe_load((tmp_path / "nan" / "run.yaml").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", ["auto", "{conv1: {grads: ghost}, conv2: {grads: ghost}}"])
+def test_one_overflowing_example_is_dropped_and_counted_not_a_failed_run(data_dir, tmp_path, monkeypatch,
+                                                                         plan):
+    """One training image of 1e38 overflows float32 in the first convolution: its unit is left out of
+    every step (batch = the whole set, so every step samples it) and counted in train_nonfinite_units;
+    the run finishes with finite weights and test metrics instead of failing on a NaN (with the default
+    formulation, and with Gram-matrix norms, where 0·∞ poisoned the sum)."""
+    from dpsgd_cli.experiment import run as run_module
+    from dpsgd_cli.training.data import load_dataset
+
+    def with_one_huge_image(*args, **kwargs):
+        data = load_dataset(*args, **kwargs)
+        x = data.x_train.copy()
+        x[5] = 1e38
+        return dataclasses.replace(data, x_train=x)
+
+    monkeypatch.setattr(run_module, "load_dataset", with_one_huge_image)
+    args = [*_tiny_args(data_dir, tmp_path, "huge"), "--set", "data.batch_size=256", "--set",
+            f"training.plan={plan}"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(tmp_path / "huge" / "metrics.csv")
+    assert metrics["train_nonfinite_units"].tolist() == [1.0, 1.0]  # one step per epoch, each drops it
+    assert np.isfinite(metrics[["train_loss", "train_accuracy", "test_loss", "test_accuracy"]]).all().all()
+    assert checkpoint.load(tmp_path / "huge").epochs_done == 2
+
+
 # ------------------------------------------------------------------------------------------------
 # The secret run key
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +299,7 @@ def test_the_key_is_only_in_its_0600_file_and_never_printed(data_dir, tmp_path):
             assert needle not in path.read_bytes(), (path, needle[:4])
         assert all(needle.decode("latin-1") not in text for text in outputs)
     said = " ".join(result.output.split())
-    assert "secret 128-bit key" in said and "does not cover train_loss" in said
+    assert "secret 128-bit key" in said and "train_loss" in said
+    assert "does not cover what is computed from the private data" in said
     published = sorted(p.name for p in (tmp_path / "published").iterdir())
     assert not {KEY_FILE, "checkpoint.ckpt", "canaries.npz"} & set(published)

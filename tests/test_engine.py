@@ -236,3 +236,47 @@ def test_passes_give_the_sums_losses_and_logits_of_one_pass(path, microbatch_siz
     engine.chunked_gradient_sum(lambda m, xs, *a, **k: seen.append(xs.shape[0]) or fn(m, xs, *a, **k), 5)(
         model, x, y, mask, 0.5, microbatch_size)
     assert seen == ([5, 5, 2] if microbatch_size == 1 else [6, 6])
+
+
+def _clipped_reference(model, x, y, clip, microbatch_size, drop_unit):
+    """Σ over the units but `drop_unit` of the loop gradients clipped to `clip` (float64)."""
+    keep = np.ones(len(y), bool)
+    keep[drop_unit * microbatch_size:(drop_unit + 1) * microbatch_size] = False
+    rows = _loop_gradients(model, tf.boolean_mask(x, keep), tf.boolean_mask(y, keep), microbatch_size)
+    rows = rows.astype(np.float64)
+    norms = np.linalg.norm(rows, axis=1)
+    return (rows * np.minimum(1.0, clip / norms)[:, None]).sum(axis=0)
+
+
+NON_FINITE_BACKENDS = {
+    "vectorized_map": engine.vmap_clipped_gradient_sum,
+    "fast-materialize": lambda *a, **k: fastgrad._clipped_sum(*a, strategy="materialize", **k),
+    "fast-ghost": lambda *a, **k: fastgrad._clipped_sum(*a, strategy="ghost", **k),
+    "fast-depthwise": lambda *a, **k: fastgrad._clipped_sum(
+        *a, formulation={"conv1": {"forward": "native", "grads": "depthwise"}}, **k),
+}
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 2])
+@pytest.mark.parametrize("backend", sorted(NON_FINITE_BACKENDS))
+def test_a_non_finite_unit_is_dropped_and_counted_instead_of_poisoning_the_sum(backend, microbatch_size):
+    """One example whose input is 1e38 overflows float32 (its gradient norm is ∞ or NaN, and 0·∞ = NaN):
+    its unit's terms are left out entirely, the sum is the clipped sum of the other units (a GradientTape
+    loop without it), and `kept` marks its examples 0 so the step counts them."""
+    model = build_model(seed=2)  # relu: the 1e38 image overflows the first convolution
+    x, y = _batch(12, seed=4)
+    x = tf.tensor_scatter_nd_update(x, [[3]], tf.fill([1, 28, 28, 1], 1e38))
+    mask = tf.constant([1.0] * 10 + [0.0] * 2) if microbatch_size == 1 else tf.ones([12])
+    clip = 0.5
+    sums, losses, logits, kept = NON_FINITE_BACKENDS[backend](model, x, y, mask, clip, microbatch_size)
+    flat = np.concatenate([s.numpy().ravel() for s in sums])
+    assert np.isfinite(flat).all()
+    dropped_unit = 3 // microbatch_size
+    real = np.asarray(mask).astype(bool)
+    keep = real.copy()
+    keep[dropped_unit * microbatch_size:(dropped_unit + 1) * microbatch_size] = False
+    np.testing.assert_array_equal(kept.numpy(), keep.astype(np.float32))
+    units = 10 // microbatch_size if microbatch_size == 1 else 12 // microbatch_size
+    reference = _clipped_reference(model, x[:units * microbatch_size], y[:units * microbatch_size], clip,
+                                   microbatch_size, dropped_unit)
+    np.testing.assert_allclose(flat, reference, rtol=1e-4, atol=1e-6)

@@ -73,8 +73,8 @@ def test_fast_path_matches_vmap_and_loop(model, k):
         norms = {s: fastgrad.per_unit_norms(model, x, y, k, strategy=s) for s in ("ghost", "materialize")}
         return out, norms, engine.vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, k)
 
-    out, norms, (vmap_sums, vmap_losses, vmap_logits) = _compiled(all_paths, jit=False)(x, y, mask)
-    for strategy, (sums, losses, logits) in out.items():
+    out, norms, (vmap_sums, vmap_losses, vmap_logits, _) = _compiled(all_paths, jit=False)(x, y, mask)
+    for strategy, (sums, losses, logits, _) in out.items():
         _assert_sums_close(sums, vmap_sums, model.trainable_variables, f"{strategy} vs vmap")
         _assert_sums_close(sums, ref_sums, model.trainable_variables, f"{strategy} vs loop")
         np.testing.assert_allclose(losses, vmap_losses, rtol=RTOL, atol=ATOL)
@@ -90,7 +90,7 @@ def test_fast_path_under_xla_matches_loop(activation, k):
     x, y, mask = _batch(seed=5)
     l2_norm_clip, _, ref_sums = _clip_between_norms(model, x, y, mask, k)
     fast = _compiled(lambda *a: fastgrad.fast_clipped_gradient_sum(model, *a, l2_norm_clip, k), jit=True)
-    sums, losses, _ = fast(x, y, mask)
+    sums, losses, *_ = fast(x, y, mask)
     _assert_sums_close(sums, ref_sums, model.trainable_variables, "xla fast vs loop")
     vmap_losses = engine.vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, k)[1]
     np.testing.assert_allclose(losses, vmap_losses, rtol=RTOL, atol=ATOL)
@@ -198,7 +198,7 @@ def test_train_step_without_noise_or_clipping_is_plain_sgd(jit):
     grad_sum_fn = fastgrad.choose_gradient_sum_fn(model, "fast")
     step, _ = engine.make_train_step(model, optimizer, settings, grad_sum_fn)
     zeros = [tf.zeros_like(v) for v in model.trainable_variables]
-    loss_sum, _, count = step(x, y, mask, zeros, tf.constant([7, 0], tf.int64))
+    loss_sum, _, count, _ = step(x, y, mask, zeros, tf.constant([7, 0], tf.int64))
     assert float(count) == BATCH
     np.testing.assert_allclose(float(loss_sum) / BATCH, float(loss), rtol=RTOL)
     for v, e in zip(model.trainable_variables, expected):
@@ -244,7 +244,7 @@ def test_every_formulation_matches_the_loop(model, k):
 
     ref_losses = engine.per_example_loss(model(x), y)
     results = _compiled(all_formulations, jit=False)(x, y, mask)
-    for f, ((sums, losses, _), norms) in zip(formulations, results):
+    for f, ((sums, losses, *_), norms) in zip(formulations, results):
         _assert_sums_close(sums, ref_sums, model.trainable_variables, f"{f} vs loop")
         np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL, err_msg=str(f))
         np.testing.assert_allclose(losses, ref_losses, rtol=RTOL, atol=ATOL)
@@ -460,3 +460,92 @@ def test_embedding_per_example_gradients_equal_the_loop(k, pool):
     sums, norms = _compiled(fast, jit=False)(x, y, mask)
     _assert_sums_close(sums, ref_sums, model.trainable_variables, "embedding")
     np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["per_example", "microbatch2"])
+def test_embedding_ids_outside_the_vocabulary_drop_their_unit_and_reach_no_other(k):
+    """On a GPU tf.gather returns zeros for an id outside [0, vocab) instead of failing, and the rule's
+    pair = unit·vocab + id would then alias another unit's row: one example would change another's clip
+    factor. The rule must catch such ids itself — here on CPU, where TensorFlow's own gather would raise —
+    drop their unit (counted as not kept) and leave the sum of the other units as the loop gives it."""
+    vocab = 9
+    model = keras.Sequential([keras.Input(shape=(7,), dtype="int32"), keras.layers.Embedding(vocab, 4),
+                              keras.layers.Dense(5, activation="tanh"), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, vocab, (12, 7)).astype(np.int32)
+    ids[2, 3] = vocab + ids[4, 0]  # unit·vocab + id lands on a pair of a later unit
+    ids[7, 0] = -1
+    y = tf.constant(rng.integers(0, 3, 12), dtype=tf.int32)
+    mask = tf.ones([12])
+    bad_units = sorted({2 // k, 7 // k})
+    good = np.array([u // k not in bad_units for u in range(12)])
+    x_good, y_good = tf.constant(ids[good]), tf.boolean_mask(y, good)
+    l2_norm_clip, _, ref_sums = _clip_between_norms(model, x_good, y_good, tf.ones([int(good.sum())]), k)
+    fast = _compiled(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(model, x, y, m, l2_norm_clip, k),
+                     jit=False)
+    sums, _, _, kept = fast(tf.constant(ids), y, mask)
+    np.testing.assert_array_equal(kept.numpy(), good.astype(np.float32))
+    _assert_sums_close(sums, ref_sums, model.trainable_variables, "embedding with out-of-range ids")
+
+
+def _near_cancelling(kind: str, n: int = 16):
+    """A model and a batch whose per-unit kernel gradient Σ_t a_t d_tᵀ nearly cancels: the layer's input
+    rows come in near-opposite pairs (a, −a + δ with ‖a‖ ≈ 10⁵‖δ‖) and average pooling gives every
+    position the same output-gradient d, so the gradient is Σδ·dᵀ, tiny against its terms. A Dense layer on
+    2-row sequences, or a 1×1 convolution on 4×4 images (half the pixels +v, half −v + δ), without biases
+    and before a frozen output layer, so the unit's whole gradient is the cancelling one."""
+    rng = np.random.default_rng(11)
+    keras.utils.set_random_seed(11)
+    if kind == "dense":
+        a = rng.normal(size=(n, 1, 64)) * 1e3
+        x = np.concatenate([a, -a + rng.normal(size=(n, 1, 64)) * 1e-2], axis=1)
+        layers = [keras.Input((2, 64)), keras.layers.Dense(16, use_bias=False, name="seq"),
+                  keras.layers.GlobalAveragePooling1D()]
+    else:
+        v = rng.normal(size=(n, 8)) * 1e3
+        x = np.concatenate([v, -v + rng.normal(size=(n, 8)) * 1e-2], axis=1).reshape(n, 4, 4, 1)
+        layers = [keras.Input((4, 4, 1)), keras.layers.Conv2D(8, 1, use_bias=False, name="conv"),
+                  keras.layers.GlobalAveragePooling2D()]
+    logits = keras.layers.Dense(3, use_bias=False, name="logits")
+    model = keras.Sequential([*layers, logits])
+    logits.trainable = False  # the unit's gradient is the cancelling one alone
+    return model, tf.constant(x, tf.float32), tf.constant(rng.integers(0, 3, n), tf.int32)
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["per_example", "microbatch2"])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_every_clipped_contribution_stays_within_c_on_near_cancelling_gradients(kind, k):
+    """The norm each formulation computes must bound the gradient it actually sums: for every formulation
+    the planner can choose, every unit's clipped contribution (the backend's weighted sum with only that
+    unit's weight, its norm taken in float64) is at most C·(1 + 1e-6). Gram-matrix norms summed in float32
+    lose the cancelling gradient (a computed norm far below the true one: the unit escapes clipping)."""
+    model, x, y = _near_cancelling(kind)
+    units, mask = x.shape[0] // k, tf.ones([x.shape[0]])
+    for formulation in [None, *_formulations(model)]:
+        sq, weighted_sum, losses, _ = fastgrad.unit_terms(model, x, y, k, formulation=formulation)
+
+        def contribution_norm(u, weights, weighted_sum=weighted_sum):
+            one = tf.one_hot(u, units) * weights
+            return np.sqrt(sum(np.sum(t.numpy().astype(np.float64) ** 2) for t in weighted_sum(one)))
+
+        plain = [contribution_norm(u, tf.ones([units])) for u in range(units)]
+        clip = 0.5 * float(np.median(plain))  # most units are clipped
+        weights, _ = engine.clip_weights(sq, losses, mask, clip, k)
+        worst = max(contribution_norm(u, weights) for u in range(units)) / clip
+        assert worst <= 1 + 1e-6, (formulation, worst)
+
+
+@pytest.mark.parametrize("frozen", ["first", "last"])
+def test_a_frozen_weight_layer_adds_nothing_to_the_norms(frozen):
+    """Only trainable variables are clipped and summed: a layer with trainable=False must not count in a
+    unit's norm (it would clip the others too hard, unlike the GradientTape loop and tf.vectorized_map)."""
+    x, y, mask = _sequence_batch()
+    model = keras.Sequential([keras.Input((5, 6)), keras.layers.Dense(4, activation="tanh", name="first"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, name="last")])
+    model.get_layer(frozen).trainable = False
+    l2_norm_clip, ref_norms, ref_sums = _clip_between_norms(model, x, y, mask, 1)
+    norms = fastgrad.per_unit_norms(model, x, y)
+    np.testing.assert_allclose(norms, ref_norms, rtol=RTOL, atol=ATOL)
+    sums = fastgrad.fast_clipped_gradient_sum(model, x, y, mask, l2_norm_clip)[0]
+    _assert_sums_close(sums, ref_sums, model.trainable_variables, f"{frozen} frozen")

@@ -259,7 +259,7 @@ def test_first_layers_of_a_graph_and_the_planner_options():
     options = dict(planner._layer_options(model, private=True))
     assert "conv_branch" in options and "mix" in options
     assert planner.validate_formulation(model, {"conv_branch": {"forward": "native", "grads": "ghost"}}, True)
-    shapes = planner._shapes(model, 5)
+    shapes = planner.layer_shapes(model, 5)
     assert shapes["conv_branch"] == (5, *SHAPE) and shapes["mix"] == (5, 6)
 
 

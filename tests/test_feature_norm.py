@@ -27,7 +27,8 @@ def _features(n=200, seed=0):
 
 def test_without_noise_or_clipping_the_release_is_the_exact_statistics():
     x = _features()
-    mean, var = feature_norm.private_statistics(x, 1e9, 1e9, (0.0, 0.0), np.random.default_rng(0))
+    mean, var = feature_norm.private_statistics(x, 1e9, 1e9, (0.0, 0.0), np.random.default_rng(0),
+                                                dataset_size=len(x))
     flat = x.reshape(len(x), -1, 81).astype(np.float64)
     np.testing.assert_allclose(mean, flat.mean(axis=(0, 1)), rtol=1e-10)
     np.testing.assert_allclose(var, flat.var(axis=(0, 1)), rtol=1e-6, atol=1e-12)
@@ -48,20 +49,44 @@ def test_one_example_moves_each_sum_by_at_most_its_bound():
 def test_release_noise_has_the_stated_scale_and_comes_from_the_key():
     x = _features(n=50)
     sigma, bound = 8.0, 0.3
-    exact, _ = feature_norm.private_statistics(x, bound, 0.15, (0.0, 0.0), np.random.default_rng(0))
+    exact, _ = feature_norm.private_statistics(x, bound, 0.15, (0.0, 0.0), np.random.default_rng(0),
+                                              dataset_size=len(x))
     draws = np.stack([feature_norm.private_statistics(x, bound, 0.15, (sigma, sigma),
-                                                      np.random.default_rng(i))[0] for i in range(400)])
+                                                      np.random.default_rng(i), dataset_size=len(x))[0]
+                      for i in range(400)])
     errors = (draws - exact).ravel()  # 400 × 81 draws of N(0, (σ·C/n)²)
     assert np.std(errors) == pytest.approx(sigma * bound / len(x), rel=0.03)
     assert abs(np.mean(errors)) < 4 * sigma * bound / len(x) / np.sqrt(errors.size)
     data = Dataset("mnist", x, np.zeros(50, np.int32), x[:5], np.zeros(5, np.int32))
     key = new_run_key(reproducible=False, seed=0)
-    first, stats = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), key)
-    again, same = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), key)  # a resumed run: the same
+    first, stats = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), key, dataset_size=50)
+    # a resumed run: the same
+    again, same = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), key, dataset_size=50)
     other_key = new_run_key(reproducible=False, seed=0)
-    other = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), other_key)[1]
+    other = feature_norm.apply(data, (bound, 0.15), (sigma, sigma), other_key, dataset_size=50)[1]
     assert stats == same and stats["mean"] != other["mean"]
     np.testing.assert_array_equal(first.x_test, again.x_test)
+
+
+def test_the_release_divides_by_the_public_dataset_size_not_the_realised_one():
+    """n of the release is the public n of q = B/n (real examples + all m canaries), never len(x_train),
+    which counts the included canaries: their number is secret. An included canary whose features are 0
+    adds nothing to the clipped sums, so with the same public n the release must not change; and without
+    noise the released mean is Σ clipped per-channel means / public n exactly."""
+    x = _features(n=120, seed=3)
+    public_n = 121  # 120 real examples + one canary, included or not
+    key = new_run_key(reproducible=True, seed=1)
+    without = Dataset("mnist", x, np.zeros(120, np.int32), x[:5], np.zeros(5, np.int32))
+    grown = np.concatenate([x, np.zeros_like(x[:1])])
+    with_canary = Dataset("mnist", grown, np.zeros(121, np.int32), x[:5], np.zeros(5, np.int32))
+    bounds, sigmas = (0.3, 0.15), (8.0, 8.0)
+    _, excluded = feature_norm.apply(without, bounds, sigmas, key, dataset_size=public_n)
+    _, included = feature_norm.apply(with_canary, bounds, sigmas, key, dataset_size=public_n)
+    np.testing.assert_allclose(included["mean"], excluded["mean"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(included["variance"], excluded["variance"], rtol=1e-6, atol=1e-9)
+    _, exact = feature_norm.apply(without, bounds, (), key, dataset_size=public_n)
+    means, _ = feature_norm.channel_moments(x)
+    np.testing.assert_allclose(exact["mean"], feature_norm.clipped_sum(means, 0.3) / public_n, rtol=1e-6)
 
 
 def _uneven_channels(n=20000, seed=0):
@@ -79,7 +104,8 @@ def _scale_errors(data, bounds, releases, runs=5):
                     + feature_norm.EPSILON)
     errors = []
     for _ in range(runs):
-        _, stats = feature_norm.apply(data, bounds, releases, new_run_key(reproducible=False, seed=0))
+        _, stats = feature_norm.apply(data, bounds, releases, new_run_key(reproducible=False, seed=0),
+                                      dataset_size=len(data.y_train))
         released = np.sqrt(np.float64(stats["variance"]) + feature_norm.EPSILON)
         errors.append(np.max(np.abs(released / exact - 1)))
     return np.array(errors)
@@ -99,16 +125,17 @@ def test_refinement_without_noise_is_exact_and_publishes_what_the_model_sees():
     data = _uneven_channels(n=500)
     flat = data.x_train.reshape(500, -1, 81).astype(np.float64)
     key = new_run_key(reproducible=False, seed=0)
-    out, stats = feature_norm.apply(data, (1e9, 1e9, 1e9, 1e9), (), key)
+    out, stats = feature_norm.apply(data, (1e9, 1e9, 1e9, 1e9), (), key, dataset_size=500)
     np.testing.assert_allclose(stats["mean"], flat.mean(axis=(0, 1)), rtol=1e-5)
     np.testing.assert_allclose(stats["variance"], flat.var(axis=(0, 1)), rtol=1e-4)
-    noisy, released = feature_norm.apply(data, (0.3, 0.15, 9.0, 18.0), (16.0, 16.0, 8.0, 8.0), key)
+    noisy, released = feature_norm.apply(data, (0.3, 0.15, 9.0, 18.0), (16.0, 16.0, 8.0, 8.0), key,
+                                          dataset_size=500)
     np.testing.assert_allclose(noisy.x_train, feature_norm.normalize(
         data.x_train, np.float32(released["mean"]), np.float32(released["variance"])), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="2 bounds per stage"):
-        feature_norm.apply(data, (0.3, 0.15, 9.0), (), key)
+        feature_norm.apply(data, (0.3, 0.15, 9.0), (), key, dataset_size=500)
     with pytest.raises(ValueError, match="one noise multiplier per bound"):
-        feature_norm.apply(data, (0.3, 0.15, 9.0, 18.0), (8.0, 8.0), key)
+        feature_norm.apply(data, (0.3, 0.15, 9.0, 18.0), (8.0, 8.0), key, dataset_size=500)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])

@@ -20,7 +20,7 @@ from dpsgd_cli.config import load_config
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.keras_api import DPModel
 from dpsgd_cli.privacy.plan import plan_privacy
-from dpsgd_cli.privacy.run_key import new_run_key
+from dpsgd_cli.privacy.run_key import load_run_key, new_run_key, save_run_key
 from dpsgd_cli.training import engine
 from dpsgd_cli.training.data import load_dataset
 from dpsgd_cli.training.model import model_from_config
@@ -64,7 +64,7 @@ def test_fit_equals_the_cli_trainer_with_the_same_config_and_key(data_dir, sampl
 
     model = model_from_config(cfg.model, cfg.seed)
     dp_model = DPModel(model, l2_norm_clip=0.8, noise_multiplier=1.1, num_microbatches=microbatches,
-                       sampling=sampling, run_key=key)
+                       sampling=sampling, run_key=key, log_train_metrics=True)
     dp_model.compile(optimizer=engine.make_optimizer("momentum", 0.05, 0.9), loss=_sparse_ce(),
                      metrics=["accuracy"])
     with warnings.catch_warnings():
@@ -152,10 +152,10 @@ def test_epsilon_in_the_epoch_logs_equals_dp_accounting_and_reaches_csv_logger(t
         expected = [_library_epsilon(sigma, b / n, steps, delta, accountant) for steps in (10, 20)]
         np.testing.assert_allclose(logged, expected, rtol=1e-6)
         np.testing.assert_allclose(pd.read_csv(csv)[f"epsilon_{accountant}"], expected, rtol=1e-6)
-    assert {"loss", "accuracy"} <= set(history.history)
+    assert not {"loss", "accuracy"} & set(history.history)  # un-noised: not in the logs by default
     statement = dp_model.privacy_statement()
     assert "for 20 steps" in statement and "q = 0.1" in statement and "secret 128-bit key" in statement
-    assert "memory of the Python process" in statement and "not cover `loss`" in statement
+    assert "memory of the Python process" in statement and "held only these and ε" in statement
 
 
 @pytest.mark.slow
@@ -170,7 +170,7 @@ def test_target_epsilon_stops_before_the_epoch_that_would_exceed_it():
     dp_model.compile(optimizer="sgd", loss=_sparse_ce())
     with pytest.warns(UserWarning, match="stopped before epoch 2"):
         history = dp_model.fit(x, y, epochs=5, batch_size=b, verbose=0)
-    assert len(history.history["loss"]) == 1 and dp_model.steps_done == 10
+    assert len(history.history["epsilon_pld"]) == 1 and dp_model.steps_done == 10
     assert dp_model.epsilon("pld") == pytest.approx(after_one, rel=1e-6) and after_one <= target
     with pytest.warns(UserWarning, match="stopped before epoch 2"):  # a second fit takes no step either
         dp_model.fit(x, y, epochs=1, batch_size=b, verbose=0)
@@ -331,6 +331,90 @@ def test_a_functional_model_fits_on_the_fast_path_and_equals_a_tape_loop():
         np.testing.assert_allclose(got.numpy(), w - (s + z.numpy()) / n, rtol=1e-5, atol=1e-6)
 
 
+class _LogKeys(keras.callbacks.Callback):
+    """Records the keys of every log a callback is handed."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen |= set(logs or {})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen |= set(logs or {})
+
+    def on_train_end(self, logs=None):
+        self.seen |= set(logs or {})
+
+
+@pytest.mark.slow
+def test_callbacks_see_only_covered_values_unless_training_metrics_are_asked_for():
+    """By default the fit logs (callbacks, History, progress bar) hold ε and validation metrics only: the
+    training loss and metrics, computed on the private batches without noise, could otherwise drive early
+    stopping or a learning-rate change, and the released weights would depend on them."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(64, 6)).astype(np.float32), rng.integers(0, 3, size=64).astype(np.int32)
+    seen = {}
+    for asked in (False, True):
+        dp_model = DPModel(_small_model(seed=1), l2_norm_clip=1.0, noise_multiplier=1.0,
+                           log_train_metrics=asked)
+        dp_model.compile(optimizer="sgd", loss=_sparse_ce(), metrics=["accuracy"])
+        keys = _LogKeys()
+        history = dp_model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[keys],
+                               validation_data=(x[:16], y[:16]))
+        seen[asked] = (keys.seen, set(history.history), dp_model.privacy_statement())
+    logs, history_keys, statement = seen[False]
+    assert logs == history_keys == {"epsilon_rdp", "epsilon_pld", "val_loss", "val_accuracy"}
+    assert "log_train_metrics" not in statement
+    logs, history_keys, statement = seen[True]
+    assert {"loss", "accuracy", "nonfinite_units"} <= logs and {"loss", "accuracy"} <= history_keys
+    for words in ("log_train_metrics=True", "not covered", "EarlyStopping", "ReduceLROnPlateau",
+                  "restore_best_weights"):
+        assert words in statement, words
+
+
+@pytest.mark.slow
+def test_one_overflowing_example_is_dropped_from_the_step_and_counted():
+    """x[5] = 1e38 overflows float32 (its logits, loss and gradient are NaN). With q = 1 and SGD at
+    rate 1, the update must be (Σ_{i≠5} clip(g_i) from a GradientTape loop + the key's noise) / B: the
+    example is left out, nothing else changes, and `nonfinite_units` counts it."""
+    n, sigma, clip = 16, 0.5, 0.1
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 32)).astype(np.float32)
+    x[5] = 1e38
+    y = rng.integers(0, 3, size=n).astype(np.int32)
+
+    def relu_model():
+        keras.utils.set_random_seed(4)
+        wide = keras.initializers.RandomNormal(stddev=1.0, seed=4)  # 1e38·Σw overflows to ±∞, then NaN
+        return keras.Sequential([keras.Input((32,)), keras.layers.Dense(8, "relu", kernel_initializer=wide),
+                                 keras.layers.Dense(3)])
+
+    model = relu_model()
+    before = [v.numpy() for v in model.trainable_variables]
+    loop_sum = [np.zeros_like(w, dtype=np.float64) for w in before]
+    for i in range(n):
+        with tf.GradientTape() as tape:
+            loss = _sparse_ce()(y[i:i + 1], model(x[i:i + 1], training=True))
+        grads = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+        if i == 5:  # the example really overflows: its squared norm is not a float32 number
+            with np.errstate(over="ignore", invalid="ignore"):
+                assert not np.isfinite(sum(np.square(g).sum(dtype=np.float32) for g in grads))
+            continue
+        grads = [g.astype(np.float64) for g in grads]
+        norm = np.sqrt(sum((g ** 2).sum() for g in grads))
+        loop_sum = [s + g * min(1.0, clip / norm) for s, g in zip(loop_sum, grads)]
+    key = new_run_key(reproducible=True, seed=6, label="overflow")
+    dp_model = DPModel(model, l2_norm_clip=clip, noise_multiplier=sigma, run_key=key)
+    dp_model.compile(optimizer=keras.optimizers.SGD(1.0), loss=_sparse_ce())
+    dp_model.fit(x, y, epochs=1, batch_size=n, verbose=0)
+    assert dp_model.nonfinite_units == 1
+    noise = engine.gaussian_noise(model.trainable_variables, sigma * clip, key.noise_seed(0))
+    for got, w, s, z in zip(model.trainable_variables, before, loop_sum, noise):
+        np.testing.assert_allclose(got.numpy(), w - (s + z.numpy()) / n, rtol=1e-5, atol=1e-6)
+
+
 def test_an_unsupported_functional_model_says_so_once_and_uses_vectorized_map():
     model = _residual_model(seed=5, extra=keras.layers.UnitNormalization(name="unit"))
     dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0)
@@ -365,3 +449,38 @@ def test_a_subclassed_model_with_a_static_graph_fits_on_the_fast_path():
                      epochs=1, batch_size=16, verbose=0)
     assert not [w for w in caught if "vectorized_map" in str(w.message)]
     assert dp_model.gradient_path == "fast" and not np.allclose(_weights(model), before)
+
+
+def test_a_key_a_run_directory_used_or_another_model_holds_is_refused(tmp_path):
+    """Two trainings with one key share their noise and batches, while each statement says "secret": a
+    run's run.key (or a secret key another DPModel already trains with) is refused, in one line."""
+    save_run_key(new_run_key(reproducible=False, seed=0), tmp_path)
+    used = load_run_key(tmp_path)
+    with pytest.raises(ConfigError, match=r"run_key: .*run\.key.*already drew") as info:
+        DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=used)
+    assert "\n" not in str(info.value) and used.material.hex() not in str(info.value)
+    fresh = new_run_key(reproducible=False, seed=0)
+    DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=fresh)
+    with pytest.raises(ConfigError, match="run_key: .*another DPModel"):
+        DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=fresh)
+    # reproducible keys are the stated research opt-in: the same key twice is how a run is repeated
+    seeded = new_run_key(reproducible=True, seed=3, label="twice")
+    for _ in range(2):
+        DPModel(_small_model(), l2_norm_clip=1.0, noise_multiplier=1.0, run_key=seeded)
+
+
+def test_embedding_ids_outside_the_vocabulary_are_refused_before_training():
+    """A clear one-line error before the first step, from dpsgd's own check (a GPU's gather would accept
+    the ids silently; the CPU's error would come from inside the step)."""
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(10, 4, name="words"),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    x = np.random.default_rng(0).integers(0, 10, (40, 5)).astype(np.int32)
+    y = np.zeros(40, np.int32)
+    for bad in (10, -1):
+        x_bad = x.copy()
+        x_bad[17, 2] = bad
+        dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0)
+        dp_model.compile(optimizer="sgd", loss=_sparse_ce())
+        with pytest.raises(ConfigError, match=rf"'words'.*\[0, 10\).*{bad}") as info:
+            dp_model.fit(x_bad, y, batch_size=8, epochs=1, verbose=0)
+        assert "\n" not in str(info.value) and dp_model.steps_done == 0

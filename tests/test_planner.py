@@ -223,3 +223,67 @@ def test_the_default_step_competes_unless_a_candidate_is_it():
     nonprivate = {"keras graph": planner.StepPlan("keras", False)}
     planner._add_default(nonprivate, model, private=False)  # the default forward: conv1 patches, pools slices
     assert nonprivate["default graph"].formulation["conv1"] == {"forward": "patches"}
+
+
+def test_a_race_stops_timing_clear_losers_early():
+    import time
+
+    calls = {"fast": 0, "slow": 0, "close": 0}
+
+    def make(name, seconds):
+        def fn():
+            calls[name] += 1
+            time.sleep(seconds)
+            return 0.0
+        return fn
+
+    ms = planner._race([make("fast", 0.0), make("slow", 0.05)], calls=5, margin=1.0)
+    assert calls["slow"] == 2  # the untimed first call and one timed call: > PRUNE× the leader, dropped
+    assert ms[1] > ms[0] and calls["fast"] >= 2
+    calls.update(fast=0, close=0)
+    planner._race([make("fast", 0.01), make("close", 0.01)], calls=4, margin=10.0)
+    assert calls["fast"] == calls["close"] == 5  # never clearly apart: every round is timed
+
+
+def _fake_timings(monkeypatch, xla_ms):
+    """Whole steps 'timed' without running: 10 ms without XLA, `xla_ms` with; per-layer choices recorded."""
+    layer_jits = []
+
+    def race(steps, candidates):
+        return {name: (xla_ms if plan.jit_compile else 10.0) for name, plan in candidates.items()}
+
+    def per_layer(model, capacity, private, microbatch_size, jit, full, keep=None, before_timing=None):
+        layer_jits.append(jit)
+        return fastgrad.default_formulation(model), {}
+
+    monkeypatch.setattr(planner._Steps, "race", race)
+    monkeypatch.setattr(planner._Steps, "start", lambda steps, candidates: None)
+    monkeypatch.setattr(planner, "_fastest_per_layer", per_layer)
+    return layer_jits
+
+
+def test_xla_layers_are_chosen_only_when_the_default_xla_step_passes_the_gate(planner_on, monkeypatch):
+    layer_jits = _fake_timings(monkeypatch, xla_ms=10.0 * planner.XLA_GATE * 1.5)
+    plan = planner.plan_step(build_model(), capacity=8, private=True, use_cache=False)
+    assert plan.jit_compile is False and "default xla" in plan.step_ms and True not in layer_jits
+    layer_jits = _fake_timings(monkeypatch, xla_ms=5.0)
+    plan = planner.plan_step(build_model(), capacity=8, private=True, use_cache=False)
+    assert plan.jit_compile is True and True in layer_jits and "fast xla" in plan.step_ms
+
+
+
+def test_norms_needing_far_more_arithmetic_are_not_timed():
+    model = build_model()
+    shapes = planner.layer_shapes(model, 64)
+    conv1, conv2 = model.get_layer("conv1"), model.get_layer("conv2")
+    # conv1: T = 196 output positions, p = 64, c = 16: Gram matrices need 16× the multiply-adds
+    ghost, materialize = (planner._multiply_adds(conv1, shapes["conv1"], g) for g in ("ghost", "materialize"))
+    assert materialize == 196 * 64 * 16 + 2 * 64 * 16 and ghost == 196 * 196 * 81 + 196 * 64 * 16
+    kept = planner._arithmetic_prune(conv1, shapes["conv1"], fastgrad.formulation_choices(conv1, True, True))
+    assert {c["grads"] for c in kept} == {"materialize", "depthwise"}
+    # conv2 (T = 25) and the Dense layers keep both: within ARITHMETIC_PRUNE× of each other
+    for name in ("conv2", "dense1", "logits"):
+        layer = model.get_layer(name)
+        choices = fastgrad.formulation_choices(layer, False, True)
+        assert planner._arithmetic_prune(layer, shapes[name], choices) == choices
+    assert planner._multiply_adds(conv2, shapes["conv2"], "depthwise") is None

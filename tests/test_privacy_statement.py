@@ -47,3 +47,13 @@ def test_statement_names_the_feature_statistics_releases():
     assert "4 Gaussian mechanisms with noise multipliers 16, 16, 8 and 8" in refined
     assert ("≤ 0.3 and 0.15), then the same of the features standardised by them (clipped to 9 and 18"
             in refined)
+
+
+def test_a_supplied_secret_key_is_named_with_what_the_guarantee_then_needs():
+    """A secret key the caller supplied was not necessarily drawn here nor kept only here: the statement
+    says so, and that the ε needs it to key no other training."""
+    default = privacy_statement(_facts(randomness="secret"))
+    assert "drawn from the operating system's entropy" in default
+    supplied = privacy_statement(_facts(randomness="secret", key_origin="the run_key passed to DPModel"))
+    assert "operating system's entropy" not in supplied
+    assert "the run_key passed to DPModel" in supplied and "no other training" in supplied

@@ -2,15 +2,15 @@
 
 Two attacks, both on the run's final model (``model.weights.h5``), scoring an example by −loss:
 
-1. **Loss-threshold membership inference** (Yeom et al. 2018; Shokri et al. 2017): members are the run's
-   real training examples (those not copied into a canary); non-members are examples the run never
-   trained on — the training split's examples past ``data.train_size`` when the run used a slice (same
-   distribution as the members), otherwise the test split. Reported: ROC AUC, attacker advantage
-   (max TPR − FPR), TPR at low FPR, and an ε lower bound from Clopper–Pearson intervals on TPR/FPR at a
-   threshold chosen on one random half of the scores and evaluated on the other half
-   (:func:`~dpsgd_cli.audit.bounds.best_threshold_epsilon_lower_bound`). That bound treats the examples
-   of *one* trained model as independent trials, which they are not: it is a heuristic indicator of
-   leakage, not a guarantee.
+1. **Loss-threshold membership inference** (Yeom et al. 2018; Shokri et al. 2017): members are the run's real
+   training examples (in a run written when canaries copied training images, those not copied); non-members
+   are examples the run never trained on — the training split's examples past ``data.train_size`` when the run
+   used a slice (same distribution as the members), otherwise the test split. Reported: ROC AUC, attacker
+   advantage (max TPR − FPR), TPR at low FPR, and an ε lower bound from Clopper–Pearson intervals on TPR/FPR
+   at a threshold chosen on one random half of the scores and evaluated on the other half
+   (:func:`~dpsgd_cli.audit.bounds.best_threshold_epsilon_lower_bound`). That bound treats the examples of
+   *one* trained model as independent trials, which they are not: it is a heuristic indicator of leakage, not
+   a guarantee.
 2. **One-run canary audit** (Steinke, Nasr, Jagielski 2023), when the run had ``privacy.canaries: m``
    (see :mod:`dpsgd_cli.audit.canaries`). The guesses are fixed before membership is looked at: the
    ``round(GUESS_FRACTION·m)`` canaries with the lowest loss are guessed "in", as many with the highest
@@ -125,13 +125,15 @@ def membership_split(run: _Run, canary_set: CanarySet | None, data_dir: str | No
     """(x_member, y_member, x_nonmember, y_nonmember, nonmember_source) for the threshold attack."""
     cfg = run.cfg
     folder = data_dir or resolved_data_dir(cfg)
-    full = load_dataset(cfg.data.dataset, folder)
+    full = load_dataset(cfg.data.dataset, folder, path=cfg.data.path, label_column=cfg.data.label_column)
     n_real = len(full.y_train) if cfg.data.train_size is None else min(cfg.data.train_size, len(full.y_train))
     _check_dataset_size(run, n_real, canary_set)
     keep = np.ones(n_real, dtype=bool)
-    if canary_set is not None:
-        source = canary_set.source_index
-        if source.size and (source.max() >= n_real or not np.array_equal(canary_set.x, full.x_train[source])):
+    if canary_set is not None:  # synthetic canaries copy no record; an older run's copied some
+        copied = canary_set.source_index >= 0
+        source = canary_set.source_index[copied]
+        if source.size and (source.max() >= n_real
+                            or not np.array_equal(canary_set.x[copied], full.x_train[source])):
             raise RunDirError(f"{run.run_dir}: the canaries were not drawn from the data found now; point "
                               "--data-dir at the data the run used")
         keep[source] = False

@@ -8,6 +8,7 @@ from dpsgd_cli.cli import export as _export  # noqa: F401  (dpsgd export)
 from dpsgd_cli.cli import privacy as _privacy  # noqa: F401  (dpsgd epsilon, dpsgd noise)
 from dpsgd_cli.cli import sweep as _sweep  # noqa: F401  (dpsgd sweep, plot, report)
 from dpsgd_cli.cli import train as _train  # noqa: F401  (dpsgd train)
+from dpsgd_cli.cli import tune as _tune  # noqa: F401  (dpsgd tune)
 from dpsgd_cli.cli.app import app, run
 
 __all__ = ["app", "run"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +46,13 @@ _DERIVATION = b"dpsgd reproducible run key v1\0"
 
 @dataclass(frozen=True, repr=False, eq=False)
 class RunKey:
-    """128 bits of key material and how they were made (`mode`: 'secret' or 'reproducible')."""
+    """128 bits of key material and how they were made (`mode`: 'secret' or 'reproducible'). `origin`:
+    the key file it was read from (`load_run_key`), None for a key made in this process: a key a run
+    already used keys that run's noise and batches, so a second training must not take it."""
 
     material: bytes
     mode: str
+    origin: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.material) != KEY_BYTES or self.mode not in MODES:
@@ -114,7 +117,7 @@ def load_run_key(run_dir: Path) -> RunKey:
         mode = fields["mode"].strip()
         if not secrets.compare_digest(fields["check"].strip(), _check(material)):
             raise ValueError
-        return RunKey(material, mode)
+        return RunKey(material, mode, origin=str(path))
     except (OSError, UnicodeDecodeError, KeyError, ValueError):
         raise RunDirError(f"{path}: damaged (not a dpsgd run key, or its check does not match); restore the "
                           "file from where it was kept, or start the run again with --overwrite") from None

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 class PrivacyFacts:
     """What an ε number assumes; rendered by `privacy_statement`.
 
-    `epsilon_rdp` / `epsilon_pld`: None when that accountant was not asked. `key_location`: where a secret
-    key is kept (the CLI's run.key; the Python API's process memory); `reproducible_from`: what a
+    `epsilon_rdp` / `epsilon_pld`: None when that accountant was not asked. `key_location`: where a secret key
+    is kept (the CLI's run.key; the Python API's process memory); `key_origin`: set when the caller supplied
+    the secret key (then it was not drawn here, and must key no other training); `reproducible_from`: what a
     reproducible key came from (default: the CLI's seed and sweep point); `coverage`: the sentence saying
     which outputs a run's guarantee covers (default `COVERAGE`, the CLI's outputs). `l2_norm_clip`: None when
-    unknown (a question asked on the command line). `source`: what the numbers describe — "run" (a
-    finished training run), "config" (an experiment file, before running it) or "options" (numbers typed
-    on the command line).
+    unknown (a question asked on the command line). `source`: what the numbers describe — "run" (a finished
+    training run), "config" (an experiment file, before running it) or "options" (numbers typed on the command
+    line).
     """
 
     noise_multiplier: float
@@ -34,10 +35,13 @@ class PrivacyFacts:
     key_location: str = "the run's run.key"
     reproducible_from: str | None = None  # where a reproducible key came from; None = the CLI's wording
     coverage: str | None = None  # which outputs the guarantee covers (a run's); None = COVERAGE
+    key_origin: str | None = None  # a secret key the caller supplied (not drawn here): where it came from
     views: int = 1  # augmentation multiplicity K: an example's K views share its one clipped unit
     # model.feature_norm: private_stats — noise multipliers and L2 bounds of the feature-statistics releases
     releases: tuple[float, ...] = ()
     release_bounds: tuple[float, ...] = ()
+    # what one example is for the data source used (the unit of privacy), e.g. "one row of train.csv"
+    record: str | None = None
 
 
 def _fmt(eps: float) -> str:
@@ -65,6 +69,8 @@ def privacy_statement(f: PrivacyFacts) -> str:
     else:
         parts.append(f"assuming Poisson sampling at rate q = {f.sampling_rate:.6g} (every example joins "
                      "every step independently with probability q).")
+    if f.record:
+        parts.append(f"One example, the unit of privacy, is {f.record}.")
     if f.microbatch_size > 1:
         parts.append(f"Microbatches of {f.microbatch_size} examples double the sensitivity, so it is "
                      f"accounted with σ/2 = {f.accounting_noise_multiplier:g}.")
@@ -102,9 +108,10 @@ def privacy_statement(f: PrivacyFacts) -> str:
 
 
 COVERAGE = ("It covers the model weights after every epoch and at the end, and what is computed from them "
-            "alone (test loss and accuracy); it does not cover train_loss and train_accuracy (metrics.csv, "
-            "progress line), which are computed on the private batches without noise (`dpsgd export` "
-            "leaves them out).")
+            "alone (test loss and accuracy); it does not cover what is computed from the private data "
+            "without noise: train_loss, train_accuracy and train_nonfinite_units (metrics.csv, progress "
+            "line), elapsed_s (it grows with the secret batch sizes) and the audit's statistics "
+            "(audit.json). `dpsgd export` leaves them out.")
 
 
 def _randomness_sentences(f: PrivacyFacts) -> list[str]:
@@ -122,6 +129,11 @@ def _randomness_sentences(f: PrivacyFacts) -> list[str]:
                 + " derived from the seed in the config (and a sweep point's name), "
                 "so this ε holds only while the seed and the config stay secret; whoever knows them can "
                 "regenerate the noise and the batches, and then ε = ∞.")
+    elif f.key_origin:
+        said = ("The noise and the batch selection " + ("came" if run else "will come") + " from a secret "
+                f"128-bit key supplied as {f.key_origin}, so this ε holds only while that key stays secret "
+                "and keys no other training: two trainings with one key share their noise and batches, and "
+                "whoever knows it can subtract the noise.")
     else:
         said = ("The noise and the batch selection " + ("came" if run else "will come") + " from a secret "
                 f"128-bit key drawn from the operating system's entropy and kept only in {f.key_location} "

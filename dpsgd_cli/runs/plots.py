@@ -67,8 +67,7 @@ def per_class_figure(runs: Sequence[RunInfo], keys: Sequence[str]) -> Figure:
     """Per-class test accuracy at each run's last epoch: one bar per run in each class's group."""
     runs = [r for r in runs if r.metrics is not None]
     labels = run_labels(runs, keys)
-    dataset = runs[0].settings.get("data.dataset") if runs else "fashion_mnist"
-    names = CLASS_NAMES.get(dataset, tuple(str(k) for k in range(10)))
+    names = runs[0].class_names if runs else CLASS_NAMES["fashion_mnist"]
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -80,7 +79,8 @@ def per_class_figure(runs: Sequence[RunInfo], keys: Sequence[str]) -> Figure:
         xs = [k - 0.4 + width * (i + 0.5) for k in range(len(names))]
         legend.append(f"{label}: {float(last['test_accuracy']):.3f} overall (epoch {int(last['epoch'])})")
         ax.bar(xs, heights, width=width, color=color, label=legend[-1])
-    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) <= 20 else 90,
+                  fontsize=None if len(names) <= 20 else 6)
     ax.set(ylim=(0, 1), ylabel="test accuracy", title="per-class test accuracy at the last epoch")
     ax.grid(True, axis="y", alpha=0.3)
     if runs:
@@ -133,12 +133,19 @@ def plot_runs(paths: Iterable[str | Path], out: str | Path | None = None,
     out = Path(out) if out is not None else default_output(paths)
     if out.suffix.lower() != ".png":
         raise OutputError(f"--out {out}: must be a .png file")
-    written = [save_figure(curves_figure(drawn, keys), out)]
+    return draw_runs(drawn, keys, out, per_class), drawn
+
+
+def draw_runs(runs: Sequence[RunInfo], keys: Sequence[str], out: Path, per_class: bool = True) -> list[Path]:
+    """Write the curves PNG at `out`, the per-class PNG beside it and, when a run is private, the
+    accuracy-vs-ε PNG with the published points; return the files written. They draw test metrics and
+    ε only (what a run's ε covers)."""
+    written = [save_figure(curves_figure(runs, keys), out)]
     if per_class:
-        written.append(save_figure(per_class_figure(drawn, keys), per_class_path(out)))
-    if any(r.private for r in drawn):  # accuracy vs ε with the published points
+        written.append(save_figure(per_class_figure(runs, keys), per_class_path(out)))
+    if any(r.private for r in runs):  # accuracy vs ε with the published points
         from dpsgd_cli.runs.tradeoff import tradeoff_figure, tradeoff_path
 
-        written.append(save_figure(tradeoff_figure(drawn, keys), tradeoff_path(out)))
-    return written, drawn
+        written.append(save_figure(tradeoff_figure(runs, keys), tradeoff_path(out)))
+    return written
 

@@ -26,6 +26,7 @@ WEIGHTS_FILE = "model.weights.h5"
 CANARIES_FILE = "canaries.npz"
 AUDIT_FILE = "audit.json"
 FINISHED = "finished"
+SEARCH_FILE = "search.yaml"  # marks a private hyperparameter search's folder (experiment.tune)
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,23 @@
 
 For each batch size, `jit_compile` setting and gradient path it builds a fresh model and the compiled step
 from `engine.make_train_step` (the very step `dpsgd train` uses), then records:
-- `compile_s`: wall time of the first call (tracing + compilation + one step);
+- `compile_s`: wall time of the first call (tracing + compilation + one step); dpsgd's steps are called
+  through their one concrete function, as the trainer calls them (`Trainer`), the plain step as a user
+  calls a `tf.function`;
 - `step_s`: median wall time of `steps` further calls (after `warmup` untimed ones), each call forced to
   finish (its outputs read back), on a fixed random batch of 28×28×1 inputs, every slot a real example;
-  the rows' calls are interleaved (round i times call i of every row), so load from other jobs on a
-  shared machine falls on all rows alike;
+  the rows' calls are interleaved (round i times call i of every row, in a fresh random order after a
+  short pause: `_time_interleaved`), so load from other jobs on a shared machine falls on all rows alike;
 - `examples_per_s` = batch / step_s, and `ratio` = step_s / step_s of the non-private row with the same
   batch size and jit setting;
 - `peak_rss_mb`: the process's peak resident memory while the row ran, minus its resident memory just
   before (sampled every 2 ms; TensorFlow keeps no allocator statistics on CPU). An approximation: memory
   the allocator cached from earlier rows is reused and not counted again.
-Paths: `nonprivate` (plain Keras forward/backward of the mean loss), `nonprivate_fast` (the same, through
+Paths: `plain` (the floor: the step a TensorFlow user writes without dpsgd — `tf.GradientTape` under
+`tf.function`, the mean loss of the same Keras model, Keras SGD; no mask, no metrics, no noise input: the
+bench's reference for what a non-private step costs), `nonprivate` (dpsgd's non-private step from
+`engine.make_train_step`: plain Keras forward/backward of the masked loss sum, with the step's running
+statistics), `nonprivate_fast` (the same, through
 fastgrad's forward formulation: patches + matmul for the first convolution, stride-1 max pooling by
 shifted slices — what `dpsgd train` uses without privacy), `vectorized_map` (per-example gradients with
 tf.vectorized_map, the general path), `fast` (fastgrad: per-example gradients of Dense and Conv2D from
@@ -22,13 +28,26 @@ cost of privacy alone on one formulation).
 
 Planned rows (`PLANNED_PATHS`): `nonprivate_planned` and `planned` (DP) run the step `dpsgd train` runs,
 as `planner.plan_step` chose it for this device (formulation per layer and XLA; cached, see `planner`);
-`plan` describes the choice. `ratio_to_fastest_nonprivate` = step_s / the fastest non-private row (any
-path, any XLA setting) of the same batch size: the honest cost of privacy.
+`plan` describes the choice. `ratio_to_fastest_nonprivate` = step_s / the fastest non-private row (the
+plain TensorFlow step or any of dpsgd's, any XLA setting) of the same batch size: the honest cost of
+privacy; `ratio_to_plain` = step_s / the fastest `plain` row of the same batch size (for dpsgd's
+non-private rows: what dpsgd adds to a plain step).
 
 Memory rows (`memory_rows`, batch 1024 by default): each path's step in a fresh process, so no memory
 cached by another row's allocator is reused: `peak_mb` = the peak resident memory while the step is built,
 compiled and run `steps` times, minus the resident memory just before (TensorFlow imported, any plan
-already made); `ratio_to_nonprivate` divides by the Keras non-private step's `peak_mb`.
+already made); `ratio_to_nonprivate` divides by the smallest `peak_mb` of the non-private rows (the plain
+TensorFlow step and the Keras step).
+
+Layer rows (`layer_rows`): what privacy costs per layer, the measured limit of the fast path. For each
+weight layer of the tutorial CNN, its share of the step timed alone (`planner.layer_work`, on fixed random
+inputs and output-gradients at `batch_size` slots, XLA off): non-private (`choice` native: its forward, the
+gradient to its input unless it is the first weight layer, and its weight gradients, as the Keras step
+computes them) and under every DP formulation (its forward, input gradient, per-example squared norms and
+the weighted sum of its per-example gradients), plus the step's one noise draw (`engine.gaussian_noise`
+over all trainable variables); all interleaved like the step rows. A DP step cannot be faster than the
+non-private step plus, per layer, its fastest DP formulation minus its non-private work, plus the noise
+(elementwise work and the clip factors aside).
 
 Device rows (`device_rows`): the DP step (fast path, XLA off, SGD) under tf.distribute's
 MirroredStrategy with R = 1, 2, … devices (GPUs if any, else logical CPUs: `distribute.split_cpu` must
@@ -45,6 +64,7 @@ after it.
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -58,8 +78,10 @@ import numpy as np
 
 from dpsgd_cli.privacy.run_key import new_run_key
 
-PATHS = ("nonprivate", "nonprivate_fast", "vectorized_map", "fast")
+PATHS = ("plain", "nonprivate", "nonprivate_fast", "vectorized_map", "fast")
+NONPRIVATE_PATHS = ("plain", "nonprivate", "nonprivate_fast", "nonprivate_planned")
 PLANNED_PATHS = ("nonprivate_planned", "planned")
+SETTLE_S = 0.002  # pause before each timed call (see `_time_interleaved`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +120,24 @@ class _PeakRss:
         self.peak = max(self.peak, _rss_mb())
 
 
+def plain_step(model, optimizer, jit_compile: bool):
+    """The floor the bench divides by: `step(x, y) -> mean loss`, one `tf.GradientTape` step of the mean
+    softmax cross-entropy under `tf.function`, applied by `optimizer` — nothing else."""
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+    optimizer.build(variables)
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+        optimizer.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    return tf.function(step, jit_compile=jit_compile)
+
+
 def _build_step(case: BenchCase, seed: int):
     import keras
     import tensorflow as tf
@@ -106,7 +146,12 @@ def _build_step(case: BenchCase, seed: int):
     from dpsgd_cli.training.model import build_model
 
     model = build_model(seed=seed)
-    private = not case.path.startswith("nonprivate")
+    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
+    if case.path == "plain":
+        jit = bool(case.jit_compile)
+        step = plain_step(model, keras.optimizers.SGD(0.01), jit)
+        return (lambda x, y, mask, extra, noise_seed: (step(x, y),)), zeros, jit, None, step
+    private = case.path not in NONPRIVATE_PATHS
     step_plan = None
     if case.path in PLANNED_PATHS:
         from dpsgd_cli.training import planner
@@ -122,8 +167,7 @@ def _build_step(case: BenchCase, seed: int):
     settings = engine.StepSettings(private=private, noise_multiplier=1.1, l2_norm_clip=1.0, microbatch_size=1,
                                    denominator=float(case.batch_size), jit_compile=jit)
     step_fn, _ = engine.make_train_step(model, keras.optimizers.SGD(0.01), settings, grad_fn, forward_fn)
-    zeros = [tf.zeros_like(v) for v in model.trainable_variables]
-    return step_fn, zeros, jit, step_plan
+    return step_fn, zeros, jit, step_plan, step_fn
 
 
 def _prepare(case: BenchCase, warmup: int, seed: int) -> tuple[dict[str, Any], Callable[[int], None]]:
@@ -139,19 +183,21 @@ def _prepare(case: BenchCase, warmup: int, seed: int) -> tuple[dict[str, Any], C
     mask = tf.constant(mask)
     key = new_run_key(reproducible=False, seed=seed)
     with _PeakRss() as memory:
-        step_fn, zeros, jit, step_plan = _build_step(case, seed)
+        step_fn, zeros, jit, step_plan, traced = _build_step(case, seed)
+        start = time.perf_counter()
+        if case.path != "plain":  # called as the trainer calls it: its one concrete function
+            step_fn = step_fn.get_concrete_function(x, y, mask, zeros, key.noise_seed(0))
 
         def call(i: int) -> None:
             [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i))]
 
-        start = time.perf_counter()
         call(0)
         compile_s = time.perf_counter() - start
         for i in range(warmup):
             call(i + 1)
     row = {"path": case.path, "batch_size": case.batch_size, "capacity": capacity, "jit_compile": jit,
            "compile_s": compile_s, "peak_rss_mb": memory.peak - memory.start,
-           "traces": lambda: step_fn.experimental_get_tracing_count()}
+           "traces": lambda: traced.experimental_get_tracing_count()}
     if step_plan is not None:
         row.update(plan=step_plan.describe(), planning_s=step_plan.planning_s)
     return row, call
@@ -207,22 +253,30 @@ def run_benchmark(cases: list[BenchCase], *, steps: int = 30, warmup: int = 3, s
     return rows
 
 
+def _fastest(rows: list[dict[str, Any]], paths: Iterable[str]) -> dict[int, float]:
+    """Per batch size, the smallest step_s among step rows of `paths` at capacity = batch."""
+    fastest: dict[int, float] = {}
+    for r in rows:
+        if r["path"] in paths and r["capacity"] == r["batch_size"]:
+            fastest[r["batch_size"]] = min(r["step_s"], fastest.get(r["batch_size"], float("inf")))
+    return fastest
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """ratio_to_nonprivate(_fast): to that path's row of the same batch and XLA setting;
-    ratio_to_fastest_nonprivate: to the fastest non-private step row of the same batch size."""
+    ratio_to_fastest_nonprivate: to the fastest non-private step row (plain TensorFlow or dpsgd's) of the
+    same batch size; ratio_to_plain: to the fastest plain TensorFlow step row of the same batch size."""
     for name in ("nonprivate", "nonprivate_fast"):
         baseline = {(r["batch_size"], r["jit_compile"]): r["step_s"] for r in rows
                     if r["path"] == name and r["capacity"] == r["batch_size"]}
         for row in rows:
             base = baseline.get((row["batch_size"], row["jit_compile"]))
             row[f"ratio_to_{name}"] = row["step_s"] / base if base else float("nan")
-    fastest: dict[int, float] = {}
-    for r in rows:
-        if r["path"].startswith("nonprivate") and r["capacity"] == r["batch_size"]:
-            fastest[r["batch_size"]] = min(r["step_s"], fastest.get(r["batch_size"], float("inf")))
-    for row in rows:
-        base = fastest.get(row["batch_size"]) if not row["path"].startswith("epoch") else None
-        row["ratio_to_fastest_nonprivate"] = row["step_s"] / base if base else float("nan")
+    for column, paths in (("ratio_to_fastest_nonprivate", NONPRIVATE_PATHS), ("ratio_to_plain", ("plain",))):
+        fastest = _fastest(rows, paths)
+        for row in rows:
+            base = fastest.get(row["batch_size"]) if not row["path"].startswith("epoch") else None
+            row[column] = row["step_s"] / base if base else float("nan")
 
 
 def epoch_rows(batch_size: int = 256, data_dir: str | None = None, seed: int = 0,
@@ -275,7 +329,7 @@ def epoch_rows(batch_size: int = 256, data_dir: str | None = None, seed: int = 0
     return rows
 
 
-MEMORY_PATHS = ("nonprivate", "nonprivate_planned", "planned", "fast")
+MEMORY_PATHS = ("plain", "nonprivate", "nonprivate_planned", "planned", "fast")
 
 
 def memory_rows(batch_size: int = 1024, paths: Iterable[str] = MEMORY_PATHS, steps: int = 3,
@@ -291,7 +345,8 @@ def memory_rows(batch_size: int = 1024, paths: Iterable[str] = MEMORY_PATHS, ste
             if "peak_mb" in row:
                 rows.append(row)
                 break
-    base = next((r["peak_mb"] for r in rows if r["path"] == "memory_nonprivate"), None)
+    nonprivate = [r["peak_mb"] for r in rows if r["path"] in ("memory_plain", "memory_nonprivate")]
+    base = min(nonprivate, default=None)
     for row in rows:
         row["ratio_to_nonprivate"] = row["peak_mb"] / base if base else float("nan")
     return rows
@@ -316,7 +371,7 @@ def _memory_child(path: str, batch_size: int, steps: int, seed: int) -> None:
     mask = tf.ones([batch_size])
     key = new_run_key(reproducible=False, seed=seed)
     with _PeakRss() as memory:
-        step_fn, zeros, jit, step_plan = _build_step(case, seed)
+        step_fn, zeros, jit, step_plan, _ = _build_step(case, seed)
         for i in range(steps):
             [float(v) for v in step_fn(x, y, mask, zeros, key.noise_seed(i))]
     row = {"path": f"memory_{path}", "batch_size": batch_size, "jit_compile": jit,
@@ -378,11 +433,74 @@ def device_rows(replica_counts: Iterable[int], batch_size: int = 256, *, steps: 
     return rows
 
 
+def layer_rows(batch_size: int = 256, *, steps: int = 30, warmup: int = 3, seed: int = 0
+               ) -> list[dict[str, Any]]:
+    """Per-layer rows (see the module docstring): `path` 'layer', `layer`, `choice`, `private`, `step_s`;
+    the noise row has layer 'noise'."""
+    import tensorflow as tf
+
+    from dpsgd_cli.training import engine, fastgrad, planner
+    from dpsgd_cli.training.model import build_model
+
+    model = build_model(seed=seed)
+    shapes = planner.layer_shapes(model, batch_size)
+    prepared, first = [], True
+    for layer in model.layers:
+        rule = fastgrad.rule_for(layer)
+        if not (rule and rule.weighted):
+            continue
+        options = [({"forward": "native"}, False)]
+        options += [(c, True) for c in fastgrad.formulation_choices(layer, first, private=True)]
+        for choice, private in options:
+            work = planner.layer_work(layer, choice, shapes[layer.name], batch_size, private, first, 1, False)
+            prepared.append(({"path": "layer", "layer": layer.name, "choice": "/".join(choice.values()),
+                              "private": private, "batch_size": batch_size}, work, []))
+        first = False
+    variables = model.trainable_variables
+    seed_tensor = tf.constant([1, 2], tf.int64)
+    noise = tf.function(lambda: tf.add_n([tf.reduce_sum(n) for n in engine.gaussian_noise(
+        variables, 1.0, seed_tensor)]))
+    values = sum(v.shape.num_elements() for v in variables)
+    prepared.append(({"path": "layer", "layer": "noise", "choice": f"{values} values", "private": True,
+                      "batch_size": batch_size}, noise, []))
+    calls = []
+    for row, work, times in prepared:
+        for _ in range(1 + warmup):
+            float(work())
+        calls.append((row, lambda i, work=work: float(work()), times))
+    _time_interleaved(calls, steps, warmup)
+    rows = []
+    for row, _, times in calls:
+        rows.append({**row, "step_s": statistics.median(times)})
+    return rows
+
+
+def layer_limits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per layer of `layer_rows`: non-private ms, the fastest DP formulation and its ms, and the
+    difference (what privacy costs in that layer at least); the noise draw as its own entry."""
+    out = []
+    for name in dict.fromkeys(r["layer"] for r in rows):
+        mine = [r for r in rows if r["layer"] == name]
+        base = next((r["step_s"] for r in mine if not r["private"]), 0.0)
+        best = min((r for r in mine if r["private"]), key=lambda r: r["step_s"])
+        out.append({"layer": name, "nonprivate_ms": 1000 * base, "dp_choice": best["choice"],
+                    "dp_ms": 1000 * best["step_s"], "extra_ms": 1000 * (best["step_s"] - base)})
+    return out
+
+
 def _time_interleaved(prepared: list[tuple[dict, Any, list[float]]], steps: int, warmup: int) -> None:
     """Round i times one call (step number warmup + 1 + i) of every prepared row, appending seconds to
-    the row's list: load from other jobs falls on all rows alike."""
+    the row's list: load from other jobs falls on all rows alike. Each round takes the rows in a fresh
+    random order (seeded), after a pause of SETTLE_S, so no row always follows the same one: a call leaves
+    thread pools spinning for a while (measured: a graph step right after an XLA step took 1.8× its
+    time), which would otherwise bill one row for its neighbour."""
+    order = list(range(len(prepared)))
+    shuffle = random.Random(0).shuffle
     for i in range(steps):
-        for _, call, times in prepared:
+        shuffle(order)
+        for j in order:
+            _, call, times = prepared[j]
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             call(warmup + 1 + i)
             times.append(time.perf_counter() - start)

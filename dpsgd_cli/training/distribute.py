@@ -295,9 +295,9 @@ def deal(values, replicas: int, unit: int = 1):
 def make_distributed_step(dist: Distribution, model, optimizer, settings, grad_sum_fn=None, forward_fn=None,
                           data=None, *, loss_fn=None):
     """`engine.make_train_step` under `dist`: `step(idx, mask, extra_sums, noise_seed) -> (loss sum, correct,
-    count)` and `chunk_sum(idx, mask) -> global clipped sums`, on global chunks of indices into `data` =
-    (x_all, y_all). `settings.jit_compile` compiles the per-replica clipped sum only (see module doc).
-    The model and optimizer must have been created under `dist.scope()`."""
+    count, dropped)` and `chunk_sum(idx, mask) -> global clipped sums`, on global chunks of indices into
+    `data` = (x_all, y_all). `settings.jit_compile` compiles the per-replica clipped sum only (see module
+    doc). The model and optimizer must have been created under `dist.scope()`."""
     import tensorflow as tf
 
     from dpsgd_cli.training import engine
@@ -312,11 +312,10 @@ def make_distributed_step(dist: Distribution, model, optimizer, settings, grad_s
     plain = dataclasses.replace(settings, jit_compile=False)
     gradient_sum = engine.make_gradient_sum(model, plain, grad_sum_fn, forward_fn, loss_fn=loss_fn)
 
-    def replica_terms(idx, mask):  # this replica's slice: clipped sums and the loss statistics
+    def replica_terms(idx, mask):  # this replica's slice: clipped sums and the step statistics
         x, y = tf.gather(x_all, idx), tf.gather(y_all, idx)
-        sums, losses, logits = gradient_sum(x, y, mask)
-        correct = engine.correct_predictions(logits, y)
-        return sums, [tf.reduce_sum(losses * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)]
+        sums, losses, logits, kept = gradient_sum(x, y, mask)
+        return sums, list(engine.step_statistics(losses, logits, y, mask, kept, settings.microbatch_size))
 
     def replica_sums(idx, mask):
         return gradient_sum(tf.gather(x_all, idx), tf.gather(y_all, idx), mask)[0]

@@ -19,7 +19,8 @@ import tensorflow as tf
 
 from dpsgd_cli.privacy import accounting
 
-GradSumFn = Callable[..., tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]]
+# (clipped sums per variable, per-example loss [capacity], logits [capacity, ...], kept [capacity])
+GradSumFn = Callable[..., tuple[list[tf.Tensor], tf.Tensor, tf.Tensor, tf.Tensor]]
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (logits, labels) -> per-example loss [batch]
 
 
@@ -79,30 +80,57 @@ def clip_factors(norms: tf.Tensor, l2_norm_clip: float) -> tf.Tensor:
 
 # What a gradient backend answers about one batch: (squared norm of each unit's gradient [units],
 # weighted_sum(weights [units]) -> Σ_u weights_u · g_u per trainable variable, per-example losses, logits).
+# A unit whose weight is 0 must contribute exactly 0 to weighted_sum, even when its terms hold ∞ or NaN
+# (`without_dropped`): 0·∞ would be NaN.
 # Backends: `vmap_unit_terms` here (the general reference) and `fastgrad.unit_terms` (per-layer rules).
 UnitTerms = tuple[tf.Tensor, Callable[[tf.Tensor], list[tf.Tensor]], tf.Tensor, tf.Tensor]
+
+
+def without_dropped(weights: tf.Tensor, terms: tf.Tensor) -> tf.Tensor:
+    """`terms` [units, ...] with the rows of units whose weight is 0 set to exactly 0, whatever they held
+    (∞ or NaN too): what a backend's weighted sum multiplies, so a dropped unit adds nothing."""
+    keep = tf.cast(tf.not_equal(weights, 0.0), terms.dtype)
+    return tf.math.multiply_no_nan(terms, tf.reshape(keep, [-1] + [1] * (terms.shape.rank - 1)))
 
 
 def clipped_sum(unit_terms: UnitTerms, mask: tf.Tensor, l2_norm_clip: float, microbatch_size: int = 1):
     """The one place per-unit gradients are clipped and masked: Σ_u mask_u · min(1, C/‖g_u‖) · g_u.
 
     `mask` is per example; a unit's weight is the mask of its first example (microbatches never hold
-    padding: the sampler only pads per-example batches). Returns (sums, per-example loss, logits)."""
+    padding: the sampler only pads per-example batches). A unit whose squared gradient norm or one of
+    whose losses is not finite (e.g. an input of 1e38 overflowing float32) is dropped: its weight is 0 and
+    its terms are left out of the sum entirely, so one example can never turn the step into NaN; dropping
+    depends on that unit's own data only, so the sum still moves by at most C per unit.
+    Returns (sums, per-example loss, logits, kept [capacity]: 1 for a real example whose unit was summed,
+    0 for padding and for the examples of a dropped unit)."""
     sq_norms, weighted_sum, losses, logits = unit_terms
-    weights = clip_factors(tf.sqrt(sq_norms), l2_norm_clip) * mask[::microbatch_size]
-    return weighted_sum(weights), losses, logits
+    weights, kept = clip_weights(sq_norms, losses, mask, l2_norm_clip, microbatch_size)
+    return weighted_sum(weights), losses, logits, kept
+
+
+def clip_weights(sq_norms: tf.Tensor, losses: tf.Tensor, mask: tf.Tensor, l2_norm_clip: float,
+                 microbatch_size: int = 1) -> tuple[tf.Tensor, tf.Tensor]:
+    """`clipped_sum`'s weights [units] (min(1, C/‖g_u‖) · the unit's mask; 0 for a dropped unit) and kept
+    [capacity]."""
+    k = microbatch_size
+    finite = tf.logical_and(tf.math.is_finite(sq_norms),
+                            tf.reduce_all(tf.reshape(tf.math.is_finite(losses), [-1, k]), axis=1))
+    factors = clip_factors(tf.sqrt(tf.where(finite, sq_norms, 0.0)), l2_norm_clip)
+    weights = tf.where(finite, factors, 0.0) * mask[::k]
+    return weights, mask * tf.repeat(tf.cast(finite, mask.dtype), k)
 
 
 def vmap_unit_terms(model, x, y, microbatch_size: int = 1, loss_fn: LossFn = per_example_loss) -> UnitTerms:
     """The reference backend: every unit's gradient materialized by `per_unit_gradients`."""
     grads, losses, logits = per_unit_gradients(model, x, y, microbatch_size, loss_fn)
-    return squared_norms(grads), lambda w: [tf.tensordot(w, g, axes=1) for g in grads], losses, logits
+    return (squared_norms(grads), lambda w: [tf.tensordot(w, without_dropped(w, g), axes=1) for g in grads],
+            losses, logits)
 
 
 def vmap_clipped_gradient_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1,
                               loss_fn: LossFn = per_example_loss):
     """Σ_units mask_u · clip(g_u) for every trainable variable (`clipped_sum` of `vmap_unit_terms`).
-    Returns (sums, per-example loss, logits)."""
+    Returns (sums, per-example loss, logits, kept)."""
     return clipped_sum(vmap_unit_terms(model, x, y, microbatch_size, loss_fn), mask, l2_norm_clip,
                        microbatch_size)
 
@@ -120,24 +148,25 @@ def chunked_gradient_sum(grad_sum_fn: GradSumFn, chunk_size: int) -> GradSumFn:
     """`grad_sum_fn` computed in sequential passes of `chunk_size` slots inside the same compiled step.
 
     The clipped sums of the passes are added (a sum over units does not care how units are grouped, and
-    no unit is split: passes hold whole microbatches), losses and logits are concatenated in slot order:
-    the result equals one pass, only peak memory (per-example intermediates of one pass at a time) and
-    speed (smaller operands may suit the caches better) change. Each pass starts after the previous
+    no unit is split: passes hold whole microbatches), losses, logits and kept are concatenated in slot
+    order: the result equals one pass, only peak memory (per-example intermediates of one pass at a time)
+    and speed (smaller operands may suit the caches better) change. Each pass starts after the previous
     pass's sums exist (control dependencies), so the passes do not run side by side."""
     def grad_sum(model, x, y, mask, l2_norm_clip, microbatch_size=1, loss_fn: LossFn = per_example_loss):
         bounds = chunk_bounds(x.shape[0], chunk_size, microbatch_size)
         if len(bounds) == 1:
             return grad_sum_fn(model, x, y, mask, l2_norm_clip, microbatch_size, loss_fn=loss_fn)
-        total, losses, logits = None, [], []
+        total, losses, logits, kept = None, [], [], []
         for start, stop in bounds:
             with tf.control_dependencies(total or []):
                 part = [tf.identity(t[start:stop]) for t in (x, y, mask)]
-            sums, part_losses, part_logits = grad_sum_fn(model, *part, l2_norm_clip, microbatch_size,
-                                                         loss_fn=loss_fn)
+            sums, part_losses, part_logits, part_kept = grad_sum_fn(model, *part, l2_norm_clip,
+                                                                    microbatch_size, loss_fn=loss_fn)
             total = list(sums) if total is None else [a + b for a, b in zip(total, sums)]
             losses.append(part_losses)
             logits.append(part_logits)
-        return total, tf.concat(losses, 0), tf.concat(logits, 0)
+            kept.append(part_kept)
+        return total, tf.concat(losses, 0), tf.concat(logits, 0), tf.concat(kept, 0)
 
     return grad_sum
 
@@ -181,8 +210,9 @@ class StepSettings:
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, settings: StepSettings,
                     grad_sum_fn: GradSumFn | None = None, forward_fn=None, data=None, *,
-                    loss_fn: LossFn = per_example_loss, return_logits: bool = False):
-    """Build the compiled step `step(x, y, mask, extra_sums, noise_seed) -> (loss_sum, correct, count)`.
+                    loss_fn: LossFn = per_example_loss, return_logits: bool = False, autograph: bool = True):
+    """Build the compiled step `step(x, y, mask, extra_sums, noise_seed) -> (loss_sum, correct, count,
+    dropped)` (`step_statistics`).
 
     `noise_seed` [2] int64 keys this step's noise (`run_key.RunKey.noise_seed(step)`); it is an input of
     the step, never a constant inside the traced graph, so no graph or XLA dump holds key material.
@@ -192,8 +222,12 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     Returned sums are over the real (mask = 1) examples only. `forward_fn(model, x, tape) -> logits`
     replaces `model(x, training=True)` in the non-private step (e.g. `fastgrad.forward`).
     `loss_fn(logits, labels)`: the per-example loss (default softmax cross-entropy on class indices).
-    `return_logits`: the step also returns the logits [capacity, classes] (e.g. for Keras metrics on the
-    real examples), as a fourth output.
+    `return_logits`: the step also returns the logits [capacity, classes] and `kept` [capacity] (1 for a
+    real example whose unit was summed; e.g. for Keras metrics on those examples) after its statistics.
+
+    `autograph`: False traces without converting Python control flow: several times faster to trace, the
+    same graph unless `loss_fn` branches in Python on tensor values (then it fails to trace; Keras layers'
+    `call` is never converted by autograph either way).
 
     `data` = (x_all, y_all) tensors kept on the device: then the steps take indices instead of examples,
     `step(idx, mask, extra_sums, noise_seed)` and `chunk_sum(idx, mask)`, and gather inside the compiled
@@ -204,11 +238,10 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
     gradient_sum = make_gradient_sum(model, settings, grad_sum_fn, forward_fn, loss_fn=loss_fn)
 
     def step(x, y, mask, extra_sums, noise_seed):
-        sums, losses, logits = gradient_sum(x, y, mask)
+        sums, losses, logits, kept = gradient_sum(x, y, mask)
         optimizer.apply(noisy_gradients(variables, settings, sums, extra_sums, noise_seed), variables)
-        correct = correct_predictions(logits, y)
-        sums = (tf.reduce_sum(losses * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask))
-        return (*sums, logits) if return_logits else sums
+        stats = step_statistics(losses, logits, y, mask, kept, settings.microbatch_size)
+        return (*stats, logits, kept) if return_logits else stats
 
     def chunk_sum(x, y, mask):
         return gradient_sum(x, y, mask)[0]
@@ -223,15 +256,26 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer, s
         def chunk_sum(idx, mask):
             return take_chunk(tf.gather(x_all, idx), tf.gather(y_all, idx), mask)
 
-    return (tf.function(step, jit_compile=settings.jit_compile, reduce_retracing=False),
-            tf.function(chunk_sum, jit_compile=settings.jit_compile))
+    return (tf.function(step, jit_compile=settings.jit_compile, reduce_retracing=False, autograph=autograph),
+            tf.function(chunk_sum, jit_compile=settings.jit_compile, autograph=autograph))
+
+
+def step_statistics(losses, logits, y, mask, kept, microbatch_size: int = 1) -> tuple[tf.Tensor, ...]:
+    """A step's running statistics, on the private batch without noise (not covered by ε): (loss sum,
+    correct predictions, count) over the examples kept in the sum, and the number of real units dropped
+    for a non-finite gradient norm or loss (`clipped_sum`)."""
+    kept_loss = tf.where(kept > 0, losses, tf.zeros_like(losses))  # a dropped example's loss may be NaN
+    dropped = (tf.reduce_sum(mask) - tf.reduce_sum(kept)) / microbatch_size
+    return (tf.reduce_sum(kept_loss), tf.reduce_sum(correct_predictions(logits, y) * kept),
+            tf.reduce_sum(kept), dropped)
 
 
 def make_gradient_sum(model: keras.Model, settings: StepSettings, grad_sum_fn: GradSumFn | None = None,
                       forward_fn=None, *, loss_fn: LossFn = per_example_loss):
-    """`gradient_sum(x, y, mask) -> (sums, per-example loss, logits)`: the clipped, masked sums of the
-    per-unit gradients (`grad_sum_fn`, default `vmap_clipped_gradient_sum`) when `settings.private`, else
-    the plain gradient of the masked loss sum (through `forward_fn` when given). No noise, no division.
+    """`gradient_sum(x, y, mask) -> (sums, per-example loss, logits, kept)`: the clipped, masked sums of
+    the per-unit gradients (`grad_sum_fn`, default `vmap_clipped_gradient_sum`) when `settings.private`,
+    else the plain gradient of the masked loss sum (through `forward_fn` when given; kept = mask). No
+    noise, no division.
 
     With `settings.views` K > 1, x is [slots, K, *input]: each example's loss is the mean of its K views'
     losses and its K views form one clipped unit (K·microbatch_size consecutive rows), so one example
@@ -248,7 +292,7 @@ def make_gradient_sum(model: keras.Model, settings: StepSettings, grad_sum_fn: G
             logits = forward_fn(model, x, tape) if forward_fn else model(x, training=True)
             losses = loss_fn(logits, y)
             total = tf.reduce_sum(losses * mask) / k
-        return tape.gradient(total, variables), losses, logits
+        return tape.gradient(total, variables), losses, logits, mask
 
     inner = private_sum if s.private else plain_sum
     if k == 1:
@@ -256,9 +300,9 @@ def make_gradient_sum(model: keras.Model, settings: StepSettings, grad_sum_fn: G
 
     def views_sum(x, y, mask):
         rows = tf.reshape(x, [-1, *x.shape[2:]])  # example-major: the K views of one example are adjacent
-        sums, losses, logits = inner(rows, tf.repeat(y, k, axis=0), tf.repeat(mask, k, axis=0))
+        sums, losses, logits, kept = inner(rows, tf.repeat(y, k, axis=0), tf.repeat(mask, k, axis=0))
         return (sums, tf.reduce_mean(tf.reshape(losses, [-1, k]), axis=1),
-                tf.reshape(logits, [-1, k, *logits.shape[1:]])[:, 0])
+                tf.reshape(logits, [-1, k, *logits.shape[1:]])[:, 0], tf.reshape(kept, [-1, k])[:, 0])
 
     return views_sum
 

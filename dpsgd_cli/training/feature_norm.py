@@ -6,7 +6,7 @@ once, before training, by two Gaussian mechanisms on the whole training set (no 
 
 * each example's per-channel mean of its features (an 81-vector: the mean over the 7×7 positions) is
   clipped to L2 norm ≤ `privacy.feature_norm_clip_mean`, the clipped vectors summed, N(0, (σ_n·C_m)²) added
-  to every coordinate, and the sum divided by n;
+  to every coordinate, and the sum divided by the public n (see below);
 * the same for the per-channel mean of the squared features, with bound `feature_norm_clip_square`;
 * v = max(mean square − μ², 0).
 
@@ -22,10 +22,12 @@ multiplier `feature_norm_refine_noise_multiplier`) whatever the first released, 
 
 Under add/remove-one adjacency each sum moves by at most its bound, so each release is a Gaussian mechanism
 with noise multiplier σ_n = `privacy.feature_norm_noise_multiplier`; the run's ε composes both with the
-DP-SGD steps (`privacy.plan.PrivacyPlan.releases`). n, the dataset size, is treated as public, as it is
-in q = B/n. The bounds are fixed numbers, not quantiles of the data (Tramèr & Boneh's code clips at the
-median norm, a data-dependent choice). The noise comes from the run key (stream STREAM_FEATURE_STATS), so
-it is secret by default and the same when a run resumes.
+DP-SGD steps (`privacy.plan.PrivacyPlan.releases`). n is the public dataset size of q = B/n
+(`PrivacyPlan.dataset_size`: the real examples plus all m canaries), never the number of rows the release
+sums: that counts the included canaries, whose number is secret (so the DP-SGD step, too, divides by the
+expected batch size, not the realised one). The bounds are fixed numbers, not quantiles of the data
+(Tramèr & Boneh's code clips at the median norm, a data-dependent choice). The noise comes from the run
+key (stream STREAM_FEATURE_STATS), so it is secret by default and the same when a run resumes.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ def clipped_sum(rows: np.ndarray, bound: float) -> np.ndarray:
 
 
 def private_statistics(features: np.ndarray, clip_mean: float, clip_square: float,
-                       noise_multipliers: tuple[float, float], rng: np.random.Generator):
+                       noise_multipliers: tuple[float, float], rng: np.random.Generator, *,
+                       dataset_size: int):
     """(μ, v) per channel, released by the two Gaussian mechanisms of the module docstring with noise
-    multipliers `noise_multipliers` (mean, mean square; (0, 0): no noise)."""
-    n = len(features)
+    multipliers `noise_multipliers` (mean, mean square; (0, 0): no noise); the noisy sums are divided by
+    the public `dataset_size`, not by len(features)."""
+    n = dataset_size
     means, squares = channel_moments(features)
     sigma_mean, sigma_square = noise_multipliers
     mu = (clipped_sum(means, clip_mean) + rng.normal(0.0, sigma_mean * clip_mean, means.shape[1])) / n
@@ -74,14 +78,16 @@ def normalize(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
 
 
 def apply(dataset: Dataset, bounds: tuple[float, ...], releases: tuple[float, ...],
-          key: RunKey) -> tuple[Dataset, dict[str, list[float]]]:
+          key: RunKey, *, dataset_size: int) -> tuple[Dataset, dict[str, list[float]]]:
     """The dataset with every split normalised by statistics released from its training split (all of
-    x_train: the run's n examples), and the released normalisation (published in run.yaml: it is covered
-    by the run's ε). `bounds`: the L2 bounds (mean, mean square) of each stage, the first in feature units,
-    a refinement's in units of the features standardised by the stages before (`config.release_bounds`);
-    `releases`: their noise multipliers as the run's ε accounts them (`PrivacyPlan.releases`), or () for a
-    non-private run (no noise). The published `mean` and `variance` are the estimates of all stages
-    together, in feature units: the model sees `normalize(x, mean, variance)`."""
+    x_train: the real examples and the included canaries; the sums are divided by the public
+    `dataset_size`, `PrivacyPlan.dataset_size`), and the released normalisation (published in run.yaml:
+    it is covered by the run's ε). `bounds`: the L2 bounds (mean, mean square) of each stage, the first
+    in feature units, a refinement's in units of the features standardised by the stages before
+    (`config.release_bounds`); `releases`: their noise multipliers as the run's ε accounts them
+    (`PrivacyPlan.releases`), or () for a non-private run (no noise). The published `mean` and
+    `variance` are the estimates of all stages together, in feature units: the model sees
+    `normalize(x, mean, variance)`."""
     if len(bounds) % RELEASES or not bounds or (releases and len(releases) != len(bounds)):
         raise ValueError(f"feature statistics take {RELEASES} bounds per stage and one noise multiplier "
                          f"per bound, got bounds {bounds} and releases {releases}")
@@ -94,7 +100,7 @@ def apply(dataset: Dataset, bounds: tuple[float, ...], releases: tuple[float, ..
         else:  # standardised by the stages before
             inputs, scale = normalize(dataset.x_train, mean, var), np.sqrt(var + EPSILON)
         mu, v = private_statistics(inputs, bounds[stage], bounds[stage + 1], sigmas[stage:stage + RELEASES],
-                                   rng)
+                                   rng, dataset_size=dataset_size)
         mean, var = mean + scale * mu, scale ** 2 * v  # in feature units: ε is added once, at the end
     mean, var = mean.astype(np.float32), var.astype(np.float32)
     views = None if dataset.train_views is None else normalize(dataset.train_views, mean, var)

@@ -5,28 +5,36 @@ Like FFTW's planner or cuDNN's autotuner: TensorFlow's kernels are fast or slow 
 measured, never assumed. Every formulation the planner may choose is tested equal to the per-example
 GradientTape reference (tests/test_fastgrad.py): a plan changes speed only, never what is computed.
 
-How a plan is made, for one model, capacity (slots per step), private or not, microbatch size:
-1. For each XLA setting allowed (`training.jit_compile: auto` → off and on), for each layer with a choice
-   (`fastgrad.formulation_choices`: Conv2D/Dense forward native or patches × matmul; per-unit gradients
-   materialized, ghost norms, the batch as the groups of one grouped convolution or, for one input
-   channel, the depthwise-convolution trick; depthwise kernels folded or from patches; stride-1 max
-   pooling native or shifted slices), the layer's own work in the step is timed alone for each candidate
-   (its forward, the gradient to its input, its per-unit norms and weighted sum; non-private: its forward
-   and gradients): first at a probe batch (`PROBE`), which drops candidates more than `PRUNE`× slower than
-   the best (some kernels are pathological on some devices: on one AMD EPYC, XLA's depthwise filter
-   gradient took 33 s per call at batch 288), then, without XLA, at the full capacity, interleaved.
-   Under XLA the probe decides alone: each candidate's compile costs ~1–5 s there (measured on that CPU).
-2. The fastest choice per layer makes one whole-step candidate per XLA setting (non-private: also the
-   plain Keras step); the whole steps are built as `engine.make_train_step` builds them and timed
-   interleaved; the fastest wins.
+How a plan is made, for one model, capacity (slots per step), private or not, microbatch size. Every
+timing is a race (`_race`): candidates are called in rounds, in a fresh random order each round, and a
+candidate stops being timed once it is clearly slower than the leader (after its first call: more than
+`PRUNE`× slower; after `MIN_CALLS` calls: even its fastest call slower than the leader's median), so
+clear losers cost two or three calls and only close candidates get the full count.
+1. Without XLA, for each layer with a choice (`fastgrad.formulation_choices`: Conv2D/Dense forward native
+   or patches × matmul; per-unit gradients materialized, ghost norms, the batch as the groups of one
+   grouped convolution or, for one input channel, the depthwise-convolution trick; depthwise kernels
+   folded or from patches; stride-1 max pooling native or shifted slices), the layer's own work in
+   the step is timed alone for each candidate at the full capacity (its forward, the gradient to its
+   input, its per-unit norms and weighted sum; non-private: its forward and gradients). Per-unit norms
+   needing more than `ARITHMETIC_PRUNE`× the multiply-adds of the layer's other choice are not timed
+   (`_arithmetic_prune`: e.g. Gram matrices over a first convolution's 196 output positions).
+2. The fastest choice per layer makes one whole-step candidate (non-private: the plain Keras step is one
+   too); the whole steps are built as `engine.make_train_step` builds them and raced; the fastest wins.
 3. Memory: a private step may run its per-example work in sequential passes of fewer slots
    (`engine.chunked_gradient_sum`; per-example intermediates then exist for one pass at a time). Without
    XLA, step 1 is repeated at each pass size (`chunk_sizes`: the capacity, then halves down to
-   `MIN_CHUNK`; a layer's best formulation changes with the size) and each size is a whole-step
-   candidate; candidates within `TIE`× of the fastest count as equally fast and the smallest pass wins
-   (`choose`). Under XLA only the one-pass step is tried unless `training.chunk_size` fixes the size.
+   `MIN_CHUNK`; a layer's best formulation changes with the size; choices more than `PRUNE`× slower at
+   the full capacity are not tried again) and each size is a whole-step candidate; candidates within
+   `TIE`× of the fastest count as equally fast and the smallest pass wins (`choose`).
 4. The default step (what `DPSGD_PLANNER=off` runs) is one more whole-step candidate, so a plan is never
    slower than not planning by more than the timing noise.
+5. XLA (`training.jit_compile: auto`): each XLA compile costs seconds (1–3 s for the tutorial CNN's step
+   on a 2-core CPU), so XLA is first tried once: the default step under XLA (built from the formulations
+   XLA handles well: patches, shifted slices) is raced against the best step without it. Only if it comes
+   within `XLA_GATE`× are the layers chosen under XLA too, at a probe batch (`PROBE`; some kernels are
+   pathological under XLA on some devices: on one AMD EPYC, XLA's depthwise filter gradient took 33 s
+   per call at batch 288), and the XLA candidates raced against the best step without it. Passes are not
+   tried under XLA (it schedules memory itself) unless `training.chunk_size` fixes them.
 `DPSGD_PLANNER=off` skips measuring (the default formulation, XLA off unless forced): for tests and CI.
 The plan is cached as JSON under `$DPSGD_PLAN_CACHE`, else `$XDG_CACHE_HOME/dpsgd`, else `~/.cache/dpsgd`,
 keyed by (device, oneDNN switch and thread pools, TensorFlow version, model signature, capacity, private,
@@ -41,7 +49,9 @@ import hashlib
 import json
 import os
 import platform
+import random
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,11 +66,15 @@ CACHE_ENV = "DPSGD_PLAN_CACHE"
 OFF_ENV = "DPSGD_PLANNER"  # "off": no measuring; the default formulation, XLA off unless forced (tests, CI)
 CACHE_FILE = "plans.json"
 PLAN_VERSION = 4  # bumped when a formulation is added or its implementation changes: cached plans lack it
-PROBE = 16  # examples per call when probing a candidate
-PRUNE = 3.0  # drop a candidate whose probe time exceeds this multiple of the best probe time
-PROBE_CALLS = 3  # timed calls per layer candidate at the probe batch
-LAYER_CALLS = 5  # timed calls per layer candidate at full capacity
-STEP_CALLS = 5  # timed calls per whole-step candidate
+PROBE = 16  # examples per call when probing a candidate under XLA
+PRUNE = 3.0  # drop a candidate whose first timed call exceeds this multiple of the best one's
+PROBE_CALLS = 3  # timed calls per layer candidate at the probe batch (at most)
+LAYER_CALLS = 5  # timed calls per layer candidate at full capacity (at most)
+STEP_CALLS = 5  # timed calls per whole-step candidate (at most)
+MIN_CALLS = 2  # timed calls before a candidate can be found clearly slower than the leader
+SETTLE_S = 0.002  # pause before each timed call (see `_race`)
+ARITHMETIC_PRUNE = 8.0  # per-example norms needing this multiple of another choice's multiply-adds: not timed
+XLA_GATE = 1.5  # XLA's layers are chosen only if the default step under XLA is within this factor of the best
 MIN_CHUNK = 128  # smallest pass the planner tries (smaller passes pay per-op overhead for little memory)
 TIE = 1.05  # whole steps within this factor of the fastest count as equally fast: the least memory wins
 
@@ -287,48 +301,91 @@ def chunk_sizes(capacity: int, microbatch_size: int = 1) -> list[int]:
 
 
 def _measure(model, capacity, private, microbatch_size, jit_modes, fast, fixed, sizes) -> StepPlan:
-    """Steps 1 and 2 of the module docstring; for a private step, each candidate formulation is also
-    tried in passes of each of `sizes` slots (0 = the capacity), its layers chosen at that size."""
+    """Steps 1–5 of the module docstring; for a private step, each candidate formulation is also tried
+    in passes of each of `sizes` slots (0 = the capacity), its layers chosen at that size."""
+    layer_ms: dict[str, Any] = {}
+    steps = _Steps(model, capacity, private, microbatch_size)
+    if not fast:
+        path = "vectorized_map" if private else "keras"
+        candidates = {_name(path, "xla" if jit else "graph", size): StepPlan(path, jit, chunk_size=size)
+                      for jit in jit_modes for size in sizes}
+        return _decide(steps, candidates, layer_ms)
+    if False not in jit_modes:  # XLA forced
+        xla = _fast_candidates(model, capacity, private, microbatch_size, True, fixed, sizes, layer_ms)
+        return _decide(steps, xla, layer_ms)
+    gate = None
+    if True in jit_modes and fixed is None:
+        # XLA or not: an XLA compile costs seconds, so XLA is first tried once, on the default step (built
+        # from the formulations XLA handles well), compiled in the background while the steps without XLA
+        # are traced, then raced against them
+        gate = {"default xla": _default_plan(model, private, jit=True)}
+        steps.start(gate)
+    graph = _fast_candidates(model, capacity, private, microbatch_size, False, fixed, sizes, layer_ms,
+                             before_timing=steps.wait)
+    if fixed is None:
+        _add_default(graph, model, private)
+    if True not in jit_modes:
+        return _decide(steps, graph, layer_ms)
+    if gate is None:  # the config fixes the formulation: its step with and without XLA
+        xla = _fast_candidates(model, capacity, private, microbatch_size, True, fixed, sizes, layer_ms)
+        return _decide(steps, {**graph, **xla}, layer_ms)
+    step_ms = steps.race({**graph, **gate})
+    best = choose({name: step_ms[name] for name in graph}, _slots(graph, capacity))
+    if step_ms["default xla"] > XLA_GATE * step_ms[best]:
+        return StepPlan(**{**graph[best].to_dict(), "step_ms": step_ms, "layer_ms": layer_ms})
+    xla = _fast_candidates(model, capacity, private, microbatch_size, True, fixed, sizes, layer_ms)
+    final = {best: graph[best], **gate, **xla}
+    step_ms.update(steps.race(final))
+    chosen = choose({name: step_ms[name] for name in final}, _slots(final, capacity))
+    return StepPlan(**{**final[chosen].to_dict(), "step_ms": step_ms, "layer_ms": layer_ms})
+
+
+def _fast_candidates(model, capacity, private, microbatch_size, jit, fixed, sizes, layer_ms,
+                     before_timing=None):
+    """The fast path's whole-step candidates at one XLA setting: the layers' fastest formulations (or the
+    config's), per pass size; non-private, also the plain Keras step. Records per-layer timings."""
     from dpsgd_cli.training import fastgrad
 
-    candidates: dict[str, StepPlan] = {}
-    layer_ms: dict[str, Any] = {}
-    for jit in jit_modes:
-        tag = "xla" if jit else "graph"
-        if not fast:
-            path = "vectorized_map" if private else "keras"
-            for size in sizes:
-                candidates[_name(path, tag, size)] = StepPlan(path, jit, chunk_size=size)
-            continue
-        if not private:
-            if fixed is not None:
-                chosen = {**fastgrad.default_formulation(model), **fixed}
-            else:
-                chosen, layer_ms[tag] = _fastest_per_layer(model, capacity, private, microbatch_size, jit,
-                                                           full=not jit)
-            chosen = {name: {"forward": c["forward"]} for name, c in chosen.items()}
-            if fastgrad.make_forward_fn(chosen) is not None:
-                candidates[f"fast {tag}"] = StepPlan("fast", jit, chosen)
-            if fixed is None or fastgrad.make_forward_fn(chosen) is None:
-                candidates[f"keras {tag}"] = StepPlan("keras", jit)
-            continue
-        # under XLA each compile takes seconds: the probe alone chooses the layers, and passes are tried
-        # only when the config fixes them (XLA schedules memory itself)
-        for size in (sizes if not jit or len(sizes) == 1 else [0]):
-            if fixed is not None:
-                chosen = {**fastgrad.default_formulation(model), **fixed}
-            else:
-                # without XLA a candidate compiles in ~0.1 s, so layers are timed at the pass size too
-                chosen, layer_ms[_name("", tag, size).strip()] = _fastest_per_layer(
-                    model, size or capacity, private, microbatch_size, jit, full=not jit)
-            candidates[_name("fast", tag, size)] = StepPlan("fast", jit, chosen, size)
-    if fast and fixed is None and False in jit_modes:
-        _add_default(candidates, model, private)
+    tag, candidates = ("xla" if jit else "graph"), {}
+    if not private:
+        if fixed is not None:
+            chosen = {**fastgrad.default_formulation(model), **fixed}
+        else:
+            chosen, layer_ms[tag] = _fastest_per_layer(model, capacity, private, microbatch_size, jit,
+                                                       full=not jit, before_timing=before_timing)
+        chosen = {name: {"forward": c["forward"]} for name, c in chosen.items()}
+        if fastgrad.make_forward_fn(chosen) is not None:
+            candidates[f"fast {tag}"] = StepPlan("fast", jit, chosen)
+        if fixed is None or fastgrad.make_forward_fn(chosen) is None:
+            candidates[f"keras {tag}"] = StepPlan("keras", jit)
+        return candidates
+    # under XLA the probe alone chooses the layers, and passes are tried only when the config fixes them
+    # (XLA schedules memory itself); without XLA, layers are timed at each pass size, candidates that were
+    # more than PRUNE× slower at the full capacity left out
+    keep = None
+    for size in (sizes if not jit or len(sizes) == 1 else [0]):
+        if fixed is not None:
+            chosen = {**fastgrad.default_formulation(model), **fixed}
+        else:
+            chosen, layer_ms[_name("", tag, size).strip()] = _fastest_per_layer(
+                model, size or capacity, private, microbatch_size, jit, full=not jit, keep=keep,
+                before_timing=before_timing)
+            keep = keep or {name: set(ms) for name, ms in layer_ms[_name("", tag, size).strip()].items()}
+        candidates[_name("fast", tag, size)] = StepPlan("fast", jit, chosen, size)
+    return candidates
+
+
+def _decide(steps: _Steps, candidates: dict[str, StepPlan], layer_ms) -> StepPlan:
+    """The fastest of `candidates` (`choose`), raced as whole steps unless there is only one."""
     if len(candidates) == 1:
         return StepPlan(**{**next(iter(candidates.values())).to_dict(), "layer_ms": layer_ms})
-    step_ms = _time_steps(model, capacity, private, microbatch_size, candidates)
-    best = choose(step_ms, {name: plan.chunk_size or capacity for name, plan in candidates.items()})
+    step_ms = steps.race(candidates)
+    best = choose(step_ms, _slots(candidates, steps.capacity))
     return StepPlan(**{**candidates[best].to_dict(), "step_ms": step_ms, "layer_ms": layer_ms})
+
+
+def _slots(candidates: dict[str, StepPlan], capacity: int) -> dict[str, int]:
+    return {name: plan.chunk_size or capacity for name, plan in candidates.items()}
 
 
 def choose(step_ms: dict[str, float], slots_per_pass: dict[str, int]) -> str:
@@ -339,20 +396,28 @@ def choose(step_ms: dict[str, float], slots_per_pass: dict[str, int]) -> str:
                key=lambda name: (slots_per_pass[name], step_ms[name]))
 
 
-def _add_default(candidates: dict[str, StepPlan], model, private: bool) -> None:
-    """The step `DPSGD_PLANNER=off` runs (each rule's default, one pass, XLA off) competes too, unless a
-    candidate already is it: layers timed alone can mislead (a loaded machine, kernels that interact), and
-    then the plan is still no slower than not planning."""
+def _default_plan(model, private: bool, jit: bool = False) -> StepPlan:
+    """The step `DPSGD_PLANNER=off` runs: each rule's default formulation in one pass (non-private: the
+    default forward, or the Keras step when it is all native)."""
     from dpsgd_cli.training import fastgrad
 
     default = fastgrad.default_formulation(model)
     if not private:
         default = {name: {"forward": c["forward"]} for name, c in default.items()}
         if fastgrad.make_forward_fn(default) is None:
-            return  # all native: the Keras step, already a candidate
-    plan = StepPlan("fast", False, default)
-    if all((c.gradient_path, c.jit_compile, c.formulation, c.chunk_size) != ("fast", False, default, 0)
-           for c in candidates.values()):
+            return StepPlan("keras", jit)
+    return StepPlan("fast", jit, default)
+
+
+def _add_default(candidates: dict[str, StepPlan], model, private: bool) -> None:
+    """The step `DPSGD_PLANNER=off` runs (each rule's default, one pass, XLA off) competes too, unless a
+    candidate already is it: layers timed alone can mislead (a loaded machine, kernels that interact), and
+    then the plan is still no slower than not planning."""
+    plan = _default_plan(model, private)
+    if plan.gradient_path == "keras":
+        return  # all native: the Keras step, already a candidate
+    if all((c.gradient_path, c.jit_compile, c.formulation, c.chunk_size)
+           != ("fast", False, plan.formulation, 0) for c in candidates.values()):
         candidates["default graph"] = plan
 
 
@@ -360,42 +425,78 @@ def _name(path: str, tag: str, size: int) -> str:
     return f"{path} {tag}" + (f" passes of {size}" if size else "")
 
 
-def _shapes(model, capacity: int) -> dict[str, tuple[int, ...]]:
+def layer_shapes(model, capacity: int) -> dict[str, tuple[int, ...]]:
     """Each (single-input) layer's input shape at `capacity` examples."""
     from dpsgd_cli.training import fastgrad
 
     return {name: (capacity, *shape) for name, shape in fastgrad.layer_input_shapes(model).items()}
 
 
-def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: bool):
-    """Each layer's fastest formulation, timed alone: every candidate at the probe batch (a pathological
-    one shows there cheaply), then, when `full`, those within PRUNE× of the best at the full capacity,
-    interleaved. Returns (formulation, {layer: {choice: ms}} of the deciding timings)."""
+def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: bool, keep=None,
+                       before_timing=None):
+    """Each layer's fastest formulation, timed alone. `full` (without XLA, where a candidate compiles in
+    a fraction of a second): every candidate at the full capacity, raced (`_race`: one that is more than
+    PRUNE× slower after its first call, or clearly slower after MIN_CALLS, stops being timed); `keep`
+    ({layer: choice labels}) limits a layer to those choices. Otherwise (XLA: each compile costs about a
+    second) only at the probe batch, where a pathological kernel also shows cheaply. Every candidate is
+    compiled (a first call) before `before_timing()` runs and any is timed. Returns (formulation,
+    {layer: {choice: ms}} of the deciding timings: candidates within PRUNE× of the best)."""
     from dpsgd_cli.training import fastgrad
 
     chosen, timings = fastgrad.default_formulation(model), {}
-    shapes = _shapes(model, capacity)
+    shapes = layer_shapes(model, capacity)
     firsts = {layer.name: first for layer, first in fastgrad.layers_in_order(model)}
-    probe = min(PROBE, capacity)
+    batch = capacity if full else min(PROBE, capacity)
+    layers = []
     for name, choices in _layer_options(model, private):
         layer = model.get_layer(name)
-        first = firsts[name]
-
-        def work(choice, batch, layer=layer, name=name, first=first):
-            return _layer_work(layer, choice, shapes[name], batch, private, first, microbatch_size, jit)
-
-        probe_ms = _time_calls([work(c, probe) for c in choices], PROBE_CALLS)
-        kept = [i for i, ms in enumerate(probe_ms) if ms <= PRUNE * min(probe_ms)]
-        ms = dict(zip(kept, (probe_ms[i] for i in kept)))
-        if full and len(kept) > 1 and probe < capacity:
-            ms = dict(zip(kept, _time_calls([work(choices[i], capacity) for i in kept], LAYER_CALLS)))
-        best = min(ms, key=ms.get)
+        if keep is not None and name in keep:
+            choices = [c for c in choices if "/".join(c.values()) in keep[name]] or choices
+        choices = _arithmetic_prune(layer, shapes[name], choices)
+        works = [layer_work(layer, c, shapes[name], batch, private, firsts[name], microbatch_size, jit)
+                 for c in choices]
+        for work in works:
+            float(work())  # trace and compile now
+        layers.append((name, choices, works))
+    if before_timing:
+        before_timing()
+    for name, choices, works in layers:
+        ms = _race(works, LAYER_CALLS if full else PROBE_CALLS, margin=1.0)
+        kept = [i for i, t in enumerate(ms) if t <= PRUNE * min(ms)]
+        best = min(kept, key=ms.__getitem__)
         chosen[name] = choices[best]
-        timings[name] = {"/".join(choices[i].values()): round(t, 3) for i, t in ms.items()}
+        timings[name] = {"/".join(choices[i].values()): round(ms[i], 3) for i in kept}
     return chosen, timings
 
 
-def _layer_work(layer, choice, shape, batch, private, first, microbatch_size, jit):
+def _multiply_adds(layer, shape, grads: str) -> float | None:
+    """Multiply-adds per example of a Dense or Conv2D layer's per-example norms and weighted sum under
+    `grads` ('materialize' or 'ghost'), by `kernel.prefer_ghost`'s model: materializing costs T·p·c + 2·p·c,
+    ghost norms T²(p+c+1) (p + c for one row) plus the weighted sum's T·p·c, with T output positions, p the
+    kernel's inputs, c its outputs. None for any other layer or choice."""
+    kernel = getattr(layer, "kernel", None)
+    if grads not in ("materialize", "ghost") or kernel is None or len(kernel.shape) not in (2, 4):
+        return None
+    p, c = float(np.prod(kernel.shape[:-1])), float(kernel.shape[-1])
+    out = layer.compute_output_shape(shape)
+    t = float(np.prod(out[1:-1])) if len(out) > 2 else 1.0
+    if grads == "materialize":
+        return t * p * c + 2 * p * c
+    return (p + c if t == 1 else t * t * (p + c + 1)) + t * p * c
+
+
+def _arithmetic_prune(layer, shape, choices: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`choices` without those whose per-example norms need more than ARITHMETIC_PRUNE× the multiply-adds
+    of another choice of the same layer (e.g. Gram matrices of 196 output positions in a first Conv2D):
+    not worth a compile and a timing."""
+    costs = [_multiply_adds(layer, shape, c.get("grads", "")) for c in choices]
+    known = [cost for cost in costs if cost is not None]
+    if not known:
+        return choices
+    return [c for c, cost in zip(choices, costs) if cost is None or cost <= ARITHMETIC_PRUNE * min(known)]
+
+
+def layer_work(layer, choice, shape, batch, private, first, microbatch_size, jit):
     """A compiled call doing one layer's share of the step under `choice`, on fixed random inputs: a weight
     layer's forward, gradient to its input (unless `first`) and per-unit terms with their weighted sum
     (non-private: its gradients); any other layer's forward and gradient to its input."""
@@ -417,9 +518,10 @@ def _layer_work(layer, choice, shape, batch, private, first, microbatch_size, ji
             with tf.GradientTape(watch_accessed_variables=not private) as tape:
                 tape.watch(a)
                 z, aux = rule.pre_activation(layer, a, choice)
-            if not private:
-                grads = tape.gradient(z, [a] + list(layer.trainable_variables), output_gradients=dz)
-                return tf.add_n([tf.reduce_sum(g) for g in grads[first:] if g is not None])
+            if not private:  # the first layer's input needs no gradient
+                targets = ([] if first else [a]) + list(layer.trainable_variables)
+                grads = tape.gradient(z, targets, output_gradients=dz)
+                return tf.add_n([tf.reduce_sum(g) for g in grads if g is not None])
             out = [] if first else [tf.reduce_sum(tape.gradient(z, a, output_gradients=dz))]
             sq, term = rule.unit_terms(layer, a, aux, dz, units, k, choice)
             out += [tf.reduce_sum(sq)] + [tf.reduce_sum(s) for s in rule.weighted_sums(layer, term, weights)]
@@ -432,48 +534,117 @@ def _layer_work(layer, choice, shape, batch, private, first, microbatch_size, ji
                 tape.watch(a)
                 h = rule.forward(layer, a, choice)
             return tf.reduce_sum(tape.gradient(h, a, output_gradients=up))
-    return tf.function(work, jit_compile=jit)
+    return tf.function(work, jit_compile=jit, autograph=False)  # rule code: no tensor-dependent Python
 
 
-def _time_calls(fns, calls: int) -> list[float]:
-    """Median milliseconds per call of each function (one untimed first call each), calls interleaved."""
+def _race(fns, calls: int, margin: float) -> list[float]:
+    """Median milliseconds per call of each function (one untimed first call each), the calls of a round
+    interleaved in a fresh random order after a pause of SETTLE_S (a call leaves thread pools spinning for
+    a while: the same function always following another would be billed for it). A candidate stops being
+    timed when, after the first round, it took more than PRUNE× the fastest, or, after MIN_CALLS rounds,
+    even its fastest call is slower than `margin`× the leader's median (the leader: the smallest median):
+    clearly slower, more calls would not change the choice. Its median is then over the calls it had."""
     for fn in fns:
         float(fn())
-    times = [[] for _ in fns]
-    for _ in range(calls):
-        for fn, t in zip(fns, times):
+    times: list[list[float]] = [[] for _ in fns]
+    alive = list(range(len(fns)))
+    shuffle = random.Random(0).shuffle
+    for done in range(1, calls + 1):
+        if len(alive) < 2 and done > 1:
+            break
+        shuffle(alive)
+        for i in alive:
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
-            float(fn())
-            t.append(time.perf_counter() - start)
+            float(fns[i]())
+            times[i].append(time.perf_counter() - start)
+        leader = min(statistics.median(times[i]) for i in alive)
+        if done == 1:
+            alive = [i for i in alive if times[i][0] <= PRUNE * leader]
+        elif done >= MIN_CALLS:
+            alive = [i for i in alive if min(times[i]) <= margin * leader]
     return [1000 * statistics.median(t) for t in times]
 
 
-def _time_steps(model, capacity, private, microbatch_size, candidates: dict[str, StepPlan]):
-    """Median ms per whole step of each candidate, built like `engine.make_train_step` builds them."""
-    import keras
-    import tensorflow as tf
+class _Steps:
+    """The whole-step candidates of one planning, built as `engine.make_train_step` builds them, each once
+    (a candidate raced again is not rebuilt), on fixed random inputs. `start` compiles candidates in a
+    background thread: an XLA compile (seconds, mostly on one core) then overlaps the tracing the main
+    thread does meanwhile; `wait` joins it, and every race waits first, so nothing is timed while a
+    compile runs."""
 
-    from dpsgd_cli.training import engine
+    def __init__(self, model, capacity: int, private: bool, microbatch_size: int):
+        import tensorflow as tf
 
-    rng = np.random.default_rng(0)
-    shape = (capacity, *model.inputs[0].shape[1:])
-    if "int" in str(model.inputs[0].dtype):  # token ids: spread over the first layer's vocabulary
-        vocabulary = getattr(model.layers[0], "input_dim", 2)
-        x = tf.constant(rng.integers(0, vocabulary, shape), model.inputs[0].dtype)
-    else:
-        x = tf.constant(rng.random(shape, dtype=np.float32))
-    y = tf.constant(rng.integers(0, model.outputs[0].shape[-1], capacity).astype(np.int32))
-    mask = tf.ones([capacity])
-    seed = tf.constant([1, 2], tf.int64)
-    calls = []
-    for plan in candidates.values():
-        clone = keras.models.clone_model(model)
-        settings = engine.StepSettings(private=private, noise_multiplier=1.0, l2_norm_clip=1.0,
-                                       microbatch_size=microbatch_size, denominator=float(capacity),
+        self.model, self.capacity, self.private = model, capacity, private
+        self.microbatch_size = microbatch_size
+        rng = np.random.default_rng(0)
+        shape = (capacity, *model.inputs[0].shape[1:])
+        if "int" in str(model.inputs[0].dtype):  # token ids: spread over the first layer's vocabulary
+            vocabulary = getattr(model.layers[0], "input_dim", 2)
+            x = tf.constant(rng.integers(0, vocabulary, shape), model.inputs[0].dtype)
+        else:
+            x = tf.constant(rng.random(shape, dtype=np.float32))
+        y = tf.constant(rng.integers(0, model.outputs[0].shape[-1], capacity).astype(np.int32))
+        self.data = (x, y, tf.ones([capacity]), tf.constant([1, 2], tf.int64))
+        self.calls: dict[str, Any] = {}
+        self.pending: set[str] = set()  # being compiled in the background
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def _call(self, plan: StepPlan):
+        """A function running one step of `plan` on a fresh clone of the model (built, not yet traced),
+        traced without autograph: the same graph (the step's code has no Python control flow on tensor
+        values, and autograph does not convert Keras layers' `call`), several times faster to trace."""
+        import keras
+        import tensorflow as tf
+
+        from dpsgd_cli.training import engine
+
+        clone = keras.models.clone_model(self.model)
+        settings = engine.StepSettings(private=self.private, noise_multiplier=1.0, l2_norm_clip=1.0,
+                                       microbatch_size=self.microbatch_size, denominator=float(self.capacity),
                                        jit_compile=plan.jit_compile)
         step, _ = engine.make_train_step(clone, keras.optimizers.SGD(1e-6), settings,
-                                         *plan.functions(private))
+                                         *plan.functions(self.private), autograph=False)
         zeros = [tf.zeros_like(v) for v in clone.trainable_variables]
-        calls.append(lambda step=step, zeros=zeros: step(x, y, mask, zeros, seed)[0])
-    times = _time_calls(calls, STEP_CALLS)
-    return {name: round(ms, 2) for name, ms in zip(candidates, times)}
+        x, y, mask, seed = self.data
+        return lambda: step(x, y, mask, zeros, seed)[0]
+
+    def start(self, candidates: dict[str, StepPlan]) -> None:
+        """Build `candidates` now and compile them (a first call) in a background thread."""
+        calls = {name: self._call(plan) for name, plan in candidates.items()}
+        self.pending |= set(calls)
+
+        def compile_all() -> None:
+            try:
+                for name, call in calls.items():
+                    float(call())
+                    self.calls[name] = call
+            except BaseException as exc:  # re-raised by `wait`, in the planning thread
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=compile_all, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def wait(self) -> None:
+        """Join the background compiles; raise what one of them raised."""
+        for thread in self.threads:
+            thread.join()
+        self.threads.clear()
+        self.pending.clear()
+        if self.errors:
+            raise self.errors.pop(0)
+
+    def race(self, candidates: dict[str, StepPlan]) -> dict[str, float]:
+        """Median ms per whole step of each candidate, raced with margin TIE: one clearly slower than
+        TIE× the leader could not be chosen (`choose`)."""
+        for name, plan in candidates.items():
+            if name not in self.calls and name not in self.pending:
+                call = self._call(plan)
+                float(call())  # trace and compile now, beside any background compile
+                self.calls[name] = call
+        self.wait()
+        times = _race([self.calls[name] for name in candidates], STEP_CALLS, margin=TIE)
+        return {name: round(ms, 2) for name, ms in zip(candidates, times)}

@@ -19,7 +19,6 @@ import numpy as np
 from dpsgd_cli import __version__
 from dpsgd_cli.config import ExperimentConfig, release_bounds, views_per_example
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
-from dpsgd_cli.labels import NUM_CLASSES
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.plan import PrivacyPlan
 from dpsgd_cli.privacy.run_key import RunKey
@@ -30,6 +29,7 @@ from dpsgd_cli.training.data import Dataset
 StepCallback = Callable[[dict[str, Any]], None]
 EVAL_BATCH = 1000  # test examples per forward pass in `evaluate`
 PROGRESS_EVERY = 20  # steps between `on_step` calls (each reads the running statistics from the device)
+STATS = 4  # a step's statistics: loss sum, correct, count, dropped units (`engine.step_statistics`)
 
 
 def library_versions() -> dict[str, str]:
@@ -46,22 +46,20 @@ def library_versions() -> dict[str, str]:
 
 
 def take_step(step_fn, chunk_fn, zeros, x_train: np.ndarray, y_train: np.ndarray, batch: Batch,
-              noise_seed: np.ndarray) -> tuple[float, float, float, Any]:
+              noise_seed: np.ndarray) -> tuple[tuple[float, float, float, float], Any]:
     """Run the compiled DP step (`engine.make_train_step`) on one sampled `batch` of `x_train`/`y_train`.
 
     An oversized Poisson batch's overflow chunks are summed by `chunk_fn` and added before the noise, so
-    no sampled example is dropped. Returns (loss sum, correct, count) over the first chunk's real
-    examples (the overflow chunks' examples are trained on but not in these running statistics), and the
-    step's further outputs (the first chunk's logits with `return_logits`, else an empty tuple)."""
+    no sampled example is dropped. Returns the step's statistics (`engine.step_statistics`: loss sum,
+    correct, count, dropped units) over the first chunk's real examples (the overflow chunks' examples
+    are trained on but not in these running statistics), and the step's further outputs (the first
+    chunk's logits with `return_logits`, else an empty tuple)."""
     from dpsgd_cli.training.engine import overflow_sums
 
     (idx, mask), *overflow = batch.chunks
     extra = overflow_sums(chunk_fn, [(x_train[j], y_train[j], m) for j, m in overflow], zeros)
     out = step_fn(x_train[idx], y_train[idx], mask, extra, noise_seed)
-    step_loss, step_correct, step_count = (float(v) for v in out[:3])
-    if overflow:
-        step_count = float(mask.sum())
-    return step_loss, step_correct, step_count, tuple(out[3:])
+    return tuple(float(v) for v in out[:STATS]), tuple(out[STATS:])
 
 
 class Trainer:
@@ -74,8 +72,8 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from dpsgd_cli.training import distribute, engine, planner, recipes
-        from dpsgd_cli.training.model import model_from_config
+        from dpsgd_cli.training import distribute, engine, features, planner, recipes
+        from dpsgd_cli.training.model import INPUT_SHAPE, model_from_config
 
         self.tf = tf
         self.cfg, self.data, self.plan = cfg, dataset, plan
@@ -84,7 +82,10 @@ class Trainer:
         self.sampler = Sampler(sampling=cfg.data.sampling, batch_size=cfg.data.batch_size,
                                dataset_size=self.n, population=len(dataset.y_train), key=key,
                                max_capacity=cfg.training.physical_batch_size)
-        self.model = plain = model if model is not None else model_from_config(cfg.model, cfg.seed)
+        # the model's data: the images' shape (ScatterNet models: the 28×28×1 images their features come from)
+        shape = INPUT_SHAPE if features.needs_features(cfg.model.architecture) else dataset.input_shape
+        build = (cfg.model, cfg.seed, shape, dataset.num_classes)
+        self.model = plain = model if model is not None else model_from_config(*build)
         # tf.distribute: R replicas each take capacity / R slots of every chunk
         self.distribution = distribute.setup(cfg)
         replicas = self.distribution.replicas if self.distribution else 1
@@ -93,7 +94,7 @@ class Trainer:
         keras.utils.set_random_seed(cfg.seed)  # not secret (initial weights are seeded in model_from_config)
         with self.distribution.scope() if self.distribution else contextlib.nullcontext():
             if self.distribution:  # the same initial weights, in variables mirrored over the replicas
-                weights, self.model = self.model.get_weights(), model_from_config(cfg.model, cfg.seed)
+                weights, self.model = self.model.get_weights(), model_from_config(*build)
                 self.model.set_weights(weights)
             self.optimizer = engine.make_optimizer(cfg.training.optimizer,
                                                    recipes.learning_rate(cfg, plan.total_steps),
@@ -122,9 +123,17 @@ class Trainer:
         if self.distribution:
             self.step_fn, self.chunk_fn = distribute.make_distributed_step(
                 self.distribution, self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
-        else:
-            self.step_fn, self.chunk_fn = engine.make_train_step(
-                self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
+        else:  # the loss is engine.per_example_loss: no Python control flow for autograph to convert,
+            # and tracing without it takes a fraction of the time
+            step_fn, self.chunk_fn = engine.make_train_step(
+                self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device, autograph=False)
+            # its one concrete function, traced now and called directly: each call then skips matching its
+            # arguments (four, one a list of 8+ tensors) to a trace, a fixed cost per step
+            capacity = self.sampler.capacity
+            self.step_fn = step_fn.get_concrete_function(
+                tf.TensorSpec([capacity], tf.int64), tf.TensorSpec([capacity], tf.float32),
+                [tf.TensorSpec(v.shape, v.dtype) for v in self.model.trainable_variables],
+                tf.TensorSpec([2], tf.int64))
         self.predict = tf.function(lambda x: self.model(x, training=False),
                                    jit_compile=self.jit_compile and not self.distribution)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
@@ -156,46 +165,45 @@ class Trainer:
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None) -> dict[str, float]:
         """Train one epoch. The step's statistics stay on the device and are read in one transfer every
-        `PROGRESS_EVERY` steps (for `on_step`) and at the end, so the host never waits for each step; a
-        non-finite loss stops the run with TrainingError at the end of the epoch, naming the first such
-        step. The ledger composes each step that ran."""
+        `PROGRESS_EVERY` steps (for `on_step`) and at the end, so the host never waits for each step. A
+        unit with a non-finite gradient norm or loss is dropped from its step and counted
+        (`train_nonfinite_units`); a step that dropped every real unit it had (or whose loss sum is not
+        finite) stops the run with TrainingError at the end of the epoch, naming the first such step.
+        The ledger composes each step that ran."""
         from dpsgd_cli.training.engine import overflow_sums
 
         tf = self.tf
         total = steps_in_epoch(epoch, self.cfg.data.batch_size, self.n, self.cfg.data.sampling)
-        rows, pending, counts, steps = [], [], [], []
+        rows, pending, steps = [], [], []
 
-        def read() -> np.ndarray:  # [steps so far, 3]: loss sum, correct, count
+        def read() -> np.ndarray:  # [steps so far, STATS]: loss sum, correct, count, dropped units
             if pending:
                 flat = tf.stack([t for out in pending for t in out]).numpy().astype(np.float64)
-                rows.append(flat.reshape(-1, 3))
+                rows.append(flat.reshape(-1, STATS))
                 pending.clear()
-            table = np.concatenate(rows) if rows else np.zeros((0, 3))
-            for i, count in counts:  # the overflow chunks' examples are trained on, not in the stats
-                table[i, 2] = count
-            return table
+            return np.concatenate(rows) if rows else np.zeros((0, STATS))
 
         for i, batch in enumerate(self.sampler.epoch(epoch), start=1):
-            (idx, mask), *overflow = batch.chunks
+            (idx, mask), *overflow = batch.chunks  # the overflow chunks' examples are not in the stats
             extra = overflow_sums(self.chunk_fn, overflow, self.zeros)
-            if overflow:
-                counts.append((i - 1, float(mask.sum())))
             pending.append(self.step_fn(idx, mask, extra, self.key.noise_seed(batch.step)))
             self._account(1)  # the ledger composes the steps that ran, not a formula
             steps.append(batch.step)
             self.steps_done = batch.step + 1
             if on_step and (i % PROGRESS_EVERY == 0 or i == total):
-                loss_sum, correct, count = read().sum(axis=0)
+                loss_sum, correct, count, _ = read().sum(axis=0)
                 on_step({"epoch": epoch, "step_in_epoch": i, "steps_in_epoch": total,
                          "train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)})
         table = read()
-        bad = np.flatnonzero(~np.isfinite(table[:, 0]))
+        bad = np.flatnonzero(~np.isfinite(table[:, 0]) | ((table[:, 2] == 0) & (table[:, 3] > 0)))
         if bad.size:
-            raise TrainingError(f"loss is {table[bad[0], 0]} at epoch {epoch}, step {steps[bad[0]] + 1}: "
-                                f"training diverged; lower training.learning_rate "
-                                f"(now {self.cfg.training.learning_rate:g})")
-        loss_sum, correct, count = (float(v) for v in table.sum(axis=0))
-        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1)}
+            what = (f"loss is {table[bad[0], 0]}" if not np.isfinite(table[bad[0], 0]) else
+                    f"every example's gradient or loss was non-finite ({table[bad[0], 3]:g} units dropped)")
+            raise TrainingError(f"{what} at epoch {epoch}, step {steps[bad[0]] + 1}: training diverged; "
+                                f"lower training.learning_rate (now {self.cfg.training.learning_rate:g})")
+        loss_sum, correct, count, dropped = (float(v) for v in table.sum(axis=0))
+        return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+                "train_nonfinite_units": dropped}
 
     def _account(self, steps: int) -> None:
         """Compose `steps` executed steps into the privacy ledger (private runs only)."""
@@ -225,7 +233,7 @@ class Trainer:
         losses = per_example_loss(logits, y).numpy()
         hits = logits.argmax(axis=1) == y
         per_class = {f"test_accuracy_class_{k}": float(hits[y == k].mean()) if (y == k).any() else math.nan
-                     for k in range(NUM_CLASSES)}
+                     for k in range(self.data.num_classes)}
         return {"test_loss": float(losses.mean()), "test_accuracy": float(hits.mean()), **per_class}
 
     def epoch_row(self, epoch: int, train_stats: dict[str, float], elapsed: float) -> dict[str, Any]:
@@ -256,7 +264,7 @@ class Trainer:
             microbatch_size=self.plan.microbatch_size,
             epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"),
             randomness=self.key.mode, views=views_per_example(self.cfg), releases=self.plan.releases,
-            release_bounds=release_bounds(self.cfg) if self.plan.releases else ())
+            release_bounds=release_bounds(self.cfg) if self.plan.releases else (), record=self.data.record)
 
     def snapshot(self, epoch: int, records: list[Mapping[str, Any]], elapsed: float
                  ) -> tuple[dict[str, Any], list[np.ndarray], list[np.ndarray]]:

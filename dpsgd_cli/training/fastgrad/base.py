@@ -82,7 +82,9 @@ class WeightRule(LayerRule):
         return type(self).shared_unit_terms is not WeightRule.shared_unit_terms
 
     def weighted_sums(self, layer, term, weights: tf.Tensor) -> list[tf.Tensor]:
-        """Σ_u weights_u · g_u for each of `layer.trainable_variables`, in that order."""
+        """Σ_u weights_u · g_u for each of `layer.trainable_variables`, in that order. A unit whose weight
+        is 0 adds exactly 0, even when its terms hold ∞ or NaN (`engine.without_dropped`, or a
+        `tf.math.multiply_no_nan` by the weights): the engine drops units with a non-finite norm so."""
         raise NotImplementedError
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from dpsgd_cli.training.engine import without_dropped
 from dpsgd_cli.training.fastgrad.base import WeightRule, extra_variables
 from dpsgd_cli.training.fastgrad.kernel import joined_factors, layer_terms, unit_factors, weighted_kernel_sum
 
@@ -88,8 +89,7 @@ class DepthwiseConv2DRule(_DepthwiseBase):
         return (sq if bias is None else sq + tf.reduce_sum(tf.square(bias), axis=1)), (grads, bias)
 
     def weighted_sums(self, layer, term, weights):
-        grads, bias = term
-        return [tf.tensordot(weights, grads, 1)] + ([] if bias is None else [tf.tensordot(weights, bias, 1)])
+        return [tf.tensordot(weights, without_dropped(weights, t), 1) for t in term if t is not None]
 
 
 class SeparableConv2DRule(_DepthwiseBase):
@@ -126,8 +126,9 @@ class SeparableConv2DRule(_DepthwiseBase):
     def weighted_sums(self, layer, term, weights):
         depthwise, (a_u, rows, d_u, kernel_grads), bias = term
         pointwise = weighted_kernel_sum(a_u, rows, d_u, kernel_grads, weights)
-        sums = [tf.tensordot(weights, depthwise, 1), tf.reshape(pointwise, layer.pointwise_kernel.shape)]
-        return sums + ([] if bias is None else [tf.tensordot(weights, bias, 1)])
+        sums = [tf.tensordot(weights, without_dropped(weights, depthwise), 1),
+                tf.reshape(pointwise, layer.pointwise_kernel.shape)]
+        return sums + ([] if bias is None else [tf.tensordot(weights, without_dropped(weights, bias), 1)])
 
 
 class _NoBias:

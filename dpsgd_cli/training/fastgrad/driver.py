@@ -232,8 +232,10 @@ def _call_weightless(rule, op, args, kwargs, choice) -> tf.Tensor:
 
 
 def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None):
-    """Logits and a `_Record` per weight layer call, z's watched. `formulation`: {layer name: {"forward":
-    ..., "grads": ...}} (missing: `default_formulation`)."""
+    """Logits and a `_Record` per call of a weight layer with trainable variables, z's watched (a frozen
+    layer is run like a weightless one: its gradient is neither clipped nor summed, so it must not count
+    in a unit's norm). `formulation`: {layer name: {"forward": ..., "grads": ...}} (missing:
+    `default_formulation`)."""
     defaults = default_formulation(model)
     records = []
 

@@ -1,10 +1,12 @@
 """Dense and Conv2D's shared algebra: z = op(input, kernel) + bias, a unit's kernel gradient A_u·D_u,
-its squared norm by materializing or by Gram matrices ("ghost"), and the weighted sum as one GEMM."""
+its squared norm by materializing or by Gram matrices ("ghost": an upper bound, from float64 Grams and a
+rounding margin), and the weighted sum as one GEMM (float64 when a unit has several positions)."""
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from dpsgd_cli.training.engine import without_dropped
 from dpsgd_cli.training.fastgrad.base import WeightRule, extra_variables
 
 
@@ -54,19 +56,24 @@ class KernelRule(WeightRule):
     def weighted_sums(self, layer, term, weights):
         a_u, rows, d_u, grads, bias = term
         sums = [tf.reshape(weighted_kernel_sum(a_u, rows, d_u, grads, weights), layer.kernel.shape)]
-        return sums + ([] if bias is None else [tf.tensordot(weights, bias, 1)])
+        return sums + ([] if bias is None else [tf.tensordot(weights, without_dropped(weights, bias), 1)])
 
 
 def weighted_kernel_sum(a_u, rows: bool, d_u, grads, weights: tf.Tensor) -> tf.Tensor:
-    """Σ_u weights_u · A_u·D_u [p, c]: one GEMM [p, units·T] · [units·T, c], or from materialized `grads`."""
+    """Σ_u weights_u · A_u·D_u [p, c]: one GEMM [p, units·T] · [units·T, c] (a dropped unit's A_u and D_u
+    zeroed; float64 when a unit has several positions, whose terms may cancel: summed as exactly as its
+    norm was taken), or from materialized `grads`."""
     if grads is not None:
-        return tf.tensordot(weights, grads, axes=1)
+        return tf.tensordot(weights, without_dropped(weights, grads), axes=1)
+    a_u = without_dropped(weights, a_u)
     if rows:
         a_all, transpose = tf.reshape(a_u, [-1, a_u.shape[2]]), True
     else:
         a_all, transpose = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1]), False
-    weighted = tf.reshape(d_u * weights[:, None, None], [-1, d_u.shape[2]])
-    return tf.matmul(a_all, weighted, transpose_a=transpose)
+    weighted = tf.reshape(tf.math.multiply_no_nan(d_u, weights[:, None, None]), [-1, d_u.shape[2]])
+    if d_u.shape[1] > 1:
+        a_all, weighted = tf.cast(a_all, tf.float64), tf.cast(weighted, tf.float64)
+    return tf.cast(tf.matmul(a_all, weighted, transpose_a=transpose), d_u.dtype)
 
 
 def joined_factors(factors):
@@ -108,13 +115,31 @@ def layer_terms(layer, a_u, rows: bool, d_u, strategy: str):
         if t == 1:  # one row per unit (a Dense layer on flat inputs): ‖a dᵀ‖² = ‖a‖²‖d‖², no GEMM
             sq = tf.reduce_sum(tf.square(a_u), axis=[1, 2]) * tf.reduce_sum(tf.square(d_u), axis=[1, 2])
             return with_bias(layer, sq, None, d_u)
-        gram_a = tf.matmul(a_u, a_u, transpose_a=not rows, transpose_b=rows)  # [units, T, T]
-        gram_d = tf.matmul(d_u, d_u, transpose_b=True)
-        sq, grads = tf.maximum(tf.reduce_sum(gram_a * gram_d, axis=[1, 2]), 0.0), None
+        sq, grads = ghost_squared_norms(a_u, rows, d_u), None
     else:
         grads = tf.matmul(a_u, d_u, transpose_a=rows)
         sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
     return with_bias(layer, sq, grads, d_u)
+
+
+def ghost_squared_norms(a_u: tf.Tensor, rows: bool, d_u: tf.Tensor) -> tf.Tensor:
+    """An upper bound [units] on ‖A_uᵀD_u‖², the squared norm of a unit's kernel gradient, from Gram
+    matrices (Li et al. 2022): Σ (A_uᵀA_u) ⊙ (D_u D_uᵀ).
+
+    The Gram sum cancels when positions' terms nearly cancel (near-opposite input rows), so in float32 it
+    can come out far below the true norm (or negative, clamped to 0) and the unit would escape clipping.
+    Here the Grams are accumulated in float64 (the float32 factors' products are exact there) and a margin
+    covers the rounding left: γ_n·E² with n = p + c + T² + 2 terms at most and E = Σ_t ‖a_t‖‖d_t‖ per unit
+    (E² bounds Σ |A_uᵀA_u| ⊙ |D_u D_uᵀ|). `weighted_sums` adds the same gradient in float64 when T > 1."""
+    a64, d64 = tf.cast(a_u, tf.float64), tf.cast(d_u, tf.float64)
+    gram_a = tf.matmul(a64, a64, transpose_a=not rows, transpose_b=rows)  # [units, T, T]
+    gram_d = tf.matmul(d64, d64, transpose_b=True)
+    sq = tf.reduce_sum(gram_a * gram_d, axis=[1, 2])
+    e = tf.reduce_sum(tf.norm(a64, axis=2 if rows else 1) * tf.norm(d64, axis=2), axis=1)
+    t, p, c = d_u.shape[1], a_u.shape[2] if rows else a_u.shape[1], d_u.shape[2]
+    n = p + c + t * t + 2
+    margin = n * 2.0 ** -53 / (1.0 - n * 2.0 ** -53) * e * e  # γ_n (Higham) · E²
+    return tf.cast(tf.maximum(sq, 0.0) + margin, a_u.dtype)
 
 
 def with_bias(layer, sq, grads, d_u):

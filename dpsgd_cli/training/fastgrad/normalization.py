@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from dpsgd_cli.training.engine import without_dropped
 from dpsgd_cli.training.fastgrad.base import LayerRule, WeightRule, extra_variables, norm_axes
 
 
@@ -84,7 +85,8 @@ class AffineNormRule(WeightRule):
         return sq, grads
 
     def weighted_sums(self, layer, term, weights):
-        return [tf.reshape(tf.tensordot(weights, term[id(v)], 1), v.shape) for v in layer.trainable_variables]
+        return [tf.reshape(tf.tensordot(weights, without_dropped(weights, term[id(v)]), 1), v.shape)
+                for v in layer.trainable_variables]
 
 
 
