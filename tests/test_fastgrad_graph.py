@@ -63,7 +63,7 @@ def _assert_fast_equals_loop(model, k: int = 1, formulations=(None,), strategies
                  fastgrad.per_unit_norms(model, x, y, k, strategy=s, formulation=f)) for f, s in cases]
 
     ref_losses = engine.per_example_loss(model(x, training=True), y)
-    for case, ((sums, losses, _), norms) in zip(cases, every_case(x, y, mask)):
+    for case, ((sums, losses, *_), norms) in zip(cases, every_case(x, y, mask)):
         assert len(sums) == len(model.trainable_variables)
         for s, e, v in zip(sums, ref_sums, model.trainable_variables):
             assert s.shape == v.shape
@@ -273,6 +273,51 @@ def test_plan_cache_key_tells_wirings_apart():
                                                                       keras.layers.Activation(None)(h)))
 
     assert planner.model_signature(build(False)) != planner.model_signature(build(True))
+
+
+def _every_graph_rule():
+    """Shared Conv2D, DepthwiseConv2D, SeparableConv2D, GroupNorm and Dense calls in one Functional model."""
+    keras.utils.set_random_seed(9)
+    inputs = keras.Input(SHAPE)
+    conv, norm = _conv(4, "conv"), keras.layers.GroupNormalization(2, name="gn")
+    wide = keras.initializers.RandomNormal(stddev=1.0, seed=9)  # 3e38·Σw overflows to ±∞, then NaN
+    h = norm(conv(keras.layers.Conv2D(4, 3, activation="relu", kernel_initializer=wide, name="stem")(inputs)))
+    h = keras.layers.Add()([h, norm(conv(h))])
+    h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
+    h = keras.layers.SeparableConv2D(4, 3, padding="same", activation="relu", name="sep")(h)
+    dense = keras.layers.Dense(4, activation="tanh", name="dense")
+    h = dense(dense(keras.layers.GlobalAveragePooling2D()(h)))
+    return _perturbed(keras.Model(inputs, keras.layers.Dense(3, name="logits")(h)))
+
+
+def _formulation_of(model, index: int):
+    options = dict(planner._layer_options(model, private=True))
+    return {name: c[index % len(c)] for name, c in options.items()}
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_a_non_finite_unit_is_dropped_from_every_graph_rule(index):
+    """One example of 3e38 overflows float32: its unit is dropped (weight 0, terms left out, kept 0) by
+    every rule and formulation, shared calls included, and the sum is the loop's without it."""
+    model = _every_graph_rule()
+    x, y, mask = _batch(n=8, seed=5)
+    x = tf.tensor_scatter_nd_update(x, [[2]], tf.fill([1, *SHAPE], 3e38))
+    clip = 0.3
+    sums, _, _, kept = tf.function(lambda x, y, m: fastgrad.fast_clipped_gradient_sum(
+        model, x, y, m, clip, 1, _formulation_of(model, index)))(x, y, mask)
+    expected = np.asarray(mask).copy()
+    expected[2] = 0.0
+    np.testing.assert_array_equal(kept.numpy(), expected)
+    reference = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
+    for i in np.flatnonzero(expected):
+        with tf.GradientTape() as tape:
+            loss = engine.per_example_loss(model(x[i:i + 1], training=True), y[i:i + 1])[0]
+        grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+        scale = min(1.0, clip / np.sqrt(sum(np.sum(g ** 2) for g in grads)))
+        reference = [r + scale * g for r, g in zip(reference, grads)]
+    for got, want, v in zip(sums, reference, model.trainable_variables):
+        assert np.isfinite(got.numpy()).all(), v.path
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=v.path)
 
 
 class _Odd(keras.layers.Layer):
