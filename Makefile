@@ -9,7 +9,7 @@ DPSGD := $(BIN)/dpsgd
 help:  ## list targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hypothesis, mypy, mkdocs)
+install:  ## create .venv and install dpsgd with its dev tools (pytest, ruff, hypothesis, mypy, mkdocs) and the trackers (TensorBoard, MLflow)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"

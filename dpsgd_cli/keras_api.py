@@ -20,8 +20,9 @@ What `fit` does, and where each part lives (nothing here re-implements clipping,
 * the step: `engine.make_train_step` — per-example (or per-microbatch, TF Privacy semantics) gradients of
   the compiled loss, clipped to `l2_norm_clip`, masked, summed, one N(0, (σC)²) draw keyed by the run key
   and the step, divided by the expected batch size (or the number of microbatches), then the compiled
-  optimizer. The fast per-example path (`fastgrad`) when every layer is supported, else
-  `tf.vectorized_map` (a warning says so once).
+  optimizer. The fast per-example path (`fastgrad`: Sequential, Functional and subclassed models with a
+  static graph, docs/models.md) when every layer is supported, else `tf.vectorized_map` (a warning says
+  so once).
 * randomness: `run_key`. A fresh secret 128-bit key from OS entropy per DPModel, held only in memory; a
   reproducible key only when asked (`reproducible_seed=`), for research and tests. A key passed as
   `run_key=` is refused when a run directory's run.key holds it (that run drew its noise and batches from

@@ -219,8 +219,10 @@ def _formulations(model, private: bool = True):
 
 def test_formulations_cover_every_choice():
     formulations = _formulations(build_model())
-    assert len(formulations) == 5
-    assert {f["conv1"]["grads"] for f in formulations} == {"materialize", "ghost", "depthwise"}
+    grouped = {"grouped"} if fastgrad.conv.grouped_filter_gradients() else set()
+    assert len(formulations) == 5 + len(grouped)
+    assert {f["conv1"]["grads"] for f in formulations} == {"materialize", "ghost", "depthwise"} | grouped
+    assert {f["conv2"]["grads"] for f in formulations} == {"materialize", "ghost"} | grouped
     assert {f["pool1"]["forward"] for f in formulations} == {"native", "slices"}
     assert {f["conv2"]["forward"] for f in formulations} == {"native", "patches"}
     assert all(c.get("grads") != "depthwise" for f in formulations for c in (f["conv2"],))  # 16 inputs
@@ -249,9 +251,11 @@ def test_every_formulation_matches_the_loop(model, k):
 
 
 @pytest.mark.slow  # XLA compiles
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_every_formulation_under_xla_matches_the_loop(index):
     model = build_model(activation="relu", seed=3)
+    if index >= len(_formulations(model)):
+        pytest.skip("grouped filter gradients are not available in this TensorFlow build")
     x, y, mask = _batch(seed=9)
     l2_norm_clip, _, ref_sums = _clip_between_norms(model, x, y, mask, 1)
     f = _formulations(model)[index]

@@ -286,6 +286,51 @@ def test_a_text_model_with_an_embedding_fits_on_the_fast_path():
     assert not np.allclose(model.get_weights()[0], before)
 
 
+def _residual_model(seed: int, extra: keras.layers.Layer | None = None) -> keras.Model:
+    """A Functional model: Dense → (Dense → GroupNorm) added back → [extra] → Dense; a shared Dense too."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh")(inputs)
+    shared = keras.layers.Dense(8, activation="tanh")
+    r = keras.layers.GroupNormalization(2)(shared(shared(h)))
+    h = keras.layers.Add()([h, r])
+    if extra is not None:
+        h = extra(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def test_a_functional_model_fits_on_the_fast_path_and_equals_a_tape_loop():
+    """No "slower" warning: the fast path. With q = 1 and SGD at rate 1 the update is (Σ_i clip(g_i) from a
+    GradientTape loop + the noise regenerated from the key) / B, as for the vectorized_map path above."""
+    n, sigma = 16, 0.7
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=n).astype(np.int32)
+    model = _residual_model(seed=4)
+    before = [v.numpy() for v in model.trainable_variables]
+    per_example = []
+    for i in range(n):
+        with tf.GradientTape() as tape:
+            loss = _sparse_ce()(y[i:i + 1], model(x[i:i + 1], training=True))
+        per_example.append([g.numpy() for g in tape.gradient(loss, model.trainable_variables)])
+    norms = [np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads)) for grads in per_example]
+    clip = float(np.median(norms))
+    loop_sum = [sum(grads[j] * min(1.0, clip / norm) for grads, norm in zip(per_example, norms))
+                for j in range(len(before))]
+
+    key = new_run_key(reproducible=True, seed=6, label="functional-test")
+    dp_model = DPModel(model, l2_norm_clip=clip, noise_multiplier=sigma, run_key=key)
+    dp_model.compile(optimizer=keras.optimizers.SGD(1.0), loss=_sparse_ce())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dp_model.fit(x, y, epochs=1, batch_size=n, verbose=0)
+    assert not [w for w in caught if "slower" in str(w.message) or "vectorized_map" in str(w.message)]
+    assert dp_model.gradient_path == "fast" and dp_model.steps_done == 1
+    noise = engine.gaussian_noise(model.trainable_variables, sigma * clip, key.noise_seed(0))
+    for got, w, s, z in zip(model.trainable_variables, before, loop_sum, noise):
+        np.testing.assert_allclose(got.numpy(), w - (s + z.numpy()) / n, rtol=1e-5, atol=1e-6)
+
+
 class _LogKeys(keras.callbacks.Callback):
     """Records the keys of every log a callback is handed."""
 
@@ -368,6 +413,42 @@ def test_one_overflowing_example_is_dropped_from_the_step_and_counted():
     noise = engine.gaussian_noise(model.trainable_variables, sigma * clip, key.noise_seed(0))
     for got, w, s, z in zip(model.trainable_variables, before, loop_sum, noise):
         np.testing.assert_allclose(got.numpy(), w - (s + z.numpy()) / n, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unsupported_functional_model_says_so_once_and_uses_vectorized_map():
+    model = _residual_model(seed=5, extra=keras.layers.UnitNormalization(name="unit"))
+    dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0)
+    dp_model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_sparse_ce())
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 6)).astype(np.float32), rng.integers(0, 3, 32).astype(np.int32)
+    with pytest.warns(UserWarning, match=r"vectorized_map \(slower\).*UnitNormalization layer 'unit'"):
+        dp_model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert dp_model.gradient_path == "vectorized_map"
+
+
+def test_a_subclassed_model_with_a_static_graph_fits_on_the_fast_path():
+    class Residual(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(8)
+            self.logits = keras.layers.Dense(3)
+
+        def call(self, x, training=None):
+            h = self.a(x)
+            return self.logits(h + self.b(h))
+
+    model = Residual()
+    model(tf.zeros((1, 6)))
+    before = _weights(model)
+    dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0)
+    dp_model.compile(optimizer=keras.optimizers.SGD(0.1), loss=_sparse_ce())
+    rng = np.random.default_rng(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dp_model.fit(rng.normal(size=(32, 6)).astype(np.float32), rng.integers(0, 3, 32).astype(np.int32),
+                     epochs=1, batch_size=16, verbose=0)
+    assert not [w for w in caught if "vectorized_map" in str(w.message)]
+    assert dp_model.gradient_path == "fast" and not np.allclose(_weights(model), before)
 
 
 def test_a_key_a_run_directory_used_or_another_model_holds_is_refused(tmp_path):

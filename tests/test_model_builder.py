@@ -31,6 +31,12 @@ def grouped(input_shape, num_classes):
     return keras.Model(inputs, outputs)
 
 
+def unit_norm(input_shape, num_classes):
+    inputs = keras.Input(shape=input_shape)
+    h = keras.layers.UnitNormalization()(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(h))
+
+
 def raises(input_shape, num_classes):
     raise ValueError("no GPU\\nhere")
 
@@ -88,7 +94,8 @@ def _error_line(result) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("builder,path", [("tiny", "fast"), ("grouped", "vectorized_map")])
+@pytest.mark.parametrize("builder,path", [("tiny", "fast"), ("grouped", "fast"),
+                                          ("unit_norm", "vectorized_map")])
 def test_a_builder_in_yaml_trains_end_to_end_and_audit_loads_it(builders, tiny_overrides, tmp_path, builder,
                                                                  path):
     config = tmp_path / "mine.yaml"

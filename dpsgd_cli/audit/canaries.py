@@ -70,16 +70,18 @@ class CanarySet:
         return len(self.y)
 
 
-def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int, key: RunKey) -> CanarySet:
+def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int, key: RunKey,
+                  num_classes: int = NUM_CLASSES) -> CanarySet:
     """Draw m synthetic canaries shaped like `x_train`'s images (see the module docstring): images and
-    labels from `seed`, inclusion coins from the run's `key`. No training record is copied."""
+    labels (0..num_classes−1) from `seed`, inclusion coins from the run's `key`. No training record is
+    copied."""
     n = len(y_train)
     if not 1 <= m <= n:
         raise ConfigError(f"privacy.canaries: {m} canaries would outnumber the run's {n} training examples; "
                           f"use 0 ≤ privacy.canaries ≤ {n}")
     rng = np.random.default_rng([seed, CANARY_STREAM])
     pixels = rng.integers(0, 256, size=(m, *x_train.shape[1:]))
-    labels = rng.integers(0, NUM_CLASSES, size=m).astype(np.int32)
+    labels = rng.integers(0, num_classes, size=m).astype(np.int32)
     included = key.generator(STREAM_CANARIES).random(m) < 0.5
     return CanarySet(x=(pixels / 255.0).astype(np.float32), y=labels, included=included,
                      source_index=np.full(m, -1, np.int64))
@@ -87,7 +89,7 @@ def make_canaries(x_train: np.ndarray, y_train: np.ndarray, m: int, seed: int, k
 
 def add_canaries(dataset: Dataset, m: int, seed: int, key: RunKey) -> tuple[Dataset, CanarySet]:
     """Return the dataset with the included canaries appended to x_train/y_train, and all m canaries."""
-    canary_set = make_canaries(dataset.x_train, dataset.y_train, m, seed, key)
+    canary_set = make_canaries(dataset.x_train, dataset.y_train, m, seed, key, dataset.num_classes)
     keep = canary_set.included
     grown = replace(dataset,
                     x_train=np.concatenate([dataset.x_train, canary_set.x[keep]]),

@@ -125,7 +125,7 @@ def membership_split(run: _Run, canary_set: CanarySet | None, data_dir: str | No
     """(x_member, y_member, x_nonmember, y_nonmember, nonmember_source) for the threshold attack."""
     cfg = run.cfg
     folder = data_dir or resolved_data_dir(cfg)
-    full = load_dataset(cfg.data.dataset, folder)
+    full = load_dataset(cfg.data.dataset, folder, path=cfg.data.path, label_column=cfg.data.label_column)
     n_real = len(full.y_train) if cfg.data.train_size is None else min(cfg.data.train_size, len(full.y_train))
     _check_dataset_size(run, n_real, canary_set)
     keep = np.ones(n_real, dtype=bool)

@@ -126,7 +126,9 @@ def epsilon(
         if extra:
             raise ConfigError(f"--config gives every number; change one with --set (e.g. --set "
                               f"training.epochs=50), not {extra[0]}")
-        s = resolve_config(config, overrides)
+        from dpsgd_cli.training.data import count_records  # no TensorFlow: loads data.path's records
+
+        s = resolve_config(config, overrides, count_records)
     else:
         if overrides:
             raise ConfigError("--set needs --config")

@@ -46,7 +46,10 @@ def resolved_data_dir(cfg: ExperimentConfig) -> str | None:
     return cfg.data.data_dir or os.environ.get("DPSGD_DATA_DIR") or None
 
 
-def dataset_size(cfg: ExperimentConfig) -> int:
-    """Training examples the run uses (n), without loading the data."""
-    full = DATASET_SIZES[cfg.data.dataset]
+def dataset_size(cfg: ExperimentConfig) -> int | None:
+    """Training examples the run uses (n), without loading the data; None for data read from `data.path`
+    (n is then the number of records its loader returns: count them with `training.data.count_records`)."""
+    full = DATASET_SIZES.get(cfg.data.dataset)
+    if full is None:
+        return None
     return min(full, cfg.data.train_size) if cfg.data.train_size else full

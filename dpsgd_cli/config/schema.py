@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("fashion_mnist", "mnist")
+BUILTIN_DATASETS = ("fashion_mnist", "mnist")  # IDX files or the Keras download
+FILE_DATASETS = ("npz", "image_folder", "csv")  # read from data.path
+DATASETS = (*BUILTIN_DATASETS, "cifar10", "cifar100", *FILE_DATASETS)
 ARCHITECTURES = ("tfp_cnn", "tanh_cnn", "scatter_linear", "scatter_pointwise", "scatter_cnn_16_32",
-                 "scatter_cnn_32_64", "scatter_cnn_64_128")
+                 "scatter_cnn_32_64", "scatter_cnn_64_128", "mlp")
 # other names of model.architecture, read as the name they map to (run.yaml files written under them still
 # load, resume and audit); configs are written with the names of ARCHITECTURES
 ARCHITECTURE_ALIASES = {"scatter_cnn": "scatter_cnn_16_32", "scatter_cnn_wide": "scatter_cnn_32_64",
                         "scatter_cnn_wider": "scatter_cnn_64_128"}
-PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on 28×28 pixels (the others on scattering features)
+PIXEL_ARCHITECTURES = ("tfp_cnn", "tanh_cnn")  # on pixels (the scatter_* models on scattering features)
 ACTIVATIONS = ("relu", "tanh")
 FEATURE_NORMS = ("group_norm", "private_stats")
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -32,7 +34,7 @@ LR_SCHEDULES = ("constant", "cosine")
 PLAN_CHOICES = {"forward": ("native", "patches", "slices"), "grads": ("materialize", "ghost", "depthwise")}
 STRATEGIES = ("none", "mirrored", "multi_worker")
 CLUSTERS = ("tf_config", "slurm")
-DATASET_SIZES = {"fashion_mnist": 60000, "mnist": 60000}
+DATASET_SIZES = {"fashion_mnist": 60000, "mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 _BUILDER_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -47,9 +49,15 @@ def _key(default: Any, help: str, choices: tuple | None = None) -> Any:
 class DataConfig:
     """Which data and how each step samples it. `batch_size` is the (expected) examples per step."""
 
-    dataset: str = _key("fashion_mnist", "the dataset", DATASETS)
-    data_dir: str | None = _key(None, "folder with the IDX .gz files; null: $DPSGD_DATA_DIR, else the Keras "
-                                      "download")
+    dataset: str = _key("fashion_mnist", "the data: a built-in dataset (fashion_mnist, mnist, cifar10, "
+                                          "cifar100) or your own from data.path (npz, image_folder, csv)",
+                        DATASETS)
+    data_dir: str | None = _key(None, "folder with the IDX .gz files (or cifar-10-batches-py, "
+                                      "cifar-100-python); null: $DPSGD_DATA_DIR, else the Keras download")
+    path: str | None = _key(None, "npz: the .npz file (x_train, y_train, x_test, y_test); image_folder: the "
+                                  "folder holding train/<class>/ and test/<class>/; csv: the folder holding "
+                                  "train.csv and test.csv")
+    label_column: str = _key("label", "csv: the column holding the labels 0..K−1 (all others are features)")
     batch_size: int = _key(256, "B: expected examples per step (poisson) or the exact batch size (shuffle)")
     sampling: str = _key("poisson", "poisson: each example joins each step with probability q = B/n (what ε "
                                     "assumes); shuffle: fixed batches of a per-epoch permutation (ε then "
@@ -65,11 +73,13 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The built-in `architecture` (with `activation`), or `builder`: "package.module:function", a function
-    called as `function(input_shape=(28, 28, 1), num_classes=10)` that returns an un-compiled Keras model
-    whose outputs are logits; when given, it replaces `architecture` and `activation`."""
+    called as `function(input_shape=..., num_classes=...)` with the data's shape (e.g. (28, 28, 1)) and
+    number of classes (e.g. 10), that returns an un-compiled Keras model whose outputs are logits; when
+    given, it replaces `architecture` and `activation`."""
 
     architecture: str = _key("tfp_cnn", "the built-in model: tfp_cnn is TensorFlow Privacy's tutorial CNN; "
-                                        "the others are the recipes of the results page (scatter_cnn_C1_C2: "
+                                        "mlp a small multilayer perceptron (any input, e.g. csv); the others "
+                                        "are the recipes of the results page (scatter_cnn_C1_C2: "
                                         "ScatterNet features, then convolutions of C1 and C2 channels)",
                              ARCHITECTURES)
     activation: str = _key("relu", "the hidden layers' activation", ACTIVATIONS)
@@ -153,6 +163,20 @@ class DistributeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Experiment trackers fed after every epoch with what the privacy statement covers (test metrics, ε,
+    the hyperparameters, the statement); the training metrics only with `training_metrics: true`."""
+
+    tensorboard: bool = _key(False, "write TensorBoard event files to <run dir>/tensorboard/ (needs the "
+                                    "tensorboard package: pip install 'dpsgd[tensorboard]')")
+    mlflow: Any = _key(False, "log to MLflow: true (MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db "
+                              "in the current folder) or a tracking URI; needs pip install 'dpsgd[mlflow]'")
+    mlflow_experiment: str = _key("dpsgd", "the MLflow experiment the runs are logged in")
+    training_metrics: bool = _key(False, "also log train_loss and train_accuracy (computed on the private "
+                                         "batches without noise: not covered by ε; the statement says so)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """One experiment: a name, where results go, the non-secret seed, and the sections. Frozen; build it
     with `load_config` (which validates it) and change it with `config.with_overrides`.
@@ -175,6 +199,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -187,7 +212,7 @@ class ExperimentConfig:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "privacy": PrivacyConfig,
-             "distribute": DistributeConfig}
+             "distribute": DistributeConfig, "tracking": TrackingConfig}
 
 
 def reference_rows() -> list[tuple[str, Any, str, tuple | None]]:

@@ -79,6 +79,8 @@ class Axis:
 
     def draw(self, rng: np.random.Generator) -> float:
         """One value of the range, from `rng` alone (never from the data or other trials)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.key}: a list of values, not a range")
         if self.scale == "log":
             return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
         return float(rng.uniform(self.low, self.high))

@@ -16,6 +16,7 @@ from dpsgd_cli.config.schema import (
     CLUSTERS,
     DATASETS,
     FEATURE_NORMS,
+    FILE_DATASETS,
     GRADIENT_PATHS,
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -27,6 +28,7 @@ from dpsgd_cli.config.schema import (
     DistributeConfig,
     ExperimentConfig,
     PrivacyConfig,
+    TrackingConfig,
 )
 from dpsgd_cli.errors import ConfigError
 
@@ -53,6 +55,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0 <= cfg.seed < 2**32, f"seed: must be in [0, 2**32 - 1], got {cfg.seed}")
     d, m, t, p = cfg.data, cfg.model, cfg.training, cfg.privacy
     _choice("data.dataset", d.dataset, DATASETS)
+    if d.dataset in FILE_DATASETS:
+        _check(bool(d.path), f"data.path: data.dataset {d.dataset} reads your data from data.path; set it "
+               "(see the data sources page of the docs)")
+    else:
+        _check(d.path is None, f"data.path: only for data.dataset {', '.join(FILE_DATASETS)}; "
+               f"{d.dataset} is read from data.data_dir (or downloaded); remove data.path")
+    _check(bool(d.label_column.strip()), "data.label_column: must name a column, got an empty string")
     _choice("data.sampling", d.sampling, SAMPLINGS)
     _choice("data.augmentation", d.augmentation, tuple(AUGMENTATIONS))
     _check(d.batch_size >= 1, f"data.batch_size: must be ≥ 1, got {d.batch_size}")
@@ -90,6 +99,18 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("training.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     _validate_privacy(p, d)
     _validate_distribute(cfg.distribute, p, d)
+    _validate_tracking(cfg.tracking)
+
+
+def _validate_tracking(tracking: TrackingConfig) -> None:
+    """`tracking.*`; whether the tracker's package is installed is checked when the run starts."""
+    uri = tracking.mlflow
+    _check(isinstance(uri, bool) or (isinstance(uri, str)
+                                      and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S", uri) is not None),
+           f"tracking.mlflow: must be true, false or a tracking URI with its scheme (e.g. "
+           f"sqlite:///mlflow.db, http://localhost:5000), got {_describe(uri)}")
+    _check(bool(tracking.mlflow_experiment.strip()),
+           "tracking.mlflow_experiment: must name an experiment, got an empty string")
 
 
 def _validate_distribute(dist: DistributeConfig, p: PrivacyConfig, d: DataConfig) -> None:

@@ -9,23 +9,28 @@ from that checkpoint: sampling is keyed by (run key, epoch) and noise by (run ke
 read back from the run's 0600 `run.key` (see `run_key`), so with the weights, the optimizer state and the
 privacy ledger restored (replaying the steps each recorded epoch executed) the resumed run
 repeats the uninterrupted one exactly, ε included.
+
+Trackers (`tracking.*`: TensorBoard, MLflow) get what `runs.trackers.tracked_metrics` allows after each
+epoch's metrics.csv, and the statement, run.yaml and plots at the end; their run ids are kept in run.yaml so
+a resume continues them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpsgd_cli.config import ExperimentConfig, flatten, release_bounds, resolve_aliases, resolved_data_dir
+from dpsgd_cli.config import ExperimentConfig, flatten, release_bounds, resolve_aliases
 from dpsgd_cli.errors import DpsgdError, RunDirError
 from dpsgd_cli.privacy.plan import PrivacyPlan, plan_privacy
 from dpsgd_cli.privacy.run_key import RunKey, load_run_key, new_run_key, save_run_key
 from dpsgd_cli.privacy.sampling import steps_after_epochs
-from dpsgd_cli.privacy.statement import privacy_statement
-from dpsgd_cli.runs import checkpoint
+from dpsgd_cli.privacy.statement import COVERAGE, privacy_statement
+from dpsgd_cli.runs import checkpoint, trackers
 from dpsgd_cli.runs.results import EpochRecord, write_metrics, write_yaml
 from dpsgd_cli.runs.run_dir import (
     FINISHED,
@@ -37,15 +42,16 @@ from dpsgd_cli.runs.run_dir import (
     prepare_run_dir,
 )
 from dpsgd_cli.training import augmentation, distribute, feature_norm, features
-from dpsgd_cli.training.data import data_fingerprint, load_dataset
+from dpsgd_cli.training.data import Dataset, data_fingerprint, load_config_data
 from dpsgd_cli.training.trainer import StepCallback, Trainer, library_versions
 
 EpochCallback = Callable[[EpochRecord], None]
 # Keys of the config that may differ between a checkpoint and run.yaml: where the run lives and where the
 # data are read from (the data themselves are compared by fingerprint).
 # So are the distribute.* keys: the mechanism and ε do not depend on them (a run may resume on other devices).
-_RELOCATABLE = ("name", "output_dir", "data.data_dir", "distribute.strategy", "distribute.devices",
-                "distribute.cpu_devices", "distribute.cluster", "distribute.collective_timeout_s")
+_RELOCATABLE = ("name", "output_dir", "data.data_dir", "data.path", "distribute.strategy",
+                "distribute.devices", "distribute.cpu_devices", "distribute.cluster",
+                "distribute.collective_timeout_s")
 
 
 @dataclass
@@ -59,12 +65,17 @@ class RunResult:
             the private batches without noise and are not covered by ε.
         statement: the privacy guarantee in words: ε, δ and what they assume and cover.
         noise_multiplier: σ as trained (calibrated when the config gives a target ε); None if non-private.
+        data: what the run trained on (run.yaml's `resolved.data`: source, what one record is, n, shapes,
+            classes).
+        tracking: the trackers' run ids (run.yaml's `tracking`).
     """
 
     run_dir: Path
     records: list[EpochRecord] = field(default_factory=list)
     statement: str = ""
     noise_multiplier: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    tracking: dict[str, str] = field(default_factory=dict)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -77,7 +88,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
         on_epoch: EpochCallback | None = None, overwrite: bool = False, resume: bool = False,
-        run_key: RunKey | None = None) -> RunResult:
+        run_key: RunKey | None = None, tracking_parent: str | None = None) -> RunResult:
     """Train `cfg` (what `dpsgd train` does, without the terminal) and write run.key (0600), metrics.csv,
     run.yaml and a checkpoint per epoch under `cfg.run_dir`.
 
@@ -91,16 +102,19 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
             the one it was started with: see `resume_config`).
         run_key: the key of a new run (default: a fresh secret key, or the reproducible one when
             `privacy.reproducible` is true).
+        tracking_parent: the MLflow run this one is a child of (a sweep's points).
 
     Returns:
         A `RunResult`: the run directory, one record per epoch, σ and the privacy statement.
 
     Raises:
         RunDirError: the run directory exists (without `overwrite`) or cannot be resumed.
-        ConfigError, DataError: bad input, before anything is written.
+        ConfigError, DataError: bad input, data a built-in model cannot take, or a tracker that cannot
+            start, before anything is written.
         TrainingError: a non-finite loss (the last checkpoint and metrics.csv stay as they were).
         RunInterrupted: Ctrl-C; the finished epochs are saved.
     """
+    trackers.require_packages(cfg)
     dist = distribute.setup(cfg)  # first: devices and collectives are set up before TensorFlow starts
     if dist is not None and not dist.is_chief:  # only the chief writes cfg.run_dir
         cfg = distribute.worker_config(dist, cfg, resume)
@@ -112,8 +126,14 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     if dist is not None:  # every worker samples and draws noise with the chief's key
         key = distribute.shared_key(dist, key)
     _check_key_mode(key, cfg, run_dir)
-    dataset = load_dataset(cfg.data.dataset, resolved_data_dir(cfg), cfg.data.train_size, cfg.data.test_size)
+    dataset = load_config_data(cfg)
     real_examples = len(dataset.y_train)
+    from dpsgd_cli.training.model import check_fits, model_from_config
+
+    check_fits(None, dataset.input_shape, cfg.data.augmentation)
+    # a builder's errors and a model that cannot take the data come before the run dir changes
+    model = model_from_config(cfg.model, cfg.seed, dataset.input_shape, dataset.num_classes)
+    data_facts = _data_facts(dataset, real_examples)
     canary_set = None
     if cfg.privacy.canaries:
         from dpsgd_cli.audit import canaries
@@ -124,16 +144,39 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     fingerprint = data_fingerprint(dataset)
     if ckpt:
         _check_continues(ckpt, cfg, plan, fingerprint)
-    from dpsgd_cli.training.model import model_from_config
+    recorded = RunDir(run_dir).document().get("tracking") if resume else None
+    # only the chief (or the one process) tracks: the other workers train the same run
+    tracked = (trackers.open_trackers(cfg, run_dir, recorded=recorded, parent_run_id=tracking_parent)
+               if dist is None or dist.is_chief else trackers.Trackers())
+    result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier, data=data_facts,
+                       tracking=dict(tracked.ids))
+    try:
+        _run_stages(cfg, plan, key, ckpt, dataset, real_examples, canary_set, fingerprint, model, resume,
+                    overwrite, result, tracked, on_step, on_epoch)
+    except RunInterrupted:
+        tracked.close("interrupted")
+        raise
+    except BaseException:
+        tracked.close("failed")
+        raise
+    tracked.close("finished")
+    return result
 
-    model = model_from_config(cfg.model, cfg.seed)  # a builder's errors come before the run dir changes
+
+def _run_stages(cfg: ExperimentConfig, plan: PrivacyPlan, key: RunKey, ckpt, dataset: Dataset,
+                real_examples: int, canary_set, fingerprint: str, model, resume: bool, overwrite: bool,
+                result: RunResult, tracked: trackers.Trackers, on_step, on_epoch) -> None:
+    """From the run directory on: prepare it, build the trainer, train, write the final files."""
+    run_dir = result.run_dir
     if resume:
         checkpoint.remove_temporaries(run_dir)
     else:
         prepare_run_dir(run_dir, overwrite)
         save_run_key(key, run_dir)
-        write_yaml(_run_document(cfg, plan, None, "running", None), run_dir / RUN_FILE)
+        write_yaml(_run_document(cfg, plan, None, "running", result), run_dir / RUN_FILE)
     if canary_set is not None:  # deterministic in (seed, key): a resumed run writes the same file again
+        from dpsgd_cli.audit import canaries
+
         canaries.save_canaries(canary_set, run_dir)
     tail = len(dataset.y_train) - real_examples  # the canaries: their features are not cached
     images = dataset.x_train
@@ -148,18 +191,44 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
                                                     dataset_size=plan.dataset_size)
     trainer = Trainer(cfg, dataset, plan, key, fingerprint, model)
     trainer.feature_stats = feature_stats
-    result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier)
     if ckpt:
         trainer.restore(ckpt, checkpoint.path_in(run_dir))
         result.records = [EpochRecord.from_row(r) for r in ckpt.records]
         write_metrics(result.records, run_dir / METRICS_FILE)  # as the checkpoint has it
-    write_yaml(_run_document(cfg, plan, trainer, "running", result), run_dir / RUN_FILE)
-    _train_epochs(cfg, trainer, plan, result, on_step, on_epoch, ckpt.elapsed_s if ckpt else 0.0)
+    doc = _run_document(cfg, plan, trainer, "running", result)
+    write_yaml(doc, run_dir / RUN_FILE)
+    tracked.start(trackers.hyperparameters(cfg, doc["resolved"]), result.records)
+
+    def after_epoch(record: EpochRecord) -> None:
+        tracked.log_epoch(record)
+        if on_epoch:
+            on_epoch(record)
+
+    _train_epochs(cfg, trainer, plan, result, on_step, after_epoch, ckpt.elapsed_s if ckpt else 0.0)
     trainer.save_weights(run_dir / WEIGHTS_FILE)
-    facts = trainer.facts()
-    result.statement = privacy_statement(facts) if cfg.privacy.enabled else NONPRIVATE_STATEMENT
+    result.statement = _statement(cfg, trainer)
     write_yaml(_run_document(cfg, plan, trainer, FINISHED, result), run_dir / RUN_FILE)
-    return result
+    tracked.finish(result.statement, run_dir)
+
+
+def _statement(cfg: ExperimentConfig, trainer: Trainer) -> str:
+    """The run's privacy statement; it says so when the training metrics went to a tracker."""
+    note = trackers.coverage_note(cfg)
+    if not cfg.privacy.enabled:
+        return NONPRIVATE_STATEMENT
+    facts = trainer.facts()
+    if note:
+        facts = dataclasses.replace(facts, coverage=f"{facts.coverage or COVERAGE} {note}")
+    return privacy_statement(facts)
+
+
+def _data_facts(dataset: Dataset, real_examples: int) -> dict[str, Any]:
+    """run.yaml's `resolved.data`: the source, what one record is, n (the training records the loader
+    returned, after data.train_size; canaries not counted), the test records, the input shape, the
+    classes."""
+    return {"source": dataset.name, "record": dataset.record, "train_records": real_examples,
+            "test_records": len(dataset.y_test), "input_shape": list(dataset.input_shape),
+            "num_classes": dataset.num_classes, "class_names": list(dataset.class_names)}
 
 
 def _train_epochs(cfg, trainer: Trainer, plan: PrivacyPlan, result: RunResult, on_step, on_epoch,
@@ -276,6 +345,10 @@ def _run_document(cfg, plan: PrivacyPlan, trainer: Trainer | None, status: str, 
         },
         "versions": library_versions(),
     }
+    if result is not None and result.data:
+        doc["resolved"]["data"] = dict(result.data)
+    if result is not None and result.tracking:
+        doc["tracking"] = dict(result.tracking)
     if trainer is not None:
         doc["resolved"].update({"dataset_size": trainer.n, "capacity": trainer.sampler.capacity,
                                 "jit_compile": trainer.jit_compile, "gradient_path": trainer.gradient_path,

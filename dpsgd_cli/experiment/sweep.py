@@ -57,6 +57,8 @@ def parse_grid(items: Iterable[str]) -> list[GridAxis]:
         if key in ("name", "output_dir"):
             raise ConfigError(f"--grid {item!r}: the sweep sets {key} of each run itself; use --name or "
                               "--set output_dir=DIR for the sweep")
+        if key.startswith("tracking."):
+            raise ConfigError(f"--grid {item!r}: a sweep's points share their trackers; set {key} with --set")
         if any(axis.key == key for axis in axes):
             raise ConfigError(f"--grid {key}: given twice; list all its values in one --grid")
         texts = tuple(t.strip() for t in text.split(","))
@@ -215,7 +217,10 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[...,
     `overwrite`: re-train finished points too. A point that finished with a different config raises
     RunDirError before anything trains (unless `overwrite`). A run that diverges (TrainingError) is
     recorded in `failed` and the sweep goes on; other errors and Ctrl-C stop it (the interrupted run's
-    directory stays unfinished and is replaced next time). `run_fn` defaults to `runner.run`."""
+    directory stays unfinished and is replaced next time). `run_fn` defaults to `runner.run`.
+
+    With `tracking.mlflow` the points are child runs of one parent MLflow run per sweep directory (found
+    again by a later invocation on the same sweep)."""
     changed = [r for r in plan.runs if r.state == "changed"]
     if changed and not overwrite:
         first = changed[0]
@@ -228,13 +233,16 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[...,
     outcome = SweepOutcome()
     todo = plan.to_train(overwrite)
     outcome.skipped = [r for r in plan.runs if r not in todo]
+    parent = _tracking_parent(plan, todo)
+    status = "failed"
     try:
         for index, planned in enumerate(todo, start=1):
             if on_run_start:
                 on_run_start(index, len(todo), planned)
+            extra = {"tracking_parent": parent} if parent else {}
             try:
                 result = run_fn(planned.cfg, on_step=on_step, on_epoch=on_epoch, overwrite=True,
-                                run_key=point_key(planned))
+                                run_key=point_key(planned), **extra)
             except TrainingError as exc:
                 outcome.failed.append((planned, str(exc)))
                 result = exc
@@ -242,10 +250,30 @@ def run_sweep(plan: SweepPlan, *, overwrite: bool = False, run_fn: Callable[...,
                 outcome.trained.append(planned)
             if on_run_end:
                 on_run_end(index, len(todo), planned, result)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
+        if parent:
+            from dpsgd_cli.runs.trackers.mlflow_store import close_sweep_parent
+
+            close_sweep_parent(todo[0].cfg, parent, status)
         if summary and plan.sweep_dir.is_dir():
             outcome.summary_path = write_summary(plan.sweep_dir, plan.keys)
     return outcome
+
+
+def _tracking_parent(plan: SweepPlan, todo: list[PlannedRun]) -> str | None:
+    """The sweep's parent MLflow run when its points log to MLflow (the first point's tracking settings;
+    the grid cannot vary them), else None."""
+    if not todo or not todo[0].cfg.tracking.mlflow:
+        return None
+    from dpsgd_cli.runs.trackers import require_packages
+    from dpsgd_cli.runs.trackers.mlflow_store import open_sweep_parent
+
+    require_packages(todo[0].cfg)
+    return open_sweep_parent(todo[0].cfg, plan.name, plan.sweep_dir)
 
 
 def summarize(plan: SweepPlan) -> Path:

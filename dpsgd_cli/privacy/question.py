@@ -8,6 +8,7 @@ expectation), E·⌊n/B⌋ for shuffled batches; a config goes through `privacy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
@@ -205,16 +206,20 @@ def resolve_options(*, sigma: float | None, steps: int | None, epochs: float | N
     return PrivacyQuestion(**{**setting.__dict__, "steps": steps})
 
 
-def resolve_config(config: Path, overrides: list[str] | None) -> PrivacyQuestion:
-    """The privacy setting of an experiment file, from `privacy_plan.plan_privacy` as `dpsgd train` uses."""
+def resolve_config(config: Path, overrides: list[str] | None,
+                   count_records: Callable[[Any], int] | None = None) -> PrivacyQuestion:
+    """The privacy setting of an experiment file, from `privacy_plan.plan_privacy` as `dpsgd train` uses.
+    `count_records(cfg)`: n of data read from `data.path` (the training records its loader returns), which
+    the config alone does not tell."""
     from dpsgd_cli.config import load_config
 
-    return resolve_experiment(load_config(config, overrides), str(config))
+    return resolve_experiment(load_config(config, overrides), str(config), count_records)
 
 
-def resolve_experiment(cfg: ExperimentConfig, where: str = "config") -> PrivacyQuestion:
+def resolve_experiment(cfg: ExperimentConfig, where: str = "config",
+                       count_records: Callable[[Any], int] | None = None) -> PrivacyQuestion:
     """The privacy setting of `cfg` (errors start with `where`, e.g. its file name), from
-    `privacy_plan.plan_privacy` as `dpsgd train` uses it."""
+    `privacy_plan.plan_privacy` as `dpsgd train` uses it; `count_records` as in `resolve_config`."""
     from dpsgd_cli.config import dataset_size, release_bounds, views_per_example
     from dpsgd_cli.privacy.plan import plan_privacy
 
@@ -223,7 +228,13 @@ def resolve_experiment(cfg: ExperimentConfig, where: str = "config") -> PrivacyQ
         raise ConfigError(f"{where}: privacy.enabled is false, a non-private run: there is no ε to report")
     if p.noise_multiplier is not None and p.noise_multiplier <= 0:
         raise ConfigError(f"{where}: privacy.noise_multiplier is {p.noise_multiplier:g}: no noise, ε = ∞")
-    plan = plan_privacy(cfg, dataset_size(cfg))
+    n = dataset_size(cfg)
+    if n is None:
+        if count_records is None:
+            raise ConfigError(f"{where}: data.dataset {cfg.data.dataset} reads data.path; its number of "
+                              "records is known only by loading it")
+        n = count_records(cfg)
+    plan = plan_privacy(cfg, n)
     n = plan.dataset_size
     return PrivacyQuestion(noise_multiplier=plan.noise_multiplier, microbatch_size=plan.microbatch_size,
                    sampling_rate=plan.sampling_rate, steps=plan.total_steps, delta=p.delta,

@@ -40,6 +40,8 @@ class PrivacyFacts:
     # model.feature_norm: private_stats — noise multipliers and L2 bounds of the feature-statistics releases
     releases: tuple[float, ...] = ()
     release_bounds: tuple[float, ...] = ()
+    # what one example is for the data source used (the unit of privacy), e.g. "one row of train.csv"
+    record: str | None = None
 
 
 def _fmt(eps: float) -> str:
@@ -67,6 +69,8 @@ def privacy_statement(f: PrivacyFacts) -> str:
     else:
         parts.append(f"assuming Poisson sampling at rate q = {f.sampling_rate:.6g} (every example joins "
                      "every step independently with probability q).")
+    if f.record:
+        parts.append(f"One example, the unit of privacy, is {f.record}.")
     if f.microbatch_size > 1:
         parts.append(f"Microbatches of {f.microbatch_size} examples double the sensitivity, so it is "
                      f"accounted with σ/2 = {f.accounting_noise_multiplier:g}.")

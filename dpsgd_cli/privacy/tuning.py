@@ -86,7 +86,11 @@ class TrialCount:
     def accounting_shape(self) -> float:
         """dp-accounting's `shape`: ∞ for Poisson, η for the truncated negative binomial family."""
         fixed = DISTRIBUTIONS[self.distribution]
-        return float(self.shape) if fixed is None else fixed
+        if fixed is not None:
+            return fixed
+        if self.shape is None:
+            raise AccountingInputError(f"{self.distribution} needs a shape", "shape")
+        return float(self.shape)
 
     @functools.cached_property
     def gamma(self) -> float:
@@ -262,9 +266,10 @@ def calibrate_search(trials: Sequence[TrialPrivacy], score_noise_multiplier: flo
     distinct = list(dict.fromkeys(t.with_noise(1.0) for t in trials))
     own: dict[TrialPrivacy, float] = {}
     for t in distinct:  # neighbouring candidates need similar σ: start each search from the last one
-        own[t] = _smallest(lambda s, t=t: search_epsilon([t.with_noise(s)], score_noise_multiplier, count,
-                                                         delta), target_epsilon,
-                           start=own[next(reversed(own))] if own else 1.0)
+        def alone(s: float, t: TrialPrivacy = t) -> float:
+            return search_epsilon([t.with_noise(s)], score_noise_multiplier, count, delta)
+
+        own[t] = _smallest(alone, target_epsilon, start=own[next(reversed(own))] if own else 1.0)
     if len(distinct) > 1:
         def mixture(factor: float) -> float:
             scaled = [t.with_noise(own[t] * factor) for t in distinct]

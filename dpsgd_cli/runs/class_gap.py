@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpsgd_cli.errors import RunDirError
-from dpsgd_cli.labels import CLASS_NAMES
 from dpsgd_cli.runs.summaries import RunInfo, read_run
 
 
@@ -46,7 +45,7 @@ def class_gaps(dp_dir: str | Path, twin_dir: str | Path) -> tuple[list[ClassGap]
     if datasets[0] != datasets[1]:
         raise RunDirError(f"the runs use different datasets ({datasets[0]} and {datasets[1]})")
     a, b = _last(dp, "private"), _last(twin, "non-private")
-    names = CLASS_NAMES.get(datasets[0], tuple(str(k) for k in range(10)))
+    names = dp.class_names
     gaps = [ClassGap(k, names[k], float(a[f"test_accuracy_class_{k}"]), float(b[f"test_accuracy_class_{k}"]))
             for k in range(len(names))]
     return sorted(gaps, key=lambda g: -g.loss), dp, twin

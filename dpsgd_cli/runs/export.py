@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from dpsgd_cli.errors import ConfigError, OutputError, RunDirError
-from dpsgd_cli.runs.results import COVERED_COLUMNS, write_yaml
+from dpsgd_cli.runs.results import is_covered, write_yaml
 from dpsgd_cli.runs.run_dir import (
     AUDIT_FILE,
     FINISHED,
@@ -97,7 +97,7 @@ def _assemble(run_dir: Path, doc: dict, staging: Path, include_private: bool) ->
         import pandas as pd
 
         frame = pd.read_csv(run_dir / METRICS_FILE)
-        covered = frame[[c for c in frame.columns if c in COVERED_COLUMNS]]
+        covered = frame[[c for c in frame.columns if is_covered(c)]]
         covered.to_csv(staging / METRICS_FILE, index=False)
         if not covered.empty:
             _draw(run_dir, doc, covered, staging)

@@ -67,8 +67,7 @@ def per_class_figure(runs: Sequence[RunInfo], keys: Sequence[str]) -> Figure:
     """Per-class test accuracy at each run's last epoch: one bar per run in each class's group."""
     runs = [r for r in runs if r.metrics is not None]
     labels = run_labels(runs, keys)
-    dataset = runs[0].settings.get("data.dataset") if runs else "fashion_mnist"
-    names = CLASS_NAMES.get(dataset, tuple(str(k) for k in range(10)))
+    names = runs[0].class_names if runs else CLASS_NAMES["fashion_mnist"]
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -80,7 +79,8 @@ def per_class_figure(runs: Sequence[RunInfo], keys: Sequence[str]) -> Figure:
         xs = [k - 0.4 + width * (i + 0.5) for k in range(len(names))]
         legend.append(f"{label}: {float(last['test_accuracy']):.3f} overall (epoch {int(last['epoch'])})")
         ax.bar(xs, heights, width=width, color=color, label=legend[-1])
-    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) <= 20 else 90,
+                  fontsize=None if len(names) <= 20 else 6)
     ax.set(ylim=(0, 1), ylabel="test accuracy", title="per-class test accuracy at the last epoch")
     ax.grid(True, axis="y", alpha=0.3)
     if runs:

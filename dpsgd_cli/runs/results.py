@@ -62,8 +62,7 @@ class EpochRecord(Mapping):
         """Inverse of `row` (e.g. a record kept in a checkpoint)."""
         scalars = {f.name: row[f.name] if f.default is dataclasses.MISSING else row.get(f.name, f.default)
                    for f in dataclasses.fields(cls) if f.name != _PER_CLASS}
-        per_class = tuple(row[f"test_accuracy_class_{k}"] for k in range(NUM_CLASSES)
-                          if f"test_accuracy_class_{k}" in row)
+        per_class = tuple(row[f"test_accuracy_class_{k}"] for k in range(class_count(row)))
         return cls(**scalars, test_accuracy_per_class=per_class)
 
     def __getitem__(self, column: str) -> Any:
@@ -77,12 +76,28 @@ class EpochRecord(Mapping):
 
 
 _PER_CLASS = "test_accuracy_per_class"
-METRIC_COLUMNS = (
-    *(f.name for f in dataclasses.fields(EpochRecord) if f.name != _PER_CLASS),
-    *(f"test_accuracy_class_{k}" for k in range(NUM_CLASSES)),
-)
+SCALAR_COLUMNS = tuple(f.name for f in dataclasses.fields(EpochRecord) if f.name != _PER_CLASS)
+
+
+def metric_columns(num_classes: int = NUM_CLASSES) -> tuple[str, ...]:
+    """The columns of metrics.csv for data of `num_classes` classes."""
+    return (*SCALAR_COLUMNS, *(f"test_accuracy_class_{k}" for k in range(num_classes)))
+
+
+METRIC_COLUMNS = metric_columns(NUM_CLASSES)  # the built-in datasets' (10 classes)
+
+
+def class_count(row: Iterable[str]) -> int:
+    """K of the per-class columns `test_accuracy_class_0` … `_{K−1}` among a row's keys (or columns)."""
+    keys = set(row)
+    k = 0
+    while f"test_accuracy_class_{k}" in keys:
+        k += 1
+    return k
+
+
 # What the run's (ε, δ) covers: the weights and what is computed from them alone (test metrics), ε, and
-# the run's public settings. `dpsgd export` publishes these columns and no other.
+# the run's public settings. `dpsgd export` and the trackers publish these columns and no other.
 COVERED_COLUMNS = (
     "epoch", "step", "test_loss", "test_accuracy", "epsilon_rdp", "epsilon_pld", "delta", "noise_multiplier",
     "l2_norm_clip", "batch_size", "learning_rate", *(f"test_accuracy_class_{k}" for k in range(NUM_CLASSES)),
@@ -92,18 +107,25 @@ COVERED_COLUMNS = (
 PRIVATE_COLUMNS = tuple(c for c in METRIC_COLUMNS if c not in COVERED_COLUMNS)
 
 
+def is_covered(column: str) -> bool:
+    """Whether metrics.csv's `column` is covered by ε: one of COVERED_COLUMNS, or the per-class test
+    accuracy of any class (data with more than 10 classes)."""
+    return column in COVERED_COLUMNS or column.startswith("test_accuracy_class_")
+
+
 def metrics_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Records (one per epoch: EpochRecord or a mapping of columns) as a DataFrame whose columns are
-    exactly METRIC_COLUMNS."""
+    exactly `metric_columns(K)`, K the records' number of per-class columns."""
     import pandas as pd  # imported when first needed: reading run.yaml alone does not need it
 
     frame = pd.DataFrame([dict(r) for r in records])
-    missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
     if frame.empty:
         return pd.DataFrame(columns=list(METRIC_COLUMNS))
+    columns = metric_columns(class_count(frame.columns))
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"metrics records lack columns: {missing}")
-    return frame.loc[:, list(METRIC_COLUMNS)]
+    return frame.loc[:, list(columns)]
 
 
 def write_metrics(records: Iterable[Mapping[str, Any]], path: Path) -> None:

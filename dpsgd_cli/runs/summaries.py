@@ -25,8 +25,9 @@ from dpsgd_cli.runs.run_dir import FINISHED, RunDir
 
 SUMMARY_FILE = "summary.csv"
 LOCK_FILE = ".summary.lock"
-# Keys that say where a run lives or where its data is read from, not what the run is.
-NOT_SETTINGS = frozenset({"name", "output_dir", "data.data_dir"})
+# Keys that say where a run lives, where its data are read from or where it is tracked, not what the run is.
+NOT_SETTINGS = frozenset({"name", "output_dir", "data.data_dir", "tracking.tensorboard", "tracking.mlflow",
+                          "tracking.mlflow_experiment", "tracking.training_metrics"})
 SUMMARY_COLUMNS = ("noise_multiplier", "epochs", "final_test_accuracy", "best_test_accuracy", "best_epoch",
                    "epsilon_rdp", "epsilon_pld", "delta", "wall_time_s")
 # How plots and tables name a config key; keys not listed go by their last dotted part.
@@ -79,6 +80,22 @@ class RunInfo:
     @property
     def private(self) -> bool:
         return bool(self.settings.get("privacy.enabled", True))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Label k's name: the built-in dataset's, else what run.yaml records (`resolved.data`), else
+        "0".."K−1" for the per-class columns of metrics.csv."""
+        from dpsgd_cli.labels import CLASS_NAMES
+        from dpsgd_cli.runs.results import class_count
+
+        dataset = self.settings.get("data.dataset", "fashion_mnist")
+        recorded = ((self.doc.get("resolved") or {}).get("data") or {}).get("class_names")
+        if dataset in CLASS_NAMES:
+            return CLASS_NAMES[dataset]
+        if recorded:
+            return tuple(map(str, recorded))
+        count = class_count(self.metrics.columns) if self.metrics is not None else 0
+        return tuple(str(k) for k in range(count))
 
 
 def read_run(run_dir: Path) -> RunInfo:

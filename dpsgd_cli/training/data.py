@@ -1,6 +1,8 @@
-"""Load Fashion-MNIST / MNIST from canonical IDX `.gz` files (or the Keras download) as float32 arrays.
+"""Load a run's data: Fashion-MNIST / MNIST from canonical IDX `.gz` files (or the Keras download), or
+any other source of `data.dataset` (`training.sources`: CIFAR, .npz, image folder, CSV), as float32 arrays.
 
-Images come back as [N, 28, 28, 1] float32 in [0, 1] (pixel / 255), labels as [N] int32 in 0..9.
+Fashion-MNIST / MNIST images come back as [N, 28, 28, 1] float32 in [0, 1] (pixel / 255), labels as [N]
+int32 in 0..9; other sources with their own shape and K classes (labels 0..K−1).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpsgd_cli.config import ExperimentConfig, resolved_data_dir
 from dpsgd_cli.errors import DataError
 from dpsgd_cli.labels import CLASS_NAMES
 
@@ -24,6 +27,7 @@ FILES = {
 }
 IMAGE_MAGIC = 0x00000803
 LABEL_MAGIC = 0x00000801
+TITLES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
 
 
 @dataclass(frozen=True)
@@ -38,14 +42,41 @@ class Dataset:
     # [N, K, *input]: the model inputs of each training example's K views (augmentation multiplicity,
     # `augmentation.with_views`; view 0 is x_train's row), or None: one view, x_train itself
     train_views: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()  # label k's name; () = the 10 classes of the built-in datasets
+    # one training record, the unit of privacy (what the privacy statement's "one example" is)
+    record: str = "one 28×28 grayscale image with its label"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) or 10
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one training input (of the images, before any feature transform)."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+def load_config_data(cfg: ExperimentConfig) -> Dataset:
+    """The data of `cfg.data` (`data.dataset`, `data.data_dir` or $DPSGD_DATA_DIR, `data.path`,
+    `data.label_column`), cut to `data.train_size` / `data.test_size`."""
+    d = cfg.data
+    return load_dataset(d.dataset, resolved_data_dir(cfg), d.train_size, d.test_size, path=d.path,
+                        label_column=d.label_column)
+
+
+def count_records(cfg: ExperimentConfig) -> int:
+    """n: the training records `cfg`'s data give (after data.train_size), loading them (for data.path)."""
+    return len(load_config_data(cfg).y_train)
 
 
 def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None = None,
-                 test_size: int | None = None) -> Dataset:
+                 test_size: int | None = None, *, path: str | Path | None = None,
+                 label_column: str = "label") -> Dataset:
     """Read `name` from `data_dir` (IDX `.gz` files in `<data_dir>/<name>/` or `<data_dir>/`), or
-    download it with Keras when `data_dir` is None. `train_size`/`test_size` keep the first examples."""
+    download it with Keras when `data_dir` is None; any other source through `sources.load_source` (from
+    `data_dir`, or `path` for the file sources). `train_size`/`test_size` keep the first examples."""
     if name not in CLASS_NAMES:
-        raise DataError(f"data.dataset: unknown dataset {name!r}; choose one of: {', '.join(CLASS_NAMES)}")
+        return _from_source(name, data_dir, train_size, test_size, path, label_column)
     if data_dir is None:
         arrays = _keras_download(name)
     else:
@@ -60,7 +91,18 @@ def load_dataset(name: str, data_dir: str | Path | None, train_size: int | None 
         y_train=y_train[:train_size].astype(np.int32),
         x_test=_normalise(x_test[:test_size]),
         y_test=y_test[:test_size].astype(np.int32),
+        class_names=CLASS_NAMES[name],
+        record=f"one 28×28 grayscale image of the {TITLES[name]} training set with its label",
     )
+
+
+def _from_source(name: str, data_dir, train_size, test_size, path, label_column) -> Dataset:
+    from dpsgd_cli.training.sources import load_source
+
+    data = load_source(name, data_dir=data_dir, path=path, label_column=label_column)
+    return Dataset(name=name, x_train=data.x_train[:train_size], y_train=data.y_train[:train_size],
+                   x_test=data.x_test[:test_size], y_test=data.y_test[:test_size],
+                   class_names=data.class_names, record=data.record)
 
 
 def _dataset_folder(data_dir: Path, name: str) -> Path:

@@ -1,5 +1,7 @@
 """The models `dpsgd train` trains: the CNN of TensorFlow Privacy's MNIST tutorial, built with Keras 3,
-or any Keras model returned by a builder function named in the config (`model.builder`).
+the recipes of `recipe_models`, a small MLP, or any Keras model returned by a builder function named in the
+config (`model.builder`). Each is built for the data's input shape and number of classes; `check_fits`
+says in one line when a built-in model cannot take the data.
 
 No BatchNorm: it mixes statistics across the examples of a batch, so one example's
 influence would not be confined to its own gradient and per-example clipping would not bound it.
@@ -13,35 +15,47 @@ from typing import Any
 
 import keras
 
-from dpsgd_cli.config import ACTIVATIONS, ARCHITECTURES
+from dpsgd_cli.config import ACTIVATIONS, ARCHITECTURES, PIXEL_ARCHITECTURES
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.labels import NUM_CLASSES
 
-INPUT_SHAPE = (28, 28, 1)
+INPUT_SHAPE = (28, 28, 1)  # the built-in datasets' images
+MLP_WIDTH = 128  # hidden units of the built-in mlp
 
 
 def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: int = 0,
-                group_norm: bool = True) -> keras.Model:
-    """Return the un-compiled CNN; outputs are logits over 10 classes for 28×28×1 inputs in [0, 1].
+                group_norm: bool = True, input_shape: tuple[int, ...] = INPUT_SHAPE,
+                num_classes: int = NUM_CLASSES) -> keras.Model:
+    """Return the un-compiled model; outputs are logits over `num_classes` classes for inputs of
+    `input_shape` (pixels in [0, 1] for the CNNs; the scatter_* recipes take 28×28×1 images only).
 
-    Layers: Conv 16@8×8 stride 2 'same', MaxPool 2 stride 1, Conv 32@4×4 stride 2 'valid',
-    MaxPool 2 stride 1, Flatten, Dense 32, Dense 10. Initialisers are seeded by `seed`.
+    tfp_cnn: Conv 16@8×8 stride 2 'same', MaxPool 2 stride 1, Conv 32@4×4 stride 2 'valid',
+    MaxPool 2 stride 1, Flatten, Dense 32, Dense K. mlp: Flatten, Dense 128, Dense K. Initialisers are
+    seeded by `seed`.
     """
-    if architecture != "tfp_cnn" and architecture in ARCHITECTURES:  # the models of the published recipes
-        from dpsgd_cli.training.recipe_models import build_recipe_model
-
-        return build_recipe_model(architecture, activation, seed, group_norm=group_norm)
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; allowed: {', '.join(ARCHITECTURES)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+    if architecture not in ("tfp_cnn", "mlp"):  # the best published recipes
+        from dpsgd_cli.training.recipe_models import build_recipe_model
+
+        return build_recipe_model(architecture, activation, seed, group_norm=group_norm,
+                                  image_shape=input_shape, num_classes=num_classes)
 
     def init(offset: int) -> keras.initializers.Initializer:
         return keras.initializers.GlorotUniform(seed=seed * 100 + offset)
 
+    if architecture == "mlp":
+        return keras.Sequential([
+            keras.Input(shape=input_shape),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(MLP_WIDTH, activation=activation, kernel_initializer=init(1), name="dense1"),
+            keras.layers.Dense(num_classes, kernel_initializer=init(2), name="logits"),
+        ], name=architecture)
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE),
+            keras.Input(shape=input_shape),
             keras.layers.Conv2D(16, 8, strides=2, padding="same", activation=activation,
                                 kernel_initializer=init(1), name="conv1"),
             keras.layers.MaxPooling2D(2, strides=1, name="pool1"),
@@ -50,7 +64,7 @@ def build_model(architecture: str = "tfp_cnn", activation: str = "relu", seed: i
             keras.layers.MaxPooling2D(2, strides=1, name="pool2"),
             keras.layers.Flatten(name="flatten"),
             keras.layers.Dense(32, activation=activation, kernel_initializer=init(3), name="dense1"),
-            keras.layers.Dense(NUM_CLASSES, kernel_initializer=init(4), name="logits"),
+            keras.layers.Dense(num_classes, kernel_initializer=init(4), name="logits"),
         ],
         name=architecture,
     )
@@ -63,19 +77,54 @@ def input_standardization(mean: float, std: float) -> keras.layers.Rescaling:
     return keras.layers.Rescaling(1.0 / std, offset=-mean / std, name="input_standardization")
 
 
-def model_from_config(model_cfg: Any, seed: int) -> keras.Model:
-    """The un-compiled model of a config's `model` section: `model.builder` if given, else the built-in
-    `model.architecture`. Raises ConfigError (one line) for a builder that cannot be used."""
+def model_from_config(model_cfg: Any, seed: int, input_shape: tuple[int, ...] = INPUT_SHAPE,
+                      num_classes: int = NUM_CLASSES) -> keras.Model:
+    """The un-compiled model of a config's `model` section for data of `input_shape` (one input, before
+    any feature transform) and `num_classes` classes: `model.builder` if given, else the built-in
+    `model.architecture`. Raises ConfigError (one line) for a builder that cannot be used or a built-in
+    model that cannot take the data (`check_fits`)."""
     if not getattr(model_cfg, "builder", None):
+        check_fits(model_cfg.architecture, input_shape)
         keras.utils.set_random_seed(seed)
         model = build_model(model_cfg.architecture, model_cfg.activation, seed=seed,
-                            group_norm=getattr(model_cfg, "feature_norm", "group_norm") == "group_norm")
+                            group_norm=getattr(model_cfg, "feature_norm", "group_norm") == "group_norm",
+                            input_shape=input_shape, num_classes=num_classes)
         mean, std = getattr(model_cfg, "input_mean", 0.0), getattr(model_cfg, "input_std", 1.0)
         if (mean, std) != (0.0, 1.0):
-            model = keras.Sequential([keras.Input(shape=INPUT_SHAPE), input_standardization(mean, std),
+            model = keras.Sequential([keras.Input(shape=input_shape), input_standardization(mean, std),
                                       *model.layers], name=model.name)
         return model
-    return build_from_builder(model_cfg.builder, seed)
+    return build_from_builder(model_cfg.builder, seed, input_shape, num_classes)
+
+
+MIN_SIDE = {"tfp_cnn": 13, "tanh_cnn": 16}  # the smallest image side each CNN's layers leave ≥ 1×1
+
+
+def check_fits(architecture: str | None, input_shape: tuple[int, ...], augmentation: str = "none") -> None:
+    """ConfigError (one line) unless the built-in `architecture` (None: a builder's model, checked by
+    calling it) and `data.augmentation` can take inputs of `input_shape`: the ScatterNet recipes need
+    28×28×1 images (their features are of that size), the pixel CNNs images H×W×C of at least `MIN_SIDE`,
+    mirror views images; mlp takes any shape."""
+    shown = "×".join(map(str, input_shape))
+    is_image = len(input_shape) == 3
+    if augmentation != "none" and not is_image:
+        raise ConfigError(f"data.augmentation: {augmentation} mirrors images, but the data's inputs are "
+                          f"of shape {shown}, not images H×W×C; use data.augmentation: none")
+    if architecture is None:
+        return
+    if architecture.startswith("scatter") and tuple(input_shape) != INPUT_SHAPE:
+        raise ConfigError(f"model.architecture: {architecture} needs 28×28×1 grayscale images (its "
+                          f"ScatterNet features are computed for that size); the data's inputs are "
+                          f"{shown}; use tfp_cnn, tanh_cnn, mlp or a model.builder")
+    if architecture in PIXEL_ARCHITECTURES:
+        side = MIN_SIDE[architecture]
+        if not is_image:
+            raise ConfigError(f"model.architecture: {architecture} is a CNN for images H×W×C; the data's "
+                              f"inputs are of shape {shown} (e.g. a CSV's features); use mlp or a "
+                              "model.builder")
+        if min(input_shape[:2]) < side:
+            raise ConfigError(f"model.architecture: {architecture} needs images of at least {side}×{side}; "
+                              f"the data's are {shown}; use mlp or a model.builder")
 
 
 def load_builder(spec: str):
@@ -97,8 +146,9 @@ def load_builder(spec: str):
     return fn
 
 
-def build_from_builder(spec: str, seed: int) -> keras.Model:
-    """Call the builder as `fn(input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES)` and check the model.
+def build_from_builder(spec: str, seed: int, input_shape: tuple[int, ...] = INPUT_SHAPE,
+                       num_classes: int = NUM_CLASSES) -> keras.Model:
+    """Call the builder as `fn(input_shape=input_shape, num_classes=num_classes)` and check the model.
 
     Keras' layer-name counters are reset first (`keras.backend.clear_session`) so the variable names, which
     the checkpoint records, are the same in every process (a resumed run, a sweep's tenth point), and the
@@ -107,10 +157,10 @@ def build_from_builder(spec: str, seed: int) -> keras.Model:
     keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(seed)
     try:
-        model = fn(input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES)
+        model = fn(input_shape=tuple(input_shape), num_classes=num_classes)
     except Exception as exc:
         raise ConfigError(f"model.builder: {spec!r} raised {_one_line(exc)}") from None
-    check_dp_model(model, f"model.builder: {spec!r}", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES)
+    check_dp_model(model, f"model.builder: {spec!r}", input_shape=tuple(input_shape), num_classes=num_classes)
     return model
 
 

@@ -11,8 +11,9 @@ candidate stops being timed once it is clearly slower than the leader (after its
 `PRUNE`× slower; after `MIN_CALLS` calls: even its fastest call slower than the leader's median), so
 clear losers cost two or three calls and only close candidates get the full count.
 1. Without XLA, for each layer with a choice (`fastgrad.formulation_choices`: Conv2D/Dense forward native
-   or patches × matmul; per-unit gradients materialized, ghost norms or, for one input channel, the
-   depthwise-convolution trick; stride-1 max pooling native or shifted slices), the layer's own work in
+   or patches × matmul; per-unit gradients materialized, ghost norms, the batch as the groups of one
+   grouped convolution or, for one input channel, the depthwise-convolution trick; depthwise kernels
+   folded or from patches; stride-1 max pooling native or shifted slices), the layer's own work in
    the step is timed alone for each candidate at the full capacity (its forward, the gradient to its
    input, its per-unit norms and weighted sum; non-private: its forward and gradients). Per-unit norms
    needing more than `ARITHMETIC_PRUNE`× the multiply-adds of the layer's other choice are not timed
@@ -67,7 +68,7 @@ from dpsgd_cli.errors import ConfigError
 CACHE_ENV = "DPSGD_PLAN_CACHE"
 OFF_ENV = "DPSGD_PLANNER"  # "off": no measuring; the default formulation, XLA off unless forced (tests, CI)
 CACHE_FILE = "plans.json"
-PLAN_VERSION = 3  # bumped when a formulation's implementation changes: cached plans timed the old one
+PLAN_VERSION = 4  # bumped when a formulation is added or its implementation changes: cached plans lack it
 PROBE = 16  # examples per call when probing a candidate under XLA
 PRUNE = 3.0  # drop a candidate whose first timed call exceeds this multiple of the best one's
 PROBE_CALLS = 3  # timed calls per layer candidate at the probe batch (at most)
@@ -161,7 +162,9 @@ def runtime_settings() -> dict[str, Any]:
 
 def model_signature(model) -> list:
     """Layer names, types, shapes and the configuration that changes the work (not initial weights: each
-    layer rule's `signature_keys`)."""
+    layer rule's `signature_keys`), and for a model that is not Sequential its wiring."""
+    import keras
+
     from dpsgd_cli.training import fastgrad
 
     rows = []
@@ -170,7 +173,13 @@ def model_signature(model) -> list:
         keys = rule.signature_keys if rule else fastgrad.SIGNATURE_KEYS
         rows.append([type(layer).__name__, layer.name, list(layer.output.shape[1:]),
                      {k: config[k] for k in keys if k in config}])
-    return [list(model.inputs[0].shape[1:]), rows]
+    signature = [list(model.inputs[0].shape[1:]), rows]
+    if not isinstance(model, keras.Sequential):
+        try:
+            signature.append(fastgrad.graph_signature(model))
+        except fastgrad.GraphProblem:
+            signature.append(None)
+    return signature
 
 
 def validate_formulation(model, formulation: dict, private: bool) -> dict[str, dict[str, str]]:
@@ -196,13 +205,11 @@ def validate_formulation(model, formulation: dict, private: bool) -> dict[str, d
 def _layer_options(model, private: bool) -> list[tuple[str, list[dict[str, str]]]]:
     from dpsgd_cli.training import fastgrad
 
-    first, out = True, []
-    for layer in model.layers:
+    out = []
+    for layer, first in fastgrad.layers_in_order(model):
         choices = fastgrad.formulation_choices(layer, first, private)
         if choices:
             out.append((layer.name, choices))
-        rule = fastgrad.rule_for(layer)
-        first = first and not (rule and rule.weighted)
     return out
 
 
@@ -222,6 +229,7 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
     supported = fastgrad.supports_fast_path(model)
     if gradient_path == "fast" and not supported:
         fastgrad.choose_gradient_sum_fn(model, "fast")  # raises the ConfigError naming the layer
+    model = fastgrad.as_functional(model)  # a subclassed model: its traced graph over the same layers
     fast = supported and gradient_path != "vectorized_map"
     fixed = validate_formulation(model, formulation, private) if formulation != "auto" else None
     if fixed is not None and not fast:
@@ -431,12 +439,10 @@ def _name(path: str, tag: str, size: int) -> str:
 
 
 def layer_shapes(model, capacity: int) -> dict[str, tuple[int, ...]]:
-    """Each layer's input shape at `capacity` examples."""
-    shape, out = (capacity, *model.inputs[0].shape[1:]), {}
-    for layer in model.layers:
-        out[layer.name] = tuple(shape)
-        shape = (capacity, *layer.output.shape[1:])
-    return out
+    """Each (single-input) layer's input shape at `capacity` examples."""
+    from dpsgd_cli.training import fastgrad
+
+    return {name: (capacity, *shape) for name, shape in fastgrad.layer_input_shapes(model).items()}
 
 
 def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: bool, keep=None,
@@ -452,7 +458,7 @@ def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: boo
 
     chosen, timings = fastgrad.default_formulation(model), {}
     shapes = layer_shapes(model, capacity)
-    first_weight = next((layer.name for layer in model.layers if fastgrad.rule_for(layer).weighted), None)
+    firsts = {layer.name: first for layer, first in fastgrad.layers_in_order(model)}
     batch = capacity if full else min(PROBE, capacity)
     layers = []
     for name, choices in _layer_options(model, private):
@@ -460,8 +466,8 @@ def _fastest_per_layer(model, capacity, private, microbatch_size, jit, full: boo
         if keep is not None and name in keep:
             choices = [c for c in choices if "/".join(c.values()) in keep[name]] or choices
         choices = _arithmetic_prune(layer, shapes[name], choices)
-        works = [layer_work(layer, c, shapes[name], batch, private, name == first_weight, microbatch_size,
-                             jit) for c in choices]
+        works = [layer_work(layer, c, shapes[name], batch, private, firsts[name], microbatch_size, jit)
+                 for c in choices]
         for work in works:
             float(work())  # trace and compile now
         layers.append((name, choices, works))

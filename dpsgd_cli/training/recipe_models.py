@@ -30,14 +30,18 @@ POINTWISE_WIDTH = 64  # channels of scatter_pointwise's 1×1 convolution
 WIDTHS = {"scatter_cnn_16_32": (16, 32), "scatter_cnn_32_64": (32, 64), "scatter_cnn_64_128": (64, 128)}
 
 
-def input_shape(architecture: str) -> tuple[int, int, int]:
-    return ScatteringParams().output_shape if architecture.startswith("scatter") else (28, 28, 1)
+def input_shape(architecture: str, image_shape: tuple[int, ...] = (28, 28, 1)) -> tuple[int, ...]:
+    """The model's input: the ScatterNet features of 28×28×1 images, or the images themselves."""
+    return ScatteringParams().output_shape if architecture.startswith("scatter") else tuple(image_shape)
 
 
 def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 0,
-                       group_norm: bool = True) -> keras.Model:
+                       group_norm: bool = True, image_shape: tuple[int, ...] = (28, 28, 1),
+                       num_classes: int = NUM_CLASSES) -> keras.Model:
     """`tanh_cnn` is tanh whatever `activation` says; the ScatterNet CNNs use `activation`. `group_norm`
-    false: a ScatterNet model without its GroupNorm (its features come normalised, `feature_norm`)."""
+    false: a ScatterNet model without its GroupNorm (its features come normalised, `feature_norm`).
+    `image_shape`: the images' shape (`tanh_cnn` takes any H×W×C; the ScatterNet models 28×28×1);
+    `num_classes`: K logits."""
 
     def init(offset: int) -> keras.initializers.Initializer:
         return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform", seed=seed * 100 + offset)
@@ -49,7 +53,7 @@ def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 
     def dense(units, offset, name, act=None):
         return keras.layers.Dense(units, activation=act, kernel_initializer=init(offset), name=name)
 
-    layers: list = [keras.Input(shape=input_shape(architecture))]
+    layers: list = [keras.Input(shape=input_shape(architecture, image_shape))]
     norm = [_group_norm()] if group_norm else []
     if architecture == "tanh_cnn":
         layers += [keras.layers.ZeroPadding2D(2, name="pad1"), conv(16, 8, 2, "valid", 1, "conv1", "tanh"),
@@ -57,17 +61,17 @@ def build_recipe_model(architecture: str, activation: str = "tanh", seed: int = 
                    conv(32, 4, 2, "valid", 2, "conv2", "tanh"),
                    keras.layers.MaxPooling2D(2, strides=1, name="pool2"),
                    keras.layers.Flatten(name="flatten"),
-                   dense(32, 3, "dense1", "tanh"), dense(NUM_CLASSES, 4, "logits")]
+                   dense(32, 3, "dense1", "tanh"), dense(num_classes, 4, "logits")]
     elif architecture == "scatter_linear":
-        layers += [*norm, keras.layers.Flatten(name="flatten"), dense(NUM_CLASSES, 1, "logits")]
+        layers += [*norm, keras.layers.Flatten(name="flatten"), dense(num_classes, 1, "logits")]
     elif architecture == "scatter_pointwise":
         layers += [*norm, conv(POINTWISE_WIDTH, 1, 1, "same", 1, "conv1", activation),
-                   keras.layers.Flatten(name="flatten"), dense(NUM_CLASSES, 2, "logits")]
+                   keras.layers.Flatten(name="flatten"), dense(num_classes, 2, "logits")]
     elif architecture in WIDTHS:
         c1, c2 = WIDTHS[architecture]
         layers += [*norm, conv(c1, 3, 2, "same", 1, "conv1", activation),
                    conv(c2, 3, 1, "same", 2, "conv2", activation), keras.layers.Flatten(name="flatten"),
-                   dense(32, 3, "dense1", activation), dense(NUM_CLASSES, 4, "logits")]
+                   dense(32, 3, "dense1", activation), dense(num_classes, 4, "logits")]
     else:
         raise ValueError(f"unknown architecture {architecture!r}")
     return keras.Sequential(layers, name=architecture)

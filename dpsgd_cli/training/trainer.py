@@ -19,7 +19,6 @@ import numpy as np
 from dpsgd_cli import __version__
 from dpsgd_cli.config import ExperimentConfig, release_bounds, views_per_example
 from dpsgd_cli.errors import OutputError, RunDirError, TrainingError
-from dpsgd_cli.labels import NUM_CLASSES
 from dpsgd_cli.privacy import accounting
 from dpsgd_cli.privacy.plan import PrivacyPlan
 from dpsgd_cli.privacy.run_key import RunKey
@@ -73,8 +72,8 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from dpsgd_cli.training import distribute, engine, planner, recipes
-        from dpsgd_cli.training.model import model_from_config
+        from dpsgd_cli.training import distribute, engine, features, planner, recipes
+        from dpsgd_cli.training.model import INPUT_SHAPE, model_from_config
 
         self.tf = tf
         self.cfg, self.data, self.plan = cfg, dataset, plan
@@ -83,7 +82,10 @@ class Trainer:
         self.sampler = Sampler(sampling=cfg.data.sampling, batch_size=cfg.data.batch_size,
                                dataset_size=self.n, population=len(dataset.y_train), key=key,
                                max_capacity=cfg.training.physical_batch_size)
-        self.model = plain = model if model is not None else model_from_config(cfg.model, cfg.seed)
+        # the model's data: the images' shape (ScatterNet models: the 28×28×1 images their features come from)
+        shape = INPUT_SHAPE if features.needs_features(cfg.model.architecture) else dataset.input_shape
+        build = (cfg.model, cfg.seed, shape, dataset.num_classes)
+        self.model = plain = model if model is not None else model_from_config(*build)
         # tf.distribute: R replicas each take capacity / R slots of every chunk
         self.distribution = distribute.setup(cfg)
         replicas = self.distribution.replicas if self.distribution else 1
@@ -92,7 +94,7 @@ class Trainer:
         keras.utils.set_random_seed(cfg.seed)  # not secret (initial weights are seeded in model_from_config)
         with self.distribution.scope() if self.distribution else contextlib.nullcontext():
             if self.distribution:  # the same initial weights, in variables mirrored over the replicas
-                weights, self.model = self.model.get_weights(), model_from_config(cfg.model, cfg.seed)
+                weights, self.model = self.model.get_weights(), model_from_config(*build)
                 self.model.set_weights(weights)
             self.optimizer = engine.make_optimizer(cfg.training.optimizer,
                                                    recipes.learning_rate(cfg, plan.total_steps),
@@ -231,7 +233,7 @@ class Trainer:
         losses = per_example_loss(logits, y).numpy()
         hits = logits.argmax(axis=1) == y
         per_class = {f"test_accuracy_class_{k}": float(hits[y == k].mean()) if (y == k).any() else math.nan
-                     for k in range(NUM_CLASSES)}
+                     for k in range(self.data.num_classes)}
         return {"test_loss": float(losses.mean()), "test_accuracy": float(hits.mean()), **per_class}
 
     def epoch_row(self, epoch: int, train_stats: dict[str, float], elapsed: float) -> dict[str, Any]:
@@ -262,7 +264,7 @@ class Trainer:
             microbatch_size=self.plan.microbatch_size,
             epsilon_rdp=self.ledger.epsilon("rdp"), epsilon_pld=self.ledger.epsilon("pld"),
             randomness=self.key.mode, views=views_per_example(self.cfg), releases=self.plan.releases,
-            release_bounds=release_bounds(self.cfg) if self.plan.releases else ())
+            release_bounds=release_bounds(self.cfg) if self.plan.releases else (), record=self.data.record)
 
     def snapshot(self, epoch: int, records: list[Mapping[str, Any]], elapsed: float
                  ) -> tuple[dict[str, Any], list[np.ndarray], list[np.ndarray]]:

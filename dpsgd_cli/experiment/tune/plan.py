@@ -90,11 +90,15 @@ def plan_search(config: str | Path | None, overrides: Sequence[str] = (),
     base, tune = load_tune_config(config, list(overrides), space_file)
     if name is not None:
         base = replace(base, name=name)
+    if base.tracking.tensorboard or base.tracking.mlflow:
+        raise ConfigError("tracking: a private search does not send its trials to a tracker (their number, "
+                          "settings and results are what the selection keeps secret); set "
+                          "tracking.tensorboard and tracking.mlflow to false")
     if dataset_size is None:
         from dpsgd_cli.training.data import load_dataset
 
         dataset_size = len(load_dataset(base.data.dataset, resolved_data_dir(base), base.data.train_size,
-                                        1).y_train)
+                                        1, path=base.data.path, label_column=base.data.label_column).y_train)
     train_size = dataset_size - tune.holdout
     if train_size < 1:
         raise ConfigError(f"tune.holdout: {tune.holdout} examples leave none of the {dataset_size} to train "

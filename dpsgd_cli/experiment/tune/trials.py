@@ -138,7 +138,8 @@ class _Scorer:
             from dpsgd_cli.training.data import load_dataset
 
             base = self.plan.base
-            data = load_dataset(base.data.dataset, resolved_data_dir(base), self.plan.dataset_size, 1)
+            data = load_dataset(base.data.dataset, resolved_data_dir(base), self.plan.dataset_size, 1,
+                                path=base.data.path, label_column=base.data.label_column)
             if len(data.y_train) != self.plan.dataset_size:
                 raise RunDirError(f"the training split now has {len(data.y_train)} examples, the search "
                                   f"started with {self.plan.dataset_size}; use the same data")

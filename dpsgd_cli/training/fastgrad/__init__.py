@@ -1,22 +1,28 @@
-"""Fast per-example clipping for Sequential models of Dense, Conv2D, normalisation, embedding and
-weightless layers.
+"""Fast per-example clipping for models of Dense, Conv2D, DepthwiseConv2D, SeparableConv2D, normalisation,
+embedding and weightless layers, wired as a Sequential, a Functional graph (residual adds, concatenations,
+branches, shared layers, nested models) or a subclassed model whose `call` traces to such a graph.
 
 Package layout (one rule family a module, like Opacus's `grad_sample/`): `base` (the rule interface),
-`kernel` (Dense and Conv2D's shared GEMM algebra), `dense`, `conv`, `pooling`, `normalization`, `embedding`,
-`registry` (layer type → rule) and `driver` (the forward pass, per-unit terms, clipped sums, path choice).
+`kernel` (Dense and Conv2D's shared GEMM algebra), `dense`, `conv`, `depthwise`, `pooling`, `normalization`,
+`embedding`, `merge` (layers and operations joining branches), `registry` (layer type → rule), `graph` (the
+model as calls in topological order) and `driver` (the forward pass, per-unit terms, clipped sums, path
+choice).
 
 One dispatch point: `REGISTRY` maps a layer type to its `LayerRule` (like TF Privacy's layer registry):
 whether a layer is supported, its forward formulations and default, and for layers with weights
 (`WeightRule`) the per-unit squared norms and the weighted sum of per-unit gradients. Adding a layer type
 is one `register(layer_type, rule)` and a test equal to the per-example GradientTape loop.
 
-Same contract as `engine.vmap_clipped_gradient_sum`. One forward pass keeps each Dense/Conv2D layer's input
-and pre-activation output z; one backward pass of the *summed* loss w.r.t. the z's gives every example's
-output-gradient dz (example i's loss depends on example i's activations only: no BatchNorm). A unit's
-(example's, or microbatch's) kernel gradient is A_u·D_u with A_u [p, T] its inputs (Conv2D: image patches,
-p = kh·kw·cin, T = output positions × k) and D_u [T, c] its dz / k; bias gradient Σ_T D_u. A_u is kept in
-the layout its construction gives ([T, p] for Dense inputs and gathered patches, [p, T] for phase-slice
-patches): the GEMMs take either, so no factor is transposed in memory.
+Same contract as `engine.vmap_clipped_gradient_sum`. One forward pass walks the model's graph and keeps
+each weight layer call's input and pre-activation output z; one backward pass of the *summed* loss w.r.t.
+the z's gives every example's output-gradient dz (example i's loss depends on example i's activations
+only: no BatchNorm, no layer mixing examples). A unit's (example's, or microbatch's) kernel gradient is
+A_u·D_u with A_u [p, T] its inputs (Conv2D: image patches, p = kh·kw·cin, T = output positions × k) and
+D_u [T, c] its dz / k; bias gradient Σ_T D_u. A_u is kept in the layout its construction gives ([T, p]
+for Dense inputs and gathered patches, [p, T] for phase-slice patches): the GEMMs take either, so no
+factor is transposed in memory. A layer called more than once (shared) has, per unit, the *sum* of its
+calls' gradients: its rule joins the calls (`WeightRule.shared_unit_terms`), so the norm keeps the cross
+terms between calls.
 
 Each layer can be computed several ways ("formulations", `formulation_choices`), all equal to the
 per-example GradientTape reference (tests/test_fastgrad.py), so choosing one changes speed only:
@@ -45,6 +51,7 @@ from dpsgd_cli.config import GRADIENT_PATHS
 from dpsgd_cli.training.fastgrad.base import SIGNATURE_KEYS, LayerRule, WeightRule
 from dpsgd_cli.training.fastgrad.conv import Conv2DRule
 from dpsgd_cli.training.fastgrad.dense import DenseRule
+from dpsgd_cli.training.fastgrad.depthwise import DepthwiseConv2DRule, SeparableConv2DRule
 from dpsgd_cli.training.fastgrad.driver import (
     FORWARDS,
     GRADS,
@@ -56,6 +63,9 @@ from dpsgd_cli.training.fastgrad.driver import (
     fast_path_problem,
     formulation_choices,
     forward,
+    graph_signature,
+    layer_input_shapes,
+    layers_in_order,
     make_forward_fn,
     make_grad_sum_fn,
     per_unit_norms,
@@ -63,16 +73,20 @@ from dpsgd_cli.training.fastgrad.driver import (
     unit_terms,
 )
 from dpsgd_cli.training.fastgrad.embedding import EmbeddingRule
+from dpsgd_cli.training.fastgrad.graph import GraphProblem, as_functional, graph_of
 from dpsgd_cli.training.fastgrad.kernel import KernelRule
+from dpsgd_cli.training.fastgrad.merge import ConcatenateRule, ElementwiseOpRule, MergeRule
 from dpsgd_cli.training.fastgrad.normalization import AffineNormRule, NormRule, PerExampleNormRule
 from dpsgd_cli.training.fastgrad.pooling import MaxPool2DRule
 from dpsgd_cli.training.fastgrad.registry import REGISTRY, register, rule_for
 
 __all__ = [
-    "FORWARDS", "GRADIENT_PATHS", "GRADS", "REGISTRY", "SIGNATURE_KEYS", "AffineNormRule", "Conv2DRule",
-    "DenseRule", "EmbeddingRule", "KernelRule", "LayerRule", "MaxPool2DRule", "NormRule",
-    "PerExampleNormRule", "WeightRule", "_clipped_sum", "choose_gradient_path", "choose_gradient_sum_fn",
-    "default_formulation", "fast_clipped_gradient_sum", "fast_path_problem", "formulation_choices",
-    "forward", "make_forward_fn", "make_grad_sum_fn", "per_unit_norms", "register", "rule_for",
-    "supports_fast_path", "unit_terms",
+    "FORWARDS", "GRADIENT_PATHS", "GRADS", "REGISTRY", "SIGNATURE_KEYS", "AffineNormRule",
+    "ConcatenateRule", "Conv2DRule", "DenseRule", "DepthwiseConv2DRule", "ElementwiseOpRule",
+    "EmbeddingRule", "GraphProblem", "KernelRule", "LayerRule", "MaxPool2DRule", "MergeRule", "NormRule",
+    "PerExampleNormRule", "SeparableConv2DRule", "WeightRule", "_clipped_sum", "as_functional",
+    "choose_gradient_path", "choose_gradient_sum_fn", "default_formulation", "fast_clipped_gradient_sum",
+    "fast_path_problem", "formulation_choices", "forward", "graph_of", "graph_signature",
+    "layer_input_shapes", "layers_in_order", "make_forward_fn", "make_grad_sum_fn", "per_unit_norms",
+    "register", "rule_for", "supports_fast_path", "unit_terms",
 ]

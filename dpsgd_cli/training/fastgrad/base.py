@@ -22,7 +22,7 @@ class LayerRule:
 
     def problem(self, layer) -> str | None:
         """Why this layer is off the fast path (a phrase, "" for no detail), or None when it is handled."""
-        return "" if layer.weights else None
+        return "" if getattr(layer, "weights", None) else None
 
     def choices(self, layer, private: bool) -> list[dict[str, str]]:
         """Formulations this rule can run for `layer`, each tested equal to the GradientTape loop."""
@@ -68,6 +68,18 @@ class WeightRule(LayerRule):
         """(squared norm of each unit's gradient over this layer's variables [units], term for
         `weighted_sums`). A unit is k consecutive examples; its gradient is that of its mean loss."""
         raise NotImplementedError
+
+    def shared_unit_terms(self, layer, uses, units: int, k: int, choice, strategy: str = "auto"):
+        """`unit_terms` of a layer called more than once (shared): `uses` holds (input, aux, dz) of each
+        call. A unit's gradient is the *sum* over the calls, so its squared norm has cross terms between
+        calls (‖Σ_j g_j‖² ≠ Σ_j ‖g_j‖²): a rule joins the calls' factors (e.g. one GEMM over the positions
+        of every call) or sums materialized gradients. A rule without it keeps shared layers of its type
+        off the fast path."""
+        raise NotImplementedError
+
+    def shares(self) -> bool:
+        """Whether this rule handles a layer called more than once (`shared_unit_terms`)."""
+        return type(self).shared_unit_terms is not WeightRule.shared_unit_terms
 
     def weighted_sums(self, layer, term, weights: tf.Tensor) -> list[tf.Tensor]:
         """Σ_u weights_u · g_u for each of `layer.trainable_variables`, in that order. A unit whose weight

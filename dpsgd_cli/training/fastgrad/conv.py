@@ -1,7 +1,10 @@
 """The fast-path rule of `keras.layers.Conv2D`: forward natively or as image patches × kernel, and
-per-unit gradients from patches or, with one input channel, by one depthwise filter-gradient op."""
+per-unit gradients from patches, by one grouped-convolution filter-gradient op over the batch, or, with
+one input channel, by one depthwise filter-gradient op."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -11,7 +14,8 @@ from dpsgd_cli.training.fastgrad.kernel import KernelRule
 
 class Conv2DRule(KernelRule):
     """Forward `native` (tf.nn.conv2d) or `patches` (patches × reshaped kernel, one GEMM); per-unit
-    gradients `materialize`, `ghost` or, for one input channel, `depthwise`."""
+    gradients `materialize`, `ghost`, `grouped` (where TensorFlow computes grouped convolutions'
+    filter gradients: `grouped_filter_gradients`) or, for one input channel, `depthwise`."""
 
     def problem(self, layer):
         if (layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1)
@@ -24,6 +28,8 @@ class Conv2DRule(KernelRule):
         if not private:
             return [{"forward": f} for f in forwards]
         choices = [{"forward": f, "grads": g} for f in forwards for g in ("materialize", "ghost")]
+        if grouped_filter_gradients():
+            choices.append({"forward": "native", "grads": "grouped"})
         if layer.kernel.shape[2] == 1:
             choices.append({"forward": "native", "grads": "depthwise"})
         return choices
@@ -51,14 +57,16 @@ class Conv2DRule(KernelRule):
     def inputs(self, layer, a, aux):
         return _patches(a, layer) if aux is None else aux
 
-    def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
-        if choice.get("grads") != "depthwise":
-            return super().unit_terms(layer, a, aux, dz, units, k, choice, strategy)
-        grads = depthwise_unit_grads(layer, a, dz, units, k)
+    def shared_unit_terms(self, layer, uses, units, k, choice, strategy="auto"):
+        if choice.get("grads") not in ("depthwise", "grouped"):
+            return super().shared_unit_terms(layer, uses, units, k, choice, strategy)
+        per_unit = depthwise_unit_grads if choice["grads"] == "depthwise" else grouped_unit_grads
+        grads = tf.add_n([per_unit(layer, a, dz, units, k) for a, _, dz in uses])
         sq = tf.reduce_sum(tf.square(grads), axis=[1, 2])
         bias = None
         if layer.use_bias:
-            bias = tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1) / k
+            bias = tf.add_n([tf.reduce_sum(tf.reshape(dz, [units, -1, dz.shape[-1]]), axis=1)
+                             for _, _, dz in uses]) / k
             sq += tf.reduce_sum(tf.square(bias), axis=1)
         return sq, (None, False, None, grads, bias)
 
@@ -117,3 +125,39 @@ def depthwise_unit_grads(layer, a, dz, units: int, k: int) -> tf.Tensor:
                                                    [1, *layer.strides, 1], layer.padding.upper())
     grads = tf.reshape(tf.transpose(grads, [2, 0, 1, 3]), [b, kh * kw, c])
     return grads if k == 1 else tf.reduce_sum(tf.reshape(grads, [units, k, kh * kw, c]), axis=1) / k
+
+
+def grouped_unit_grads(layer, a, dz, units: int, k: int) -> tf.Tensor:
+    """Per-unit kernel gradients [units, kh·kw·cin, c] of a Conv2D by one native op: the batch becomes B
+    groups of a grouped convolution (input [1, H, W, B·cin], output-gradients [1, oh, ow, B·c], filter
+    [kh, kw, cin, B·c]), whose filter gradient holds every example's own kernel gradient."""
+    (kh, kw), (b, h, w, cin), c = layer.kernel_size, a.shape, dz.shape[-1]
+    image = tf.reshape(tf.transpose(a, [1, 2, 0, 3]), [1, h, w, b * cin])
+    out_backprop = tf.reshape(tf.transpose(dz, [1, 2, 0, 3]), [1, dz.shape[1], dz.shape[2], b * c])
+    grads = tf.raw_ops.Conv2DBackpropFilter(input=image, filter_sizes=[kh, kw, cin, b * c],
+                                            out_backprop=out_backprop, strides=[1, *layer.strides, 1],
+                                            padding=layer.padding.upper())
+    grads = tf.transpose(tf.reshape(grads, [kh * kw * cin, b, c]), [1, 0, 2])
+    return grads if k == 1 else tf.reduce_sum(tf.reshape(grads, [units, k, kh * kw * cin, c]), axis=1) / k
+
+
+@functools.cache
+def grouped_filter_gradients() -> bool:
+    """Whether this TensorFlow build computes a grouped convolution's filter gradient (with oneDNN on CPU,
+    or on GPU; TensorFlow's own CPU kernel refuses groups), checked once on a tiny case against two
+    ungrouped ones."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((1, 4, 4, 4), dtype=np.float32))
+    d = tf.constant(rng.random((1, 4, 4, 6), dtype=np.float32))
+
+    def filter_grad(x, d, channels):
+        return tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=[3, 3, channels, d.shape[-1]],
+                                               out_backprop=d, strides=[1, 1, 1, 1], padding="SAME")
+
+    with tf.init_scope():  # eagerly, also when first asked while a tf.function is traced
+        try:
+            grouped = filter_grad(x, d, 2).numpy()
+        except (tf.errors.OpError, ValueError):
+            return False
+        parts = [filter_grad(x[..., 2 * i:2 * i + 2], d[..., 3 * i:3 * i + 3], 2).numpy() for i in range(2)]
+    return bool(np.allclose(grouped, np.concatenate(parts, axis=-1), rtol=1e-5, atol=1e-5))

@@ -6,28 +6,77 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from dpsgd_cli.config import GRADIENT_PATHS
 from dpsgd_cli.errors import ConfigError
 from dpsgd_cli.training import engine
 from dpsgd_cli.training.fastgrad.base import WeightRule
+from dpsgd_cli.training.fastgrad.graph import GraphProblem, graph_of
 from dpsgd_cli.training.fastgrad.registry import rule_for
 
 
 def _unsupported_layer(model: keras.Model) -> str | None:
     """What the fast path cannot handle in `model` (a short phrase), or None when it handles everything."""
-    if not isinstance(model, keras.Sequential):
-        return f"{type(model).__name__} model {model.name!r} (only Sequential models)"
-    for layer in model.layers:
-        rule = rule_for(layer)
-        problem = "" if rule is None else rule.problem(layer)
+    try:
+        graph = graph_of(model)
+    except GraphProblem as problem:
+        return str(problem)
+    inputs: dict[int, list[tuple]] = {}
+    for call in graph.calls:
+        if call.op is None:
+            continue
+        problem = _call_problem(call)
         if problem is not None:
-            return f"{type(layer).__name__} layer {layer.name!r}" + (f" ({problem})" if problem else "")
-    owned = {id(v) for layer in model.layers for v in layer.trainable_variables}
+            return f"{_what(call.op)}" + (f" ({problem})" if problem else "")
+        if _weighted(call.op):
+            inputs.setdefault(id(call.op), []).append(tuple(call.arguments.keras_tensors[0].shape[1:])
+                                                      if call.arguments is not None else None)
+    for call in graph.calls:
+        uses = inputs.get(id(call.op), ())
+        if len(uses) > 1:
+            if not rule_for(call.op).shares():
+                return f"{_what(call.op)} (called {len(uses)} times; its rule has no shared-call terms)"
+            if len({len(shape) for shape in uses if shape is not None}) > 1:
+                return f"{_what(call.op)} (called on inputs of different ranks)"
+    owned = {id(v) for call in graph.calls for v in getattr(call.op, "trainable_variables", ())}
     if any(id(v) not in owned for v in model.trainable_variables):
         return "a trainable variable outside the model's layers"
     return None
+
+
+def _what(op) -> str:
+    kind = "layer" if isinstance(op, keras.layers.Layer) else "operation"
+    return f"{type(op).__name__} {kind} {op.name!r}"
+
+
+def _call_problem(call) -> str | None:
+    """Why this one call is off the fast path ("" for no detail), or None."""
+    rule = rule_for(call.op)
+    if rule is None:
+        return ""
+    problem = rule.problem(call.op)
+    if problem is not None:
+        return problem
+    if call.arguments is None:
+        return None
+    args, kwargs = call.arguments.args, call.arguments.kwargs
+    constants = (bool, int, float, str, type(None), np.ndarray, np.generic)
+    for value in keras.tree.flatten((args, kwargs)):
+        if not isinstance(value, (keras.KerasTensor, *constants)):
+            return f"an argument that is a {type(value).__name__}, not a tensor of the graph"
+    if _weighted(call.op) and not (len(args) == 1 and isinstance(args[0], keras.KerasTensor)
+                                   and set(kwargs) <= {"training"}):
+        return "called on more than one tensor or with keyword arguments"
+    return None
+
+
+def _weighted(op) -> bool:
+    """Whether `op` runs as a weight layer (a weight rule, and trainable variables: a frozen layer is a
+    plain function of its input)."""
+    rule = rule_for(op)
+    return bool(rule and rule.weighted and getattr(op, "trainable_variables", None))
 
 
 def fast_path_problem(model: keras.Model) -> str | None:
@@ -62,22 +111,69 @@ def choose_gradient_sum_fn(model: keras.Model, gradient_path: str) -> engine.Gra
 
 # weight layers: native | patches; stride-1 max pooling: native | slices
 FORWARDS = ("native", "patches", "slices")
-GRADS = ("materialize", "ghost", "depthwise")  # per-unit kernel gradients or norms of Dense/Conv2D layers
+# per-unit kernel gradients or norms of Dense/Conv2D layers
+GRADS = ("materialize", "ghost", "depthwise", "grouped")
 
 
 def default_formulation(model: keras.Model) -> dict[str, dict[str, str]]:
-    """The formulation used when none is given (each rule's `default`): the first Conv2D as patches ×
-    kernel (its patches are needed for its per-example gradients anyway), every other weight layer native,
-    stride-1 max pooling as shifted slices, per-layer norms by `kernel.prefer_ghost`'s operation count. A plan
-    (`planner`) replaces it."""
-    out, first = {}, True
-    for layer in model.layers:
+    """The formulation used when none is given (each rule's `default`): a first Conv2D (one whose input
+    depends on no weight layer) as patches × kernel (its patches are needed for its per-example gradients
+    anyway), every other weight layer native, stride-1 max pooling as shifted slices, per-layer norms by
+    `kernel.prefer_ghost`'s operation count. A plan (`planner`) replaces it."""
+    out = {}
+    for layer, first in layers_in_order(model):
         rule = rule_for(layer)
         choice = rule.default(layer, first) if rule else None
         if choice:
             out[layer.name] = choice
-        first = first and not (rule and rule.weighted)
     return out
+
+
+def layers_in_order(model: keras.Model) -> list[tuple]:
+    """(layer, first) for each distinct layer of the model's graph in the order of its first call; `first`:
+    its input depends on no weight layer, so the gradient to its input is not needed."""
+    try:
+        calls = graph_of(model).calls
+    except GraphProblem:  # off the fast path: the layers Keras lists, none first
+        return [(layer, False) for layer in getattr(model, "layers", [])]
+    after_weights, seen, out = set(), set(), []
+    for call in calls:
+        first = not any(key in after_weights for key in call.inputs)
+        if not first or (call.op is not None and _weighted(call.op)):
+            after_weights.update(call.outputs)
+        if isinstance(call.op, keras.layers.Layer) and id(call.op) not in seen:
+            seen.add(id(call.op))
+            out.append((call.op, first))
+    return out
+
+
+def layer_input_shapes(model: keras.Model) -> dict[str, tuple]:
+    """Each single-input layer's input shape (without the batch axis) at its first call."""
+    shapes = {}
+    for call in graph_of(model).calls:
+        if not isinstance(call.op, keras.layers.Layer) or call.op.name in shapes:
+            continue
+        if call.arguments is None:
+            source = call.op.input
+        elif len(call.arguments.keras_tensors) == 1:
+            source = call.arguments.keras_tensors[0]
+        else:
+            continue
+        if isinstance(source, keras.KerasTensor):
+            shapes[call.op.name] = tuple(source.shape[1:])
+    return shapes
+
+
+def graph_signature(model: keras.Model) -> list:
+    """The wiring: for each call, its op's name and the names of the ops whose outputs it reads."""
+    graph = graph_of(model)
+    producer = {graph.input: "input"}
+    rows = []
+    for call in graph.calls:
+        name = call.op.name if call.op is not None else "identity"
+        rows.append([name, [producer.get(key, "?") for key in call.inputs]])
+        producer.update(dict.fromkeys(call.outputs, name))
+    return rows
 
 
 def formulation_choices(layer, first: bool, private: bool) -> list[dict[str, str]]:
@@ -90,11 +186,13 @@ def formulation_choices(layer, first: bool, private: bool) -> list[dict[str, str
 
 
 def _choice(formulation, layer, default: dict[str, str] | None) -> dict[str, str]:
+    if not isinstance(layer, keras.layers.Layer):
+        return {}
     return {**(default or {}), **(formulation or {}).get(layer.name, {})}
 
 
 class _Record(NamedTuple):
-    """One weight layer's share of the forward pass: its input `a`, the watched z and the rule's `aux`."""
+    """One weight layer call's share of the forward pass: its input `a`, the watched z, the rule's `aux`."""
 
     rule: WeightRule
     layer: keras.layers.Layer
@@ -104,24 +202,54 @@ class _Record(NamedTuple):
     choice: dict[str, str]
 
 
+def _run(model: keras.Model, x: tf.Tensor, visit) -> tf.Tensor:
+    """The model's output on `x`, walking its graph: `visit(op, args, kwargs)` computes each call's output
+    from its filled-in arguments (identities pass their value on)."""
+    graph = graph_of(model)
+    values = {graph.input: x}
+    for call in graph.calls:
+        if call.op is None:
+            values[call.outputs[0]] = values[call.inputs[0]]
+            continue
+        if call.arguments is None:
+            args, kwargs = (values[call.inputs[0]],), {}
+        else:
+            args, kwargs = call.arguments.fill_in(values)
+        out = visit(call.op, args, kwargs)
+        values.update(zip(call.outputs, keras.tree.flatten(out)))
+    return values[graph.output]
+
+
+def _call_weightless(rule, op, args, kwargs, choice) -> tf.Tensor:
+    """A weightless call in training mode: the rule's `forward` for a layer on one input (a tensor or a
+    merge layer's list), else the op on its arguments, with `training=True` where the op takes it."""
+    if (rule is not None and isinstance(op, keras.layers.Layer) and len(args) == 1
+            and set(kwargs) <= {"training"}):
+        return rule.forward(op, args[0], choice)
+    if "training" in getattr(op, "_call_context_args", ()):
+        kwargs = {**kwargs, "training": True}
+    return op(*args, **kwargs)
+
+
 def _forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None):
-    """Logits and a `_Record` per weight layer with trainable variables, z's watched (a frozen layer is
-    run like a weightless one: its gradient is neither clipped nor summed, so it must not count in a
-    unit's norm). `formulation`: {layer name: {"forward": ..., "grads": ...}} (missing:
+    """Logits and a `_Record` per call of a weight layer with trainable variables, z's watched (a frozen
+    layer is run like a weightless one: its gradient is neither clipped nor summed, so it must not count
+    in a unit's norm). `formulation`: {layer name: {"forward": ..., "grads": ...}} (missing:
     `default_formulation`)."""
     defaults = default_formulation(model)
-    records, h = [], x
-    for layer in model.layers:
-        rule = rule_for(layer)
-        choice = _choice(formulation, layer, defaults.get(layer.name))
-        if rule.weighted and layer.trainable_variables:
-            z, aux = rule.pre_activation(layer, h, choice)
-            tape.watch(z)
-            records.append(_Record(rule, layer, h, z, aux, choice))
-            h = rule.activation(layer, z)
-        else:
-            h = rule.forward(layer, h, choice)
-    return h, records
+    records = []
+
+    def visit(op, args, kwargs):
+        rule = rule_for(op)
+        choice = _choice(formulation, op, defaults.get(op.name))
+        if not _weighted(op):
+            return _call_weightless(rule, op, args, kwargs, choice)
+        z, aux = rule.pre_activation(op, args[0], choice)
+        tape.watch(z)
+        records.append(_Record(rule, op, args[0], z, aux, choice))
+        return rule.activation(op, z)
+
+    return _run(model, x, visit), records
 
 
 def forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation=None) -> tf.Tensor:
@@ -129,12 +257,15 @@ def forward(model: keras.Model, x: tf.Tensor, tape: tf.GradientTape, formulation
     function as `model(x)`, for a non-private step. Native choices call the Keras layer itself, so an
     all-native formulation is the plain Keras forward. Call inside `tape`."""
     defaults = default_formulation(model)
-    h = x
-    for layer in model.layers:
-        rule = rule_for(layer)
-        choice = _choice(formulation, layer, defaults.get(layer.name))
-        h = rule.forward(layer, h, choice) if rule else layer(h, training=True)
-    return h
+
+    def visit(op, args, kwargs):
+        rule = rule_for(op)
+        choice = _choice(formulation, op, defaults.get(op.name))
+        if _weighted(op):
+            return rule.forward(op, args[0], choice)
+        return _call_weightless(rule, op, args, kwargs, choice)
+
+    return _run(model, x, visit)
 
 
 def make_forward_fn(formulation):
@@ -157,9 +288,17 @@ def _per_unit_terms(model, x, y, microbatch_size: int, strategy: str, formulatio
         losses = loss_fn(logits, y)
         total = tf.reduce_sum(losses)
     dzs = tape.gradient(total, [r.z for r in records])
-    terms, sq_norms = [], []
+    calls: dict[int, list] = {}  # a shared layer's calls together, in the order of their first call
     for r, dz in zip(records, dzs):
-        sq, term = r.rule.unit_terms(r.layer, r.a, r.aux, dz, units, k, r.choice, strategy)
+        calls.setdefault(id(r.layer), []).append((r, dz))
+    terms, sq_norms = [], []
+    for group in calls.values():
+        r = group[0][0]
+        if len(group) == 1:
+            sq, term = r.rule.unit_terms(r.layer, r.a, r.aux, group[0][1], units, k, r.choice, strategy)
+        else:
+            uses = [(use.a, use.aux, dz) for use, dz in group]
+            sq, term = r.rule.shared_unit_terms(r.layer, uses, units, k, r.choice, strategy)
         sq_norms.append(sq)
         terms.append((r, term))
     return tf.add_n(sq_norms), terms, losses, logits

@@ -35,17 +35,24 @@ class EmbeddingRule(WeightRule):
         return tf.gather(tf.convert_to_tensor(layer.embeddings), ids), (ids, valid)
 
     def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
-        ids, valid = aux
+        return self.shared_unit_terms(layer, [(a, aux, dz)], units, k, choice, strategy)
+
+    def shared_unit_terms(self, layer, uses, units, k, choice, strategy="auto"):
+        """Every call's (unit, id, row) triples together: the segment sums add a row's terms across calls;
+        a unit with an id outside the vocabulary in any call gets a NaN norm (dropped by the engine)."""
         vocab, width = layer.embeddings.shape
-        rows = tf.reshape(dz, [-1, width]) / k  # one row per (example, position)
-        unit = tf.repeat(tf.range(units, dtype=tf.int64), tf.size(ids) // units)
-        pair = unit * vocab + tf.cast(tf.reshape(ids, [-1]), tf.int64)
+        rows = tf.concat([tf.reshape(dz, [-1, width]) for _, _, dz in uses], 0) / k  # (example, position)
+        unit = tf.concat([tf.repeat(tf.range(units, dtype=tf.int64), tf.size(ids) // units)
+                          for _, (ids, _), _ in uses], 0)
+        ids = tf.concat([tf.reshape(ids, [-1]) for _, (ids, _), _ in uses], 0)
+        pair = unit * vocab + tf.cast(ids, tf.int64)
         distinct, which = tf.unique(pair)
         summed = tf.math.unsorted_segment_sum(rows, which, tf.size(distinct))
         sq = tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(summed), axis=1), distinct // vocab, units)
-        invalid = tf.reduce_any(tf.logical_not(tf.reshape(valid, [units, -1])), axis=1)
+        valid = tf.concat([tf.reshape(valid, [units, -1]) for _, (_, valid), _ in uses], axis=1)
+        invalid = tf.reduce_any(tf.logical_not(valid), axis=1)
         sq = tf.where(invalid, tf.fill(tf.shape(sq), float("nan")), sq)  # the engine drops such units
-        return sq, (rows, tf.reshape(ids, [-1]), unit)
+        return sq, (rows, ids, unit)
 
     def weighted_sums(self, layer, term, weights):
         rows, ids, unit = term

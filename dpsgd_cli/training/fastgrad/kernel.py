@@ -41,29 +41,49 @@ class KernelRule(WeightRule):
         raise NotImplementedError
 
     def unit_terms(self, layer, a, aux, dz, units, k, choice, strategy="auto"):
+        return self.shared_unit_terms(layer, [(a, aux, dz)], units, k, choice, strategy)
+
+    def shared_unit_terms(self, layer, uses, units, k, choice, strategy="auto"):
+        """The calls' factors joined along the positions (A_u = [A_u¹ A_u² …], D_u likewise): A_u·D_u is then
+        the sum of the calls' gradients, and its norm (materialized or ghost) has every cross term."""
         if strategy == "auto" and choice.get("grads", "auto") != "auto":
             strategy = choice["grads"]
-        a_u, rows, d_u = unit_factors(*self.inputs(layer, a, aux), dz, units, k)
+        a_u, rows, d_u = joined_factors([unit_factors(*self.inputs(layer, a, aux), dz, units, k)
+                                         for a, aux, dz in uses])
         sq, grads, bias = layer_terms(layer, a_u, rows, d_u, strategy)
         return sq, (a_u, rows, d_u, grads, bias)
 
     def weighted_sums(self, layer, term, weights):
         a_u, rows, d_u, grads, bias = term
-        if grads is None:  # one GEMM [p, units·T] · [units·T, c]; a dropped unit's A_u and D_u are zeroed
-            a_u = without_dropped(weights, a_u)
-            if rows:
-                a_all, transpose = tf.reshape(a_u, [-1, a_u.shape[2]]), True
-            else:
-                a_all, transpose = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1]), False
-            weighted = tf.reshape(tf.math.multiply_no_nan(d_u, weights[:, None, None]), [-1, d_u.shape[2]])
-            if d_u.shape[1] > 1:  # a unit's T terms may cancel: sum them as exactly as its norm was taken
-                a_all, weighted = tf.cast(a_all, tf.float64), tf.cast(weighted, tf.float64)
-            kernel = tf.cast(tf.matmul(a_all, weighted, transpose_a=transpose), d_u.dtype)
-        else:
-            kernel = tf.tensordot(weights, without_dropped(weights, grads), axes=1)
-        sums = [tf.reshape(kernel, layer.kernel.shape)]
+        sums = [tf.reshape(weighted_kernel_sum(a_u, rows, d_u, grads, weights), layer.kernel.shape)]
         return sums + ([] if bias is None else [tf.tensordot(weights, without_dropped(weights, bias), 1)])
 
+
+def weighted_kernel_sum(a_u, rows: bool, d_u, grads, weights: tf.Tensor) -> tf.Tensor:
+    """Σ_u weights_u · A_u·D_u [p, c]: one GEMM [p, units·T] · [units·T, c] (a dropped unit's A_u and D_u
+    zeroed; float64 when a unit has several positions, whose terms may cancel: summed as exactly as its
+    norm was taken), or from materialized `grads`."""
+    if grads is not None:
+        return tf.tensordot(weights, without_dropped(weights, grads), axes=1)
+    a_u = without_dropped(weights, a_u)
+    if rows:
+        a_all, transpose = tf.reshape(a_u, [-1, a_u.shape[2]]), True
+    else:
+        a_all, transpose = tf.reshape(tf.transpose(a_u, [1, 0, 2]), [a_u.shape[1], -1]), False
+    weighted = tf.reshape(tf.math.multiply_no_nan(d_u, weights[:, None, None]), [-1, d_u.shape[2]])
+    if d_u.shape[1] > 1:
+        a_all, weighted = tf.cast(a_all, tf.float64), tf.cast(weighted, tf.float64)
+    return tf.cast(tf.matmul(a_all, weighted, transpose_a=transpose), d_u.dtype)
+
+
+def joined_factors(factors):
+    """One (A_u, rows, D_u) from several calls' (A_u, rows, D_u) of the same kernel, joined along the
+    positions T (A_u in the rows layout when the calls' layouts differ)."""
+    if len(factors) == 1:
+        return factors[0]
+    rows = any(r for _, r, _ in factors)
+    parts = [a if r == rows else tf.transpose(a, [0, 2, 1]) for a, r, _ in factors]
+    return tf.concat(parts, axis=1 if rows else 2), rows, tf.concat([d for _, _, d in factors], axis=1)
 
 
 def unit_factors(a: tf.Tensor, rows: bool, dz: tf.Tensor, units: int, k: int):

@@ -64,18 +64,22 @@ class AffineNormRule(WeightRule):
         return z, x_hat
 
     def unit_terms(self, layer, a, x_hat, dz, units, k, choice, strategy="auto"):
-        rank, axes = dz.shape.rank, norm_axes(layer)
-        others = [i for i in range(1, rank) if i not in axes]
+        return self.shared_unit_terms(layer, [(a, x_hat, dz)], units, k, choice, strategy)
+
+    def shared_unit_terms(self, layer, uses, units, k, choice, strategy="auto"):
+        """γ's and β's per-unit gradients, summed over the calls (they are small: materialized)."""
+        axes = norm_axes(layer)
 
         def per_unit(t):  # Σ over the axes γ does not span, then over each unit's k examples, / k
+            others = [i for i in range(1, t.shape.rank) if i not in axes]
             t = tf.reduce_sum(t, axis=others) if others else t
             return tf.reduce_sum(tf.reshape(t, [units, k, *t.shape[1:]]), axis=1) / k
 
         grads = {}
         if layer.scale:
-            grads[id(layer.gamma)] = per_unit(dz * x_hat)
+            grads[id(layer.gamma)] = tf.add_n([per_unit(dz * x_hat) for _, x_hat, dz in uses])
         if layer.center:
-            grads[id(layer.beta)] = per_unit(dz)
+            grads[id(layer.beta)] = tf.add_n([per_unit(dz) for _, _, dz in uses])
         sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [units, -1]), axis=1) for g in grads.values()]
                       or [tf.zeros([units])])
         return sq, grads
