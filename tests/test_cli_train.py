@@ -222,15 +222,15 @@ def test_one_overflowing_example_is_dropped_and_counted_not_a_failed_run(data_di
     the run finishes with finite weights and test metrics instead of failing on a NaN (with the default
     formulation, and with Gram-matrix norms, where 0·∞ poisoned the sum)."""
     from dpsgd_cli.experiment import run as run_module
-    from dpsgd_cli.training.data import load_dataset
+    from dpsgd_cli.training.data import load_config_data
 
-    def with_one_huge_image(*args, **kwargs):
-        data = load_dataset(*args, **kwargs)
+    def with_one_huge_image(cfg):
+        data = load_config_data(cfg)
         x = data.x_train.copy()
         x[5] = 1e38
         return dataclasses.replace(data, x_train=x)
 
-    monkeypatch.setattr(run_module, "load_dataset", with_one_huge_image)
+    monkeypatch.setattr(run_module, "load_config_data", with_one_huge_image)
     args = [*_tiny_args(data_dir, tmp_path, "huge"), "--set", "data.batch_size=256", "--set",
             f"training.plan={plan}"]
     result = invoke(*args)

@@ -38,9 +38,10 @@ def tracking_uri(setting: Any) -> str:
 
 def client_for(uri: str):
     """An MlflowClient of `uri`; ConfigError (one line) when the store cannot be opened."""
-    for name in ("mlflow", "alembic"):  # creating a SQLite store logs its migrations at INFO
-        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # creating a SQLite store logs its migrations at INFO (set after
+        logging.getLogger(name).setLevel(logging.WARNING)  # the import, which configures mlflow's logger)
 
     try:
         client = MlflowClient(tracking_uri=uri)
