@@ -11,7 +11,7 @@ from rich.table import Table
 
 from dpsgd_cli.cli.app import app, console, err_console, user_errors
 from dpsgd_cli.cli.tables import print_table
-from dpsgd_cli.cli.train import ConfigOption, SetOption, _epoch_line, _progress
+from dpsgd_cli.cli.train import ConfigOption, SetOption, _progress, step_and_epoch_printers
 from dpsgd_cli.errors import ConfigError
 
 PathsArgument = Annotated[list[Path], typer.Argument(
@@ -124,14 +124,8 @@ def _callbacks(quiet: bool) -> dict[str, Any]:
         progress.reset(task, total=None, description=planned.name, info="")
         progress.start()
 
-    def on_step(s: dict[str, Any]) -> None:
-        progress.update(task, total=s["steps_in_epoch"], completed=s["step_in_epoch"],
-                        description=f"{current['planned'].name} epoch {s['epoch']}/"
-                                    f"{current['planned'].cfg.training.epochs}",
-                        info=f"loss {s['train_loss']:.3f} acc {s['train_accuracy']:.3f}")
-
-    def on_epoch(record: dict[str, Any]) -> None:
-        progress.console.print(f"  {_epoch_line(record)}", highlight=False)
+    on_step, on_epoch = step_and_epoch_printers(
+        progress, task, lambda: (current["planned"].name, current["planned"].cfg.training.epochs))
 
     def on_run_end(index: int, total: int, planned: PlannedRun, result: Any) -> None:
         progress.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -157,6 +157,22 @@ def _epoch_line(r: dict[str, Any]) -> str:
         r["epsilon_pld"]) else ""
     return (f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_accuracy']:.4f}, "
             f"test loss {r['test_loss']:.4f} acc {r['test_accuracy']:.4f}{eps}, {r['elapsed_s']:.1f} s")
+
+
+def step_and_epoch_printers(progress: Progress, task: Any, current: Callable[[], tuple[str, int]]
+                            ) -> tuple[Callable[[dict[str, Any]], None], Callable[[dict[str, Any]], None]]:
+    """on_step and on_epoch callbacks for a run among several: `current()` gives its (name, epochs)."""
+
+    def on_step(s: dict[str, Any]) -> None:
+        name, epochs = current()
+        progress.update(task, total=s["steps_in_epoch"], completed=s["step_in_epoch"],
+                        description=f"{name} epoch {s['epoch']}/{epochs}",
+                        info=f"loss {s['train_loss']:.3f} acc {s['train_accuracy']:.3f}")
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        progress.console.print(f"  {_epoch_line(record)}", highlight=False)
+
+    return on_step, on_epoch
 
 
 def summary_table(last: dict[str, Any], noise_multiplier: float | None) -> Table:

@@ -15,7 +15,13 @@ import typer
 from rich.markup import escape
 
 from dpsgd_cli.cli.app import app, console, err_console, user_errors
-from dpsgd_cli.cli.train import ConfigOption, SetOption, _epoch_line, _progress, _sigterm_as_interrupt
+from dpsgd_cli.cli.train import (
+    ConfigOption,
+    SetOption,
+    _progress,
+    _sigterm_as_interrupt,
+    step_and_epoch_printers,
+)
 from dpsgd_cli.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -128,14 +134,8 @@ def _run(search: Search, indices: list[int] | None, quiet: bool, tuning: Any) ->
         progress.reset(task, total=None, description=trial.name, info="")
         progress.start()
 
-    def on_step(s: dict[str, Any]) -> None:
-        progress.update(task, total=s["steps_in_epoch"], completed=s["step_in_epoch"],
-                        description=f"{current['trial'].name} epoch {s['epoch']}/"
-                                    f"{current['trial'].cfg.training.epochs}",
-                        info=f"loss {s['train_loss']:.3f} acc {s['train_accuracy']:.3f}")
-
-    def on_epoch(record: dict[str, Any]) -> None:
-        progress.console.print(f"  {_epoch_line(record)}", highlight=False)
+    on_step, on_epoch = step_and_epoch_printers(
+        progress, task, lambda: (current["trial"].name, current["trial"].cfg.training.epochs))
 
     def on_trial_end(trial: Trial, result: dict[str, Any]) -> None:
         progress.stop()
