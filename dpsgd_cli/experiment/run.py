@@ -322,10 +322,13 @@ NONPRIVATE_STATEMENT = ("No differential privacy: privacy.enabled is false (non-
                         "no clipping, no noise).")
 
 
-def _plan_record(step_plan) -> dict[str, Any]:
-    """The step's plan for run.yaml: the formulation of each layer, how it was decided, and the timings."""
+def _plan_record(step_plan, folded=()) -> dict[str, Any]:
+    """The step's plan for run.yaml: the layers applied once to the training set (`fold`), the
+    formulation of each layer, how it was decided, and the timings."""
     record = {"formulation": step_plan.formulation, "chunk_size": step_plan.chunk_size,
               "source": step_plan.source}
+    if folded:
+        record["applied_once"] = [layer.name for layer in folded]
     if step_plan.source == "measured":
         record.update({"planning_s": step_plan.planning_s, "step_ms": step_plan.step_ms})
     return record
@@ -352,7 +355,7 @@ def _run_document(cfg, plan: PrivacyPlan, trainer: Trainer | None, status: str, 
     if trainer is not None:
         doc["resolved"].update({"dataset_size": trainer.n, "capacity": trainer.sampler.capacity,
                                 "jit_compile": trainer.jit_compile, "gradient_path": trainer.gradient_path,
-                                "plan": _plan_record(trainer.step_plan)})
+                                "plan": _plan_record(trainer.step_plan, trainer.folded)})
         doc["resolved"]["distribute"] = trainer.distribution_record()
         if trainer.feature_stats is not None:  # the released statistics (covered by ε: publishable)
             doc["resolved"]["feature_norm"] = {"releases": list(plan.releases), **trainer.feature_stats}

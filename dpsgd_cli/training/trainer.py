@@ -72,7 +72,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from dpsgd_cli.training import distribute, engine, features, planner, recipes
+        from dpsgd_cli.training import distribute, engine, features, fold, planner, recipes
         from dpsgd_cli.training.model import INPUT_SHAPE, model_from_config
 
         self.tf = tf
@@ -99,10 +99,14 @@ class Trainer:
             self.optimizer = engine.make_optimizer(cfg.training.optimizer,
                                                    recipes.learning_rate(cfg, plan.total_steps),
                                                    cfg.training.momentum, **recipes.optimizer_options(cfg))
+            # leading weightless per-example layers (a ScatterNet model's GroupNorm) run once over the
+            # training set, not in every step: the step trains the rest, on the same variables
+            self.folded, step_model = fold.split(self.model)
+        _, plain_rest = fold.split(plain)
         private = cfg.privacy.enabled
         views = views_per_example(cfg)  # the step's model sees K rows per example
         self.step_plan = planner.plan_step(
-            plain, capacity=self.sampler.capacity // replicas * views,
+            plain_rest, capacity=self.sampler.capacity // replicas * views,
             private=private, microbatch_size=plan.microbatch_size * views,
             jit_compile=cfg.training.jit_compile, gradient_path=cfg.training.gradient_path,
             formulation=cfg.training.plan, chunk_size=cfg.training.chunk_size)
@@ -119,14 +123,14 @@ class Trainer:
         if x_train is None or (views > 1 and x_train.shape[:2] != (len(dataset.y_train), views)):
             raise TrainingError(f"data.augmentation: {cfg.data.augmentation} needs the training set's "
                                 f"{views} views per example (augmentation.with_views)")
-        on_device = (tf.constant(x_train), tf.constant(dataset.y_train))
+        on_device = (tf.constant(fold.apply(self.folded, x_train)), tf.constant(dataset.y_train))
         if self.distribution:
             self.step_fn, self.chunk_fn = distribute.make_distributed_step(
-                self.distribution, self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
+                self.distribution, step_model, self.optimizer, settings, grad_fn, forward_fn, data=on_device)
         else:  # the loss is engine.per_example_loss: no Python control flow for autograph to convert,
             # and tracing without it takes a fraction of the time
             step_fn, self.chunk_fn = engine.make_train_step(
-                self.model, self.optimizer, settings, grad_fn, forward_fn, data=on_device, autograph=False)
+                step_model, self.optimizer, settings, grad_fn, forward_fn, data=on_device, autograph=False)
             # its one concrete function, traced now and called directly: each call then skips matching its
             # arguments (four, one a list of 8+ tensors) to a trace, a fixed cost per step
             capacity = self.sampler.capacity
