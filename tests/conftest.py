@@ -11,6 +11,10 @@ import pytest
 
 from dpsgd_cli.training.data import write_idx
 
+# rich fixes a console's width at creation from COLUMNS, and pytest-xdist's workers start with COLUMNS=80:
+# without it, the CLI's console follows the COLUMNS a test passes to CliRunner, as in a serial run
+os.environ.pop("COLUMNS", None)
+
 
 def _synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Learnable 28×28 uint8 images: class k lights up a horizontal band at rows 2k+4..2k+6, plus noise."""
