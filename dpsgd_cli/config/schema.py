@@ -168,9 +168,9 @@ class TrackingConfig:
     the hyperparameters, the statement); the training metrics only with `training_metrics: true`."""
 
     tensorboard: bool = _key(False, "write TensorBoard event files to <run dir>/tensorboard/ (needs the "
-                                    "tensorboard package: pip install 'dpsgd[tensorboard]')")
+                                    "tensorboard package: pip install tensorboard)")
     mlflow: Any = _key(False, "log to MLflow: true (MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db "
-                              "in the current folder) or a tracking URI; needs pip install 'dpsgd[mlflow]'")
+                              "in the current folder) or a tracking URI; needs pip install mlflow")
     mlflow_experiment: str = _key("dpsgd", "the MLflow experiment the runs are logged in")
     training_metrics: bool = _key(False, "also log train_loss and train_accuracy (computed on the private "
                                          "batches without noise: not covered by ε; the statement says so)")

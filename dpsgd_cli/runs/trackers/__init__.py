@@ -57,10 +57,10 @@ def require_packages(cfg: ExperimentConfig) -> None:
 
     if cfg.tracking.tensorboard and find_spec("tensorboard") is None:
         raise ConfigError("tracking.tensorboard: needs the tensorboard package, which is not installed; "
-                          "pip install 'dpsgd[tensorboard]' (or set tracking.tensorboard: false)")
+                          "pip install tensorboard (or set tracking.tensorboard: false)")
     if cfg.tracking.mlflow and find_spec("mlflow") is None:
         raise ConfigError("tracking.mlflow: needs the mlflow package, which is not installed; "
-                          "pip install 'dpsgd[mlflow]' (or set tracking.mlflow: false)")
+                          "pip install mlflow (or set tracking.mlflow: false)")
 
 
 class Tracker(Protocol):
