@@ -65,7 +65,7 @@ def _without(monkeypatch, package: str) -> None:
                                           ("tracking.tensorboard", "tensorboard")])
 def test_a_missing_tracker_package_is_one_line_and_nothing_is_written(monkeypatch, tmp_path, key, package):
     _without(monkeypatch, package)
-    with pytest.raises(ConfigError, match=rf"{key}: needs the {package} package.*dpsgd\[{package}\]"):
+    with pytest.raises(ConfigError, match=rf"{key}: needs the {package} package.*; pip install {package} "):
         trackers.require_packages(load_config(None, [f"{key}=true", "privacy.noise_multiplier=1"]))
     result = CliRunner().invoke(app, ["train", "--set", f"{key}=true", "--sigma", "1",
                                       "--set", f"output_dir={tmp_path / 'r'}"])
