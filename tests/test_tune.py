@@ -292,6 +292,8 @@ def test_a_search_publishes_its_winner_only(searched):
     # the positive controls: the winner's settings and score are found by the same search
     assert any(n in blob for n in _encodings(scores[winner.index]))
     assert "published" in output and "naive composition of the 3 trials" in output
+    # one line per trial at its start and one at its end; no line per epoch
+    assert output.count("[trial ") == 6 and "epoch 1:" not in output
 
 
 def tuning_phrase() -> str:

@@ -134,7 +134,8 @@ def _run(search: Search, indices: list[int] | None, quiet: bool, tuning: Any) ->
         progress.reset(task, total=None, description=trial.name, info="")
         progress.start()
 
-    on_step, on_epoch = step_and_epoch_printers(
+    # one line per trial, not per epoch (a search may run dozens of trials): the bar shows the epochs
+    on_step, _ = step_and_epoch_printers(
         progress, task, lambda: (current["trial"].name, current["trial"].cfg.training.epochs))
 
     def on_trial_end(trial: Trial, result: dict[str, Any]) -> None:
@@ -152,7 +153,7 @@ def _run(search: Search, indices: list[int] | None, quiet: bool, tuning: Any) ->
     try:
         with _sigterm_as_interrupt():
             tuning.run_trials(search, indices, on_trial_start=on_trial_start, on_trial_end=on_trial_end,
-                              on_step=on_step, on_epoch=on_epoch)
+                              on_step=on_step)
     except RunInterrupted:
         progress.stop()
         err_console.print("interrupted: finished trials and epochs are kept; run the same command again to "
