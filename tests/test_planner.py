@@ -16,6 +16,9 @@ from dpsgd_cli.training.model import build_model
 @pytest.fixture
 def planner_on(tmp_path, monkeypatch):
     monkeypatch.delenv(planner.OFF_ENV, raising=False)
+    # a plan timed while the other test process ran would be timed again whenever the machine seemed
+    # quiet: the tests of the cache turn that rule off (and its own test on)
+    monkeypatch.setattr(planner, "BUSY", 1.0)
     monkeypatch.setenv(planner.CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -292,3 +295,40 @@ def test_norms_needing_far_more_arithmetic_are_not_timed():
         choices = fastgrad.formulation_choices(layer, False, True)
         assert planner._arithmetic_prune(layer, shapes[name], choices) == choices
     assert planner._multiply_adds(conv2, shapes["conv2"], "depthwise") is None
+
+
+def test_other_processes_share_is_what_the_machine_did_beyond_this_process(monkeypatch):
+    monkeypatch.setattr(planner.os, "cpu_count", lambda: 2)
+    # 10 s apart: the CPUs were busy 12 CPU-seconds, this process used 7 of them → others 5 / 20
+    assert planner.others_share((100.0, 1.0), (112.0, 8.0), 10.0) == pytest.approx(0.25)
+    assert planner.others_share((100.0, 1.0), (107.0, 8.0), 10.0) == 0.0  # only this process ran
+    assert planner.others_share(None, (107.0, 8.0), 10.0) == -1.0  # no /proc/stat
+    before = planner.cpu_times()
+    if before is not None:  # Linux: busy CPU-seconds since boot ≥ what this process used
+        assert before[0] >= 0 and before[1] > 0
+
+
+def test_a_plan_timed_on_a_busy_machine_is_timed_again_once_it_is_quiet(planner_on, monkeypatch):
+    model = build_model()
+    timed = []
+
+    def measure(*args):
+        timed.append(1)
+        return planner.StepPlan("keras", False)
+
+    monkeypatch.setattr(planner, "_measure", measure)
+    monkeypatch.setattr(planner, "BUSY", 0.25)
+    busy = iter([(0.0, 0.0), (15.0, 5.0)])  # others used 10 CPU-seconds while planning (the whole machine)
+    monkeypatch.setattr(planner, "cpu_times", lambda: next(busy))
+    first = planner.plan_step(model, capacity=8, private=False, jit_compile=False)
+    assert timed == [1] and first.others == 1.0 and first.source == "measured"
+    monkeypatch.setattr(planner, "_others_now", lambda: 0.6)  # still busy: the cached plan is kept
+    assert planner.plan_step(model, capacity=8, private=False, jit_compile=False).source == "cache"
+    assert timed == [1]
+    quiet = iter([(0.0, 0.0), (5.0, 5.0)])  # only this process ran while planning again
+    monkeypatch.setattr(planner, "cpu_times", lambda: next(quiet))
+    monkeypatch.setattr(planner, "_others_now", lambda: 0.02)  # quiet now: timed again, and cached
+    again = planner.plan_step(model, capacity=8, private=False, jit_compile=False)
+    assert timed == [1, 1] and again.source == "measured" and again.others == 0.0
+    monkeypatch.setattr(planner, "_others_now", lambda: pytest.fail("a quiet plan is not re-checked"))
+    assert planner.plan_step(model, capacity=8, private=False, jit_compile=False).source == "cache"

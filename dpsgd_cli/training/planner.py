@@ -41,7 +41,9 @@ clear losers cost two or three calls and only close candidates get the full coun
 `DPSGD_PLANNER=off` skips measuring (the default formulation, XLA off unless forced): for tests and CI.
 The plan is cached as JSON under `$DPSGD_PLAN_CACHE`, else `$XDG_CACHE_HOME/dpsgd`, else `~/.cache/dpsgd`,
 keyed by (device, oneDNN switch and thread pools, TensorFlow version, model signature, capacity, private,
-microbatch size, XLA setting, gradient path, pass sizes), so later runs reuse it. `training.plan` in the
+microbatch size, XLA setting, gradient path, pass sizes), so later runs reuse it — unless other processes
+used more than `BUSY` of the CPUs while it was timed and a later run finds them idle (`others_share`):
+then it is timed again. `training.plan` in the
 config fixes formulations by hand, `training.chunk_size` the pass size and `training.jit_compile:
 true/false` XLA; what is left is measured.
 """
@@ -80,6 +82,8 @@ ARITHMETIC_PRUNE = 8.0  # per-example norms needing this multiple of another cho
 GATE, GATE_BASE = "nonprivate default xla", "nonprivate keras graph"  # the XLA gate's two steps
 XLA_GATE = 1.5  # XLA's layers are chosen only if the gate's XLA step is within this factor of its baseline
 MIN_CHUNK = 128  # smallest pass the planner tries (smaller passes pay per-op overhead for little memory)
+BUSY, QUIET = 0.25, 0.1  # other processes' CPU share: a plan timed above BUSY is timed again below QUIET
+QUIET_SAMPLE_S = 0.5  # how long a cached busy plan's machine is watched before deciding it is quiet
 TIE = 1.05  # whole steps within this factor of the fastest count as equally fast: the least memory wins
 
 
@@ -101,6 +105,7 @@ class StepPlan:
     planning_s: float = 0.0
     step_ms: dict[str, float] = field(default_factory=dict)
     layer_ms: dict[str, Any] = field(default_factory=dict)
+    others: float = -1.0  # the share of the CPUs other processes used while it was measured (-1: unknown)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,10 +260,12 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
         cached = _read_cache().get(digest)
         if cached:
             try:
-                return StepPlan(**{**cached, "source": "cache"})
+                plan = StepPlan(**{**cached, "source": "cache"})
+                if plan.others <= BUSY or not 0 <= _others_now() < QUIET:
+                    return plan
             except TypeError:
                 pass
-    start = time.perf_counter()
+    before, start = cpu_times(), time.perf_counter()
     logger = tf.get_logger()
     level = logger.level
     logger.setLevel("ERROR")  # each candidate is its own tf.function: TF's retracing warnings are expected
@@ -267,11 +274,42 @@ def plan_step(model, *, capacity: int, private: bool, microbatch_size: int = 1, 
     finally:
         logger.setLevel(level)
     decided = fixed is not None and len(jit_modes) == 1 and len(sizes) == 1
-    plan = StepPlan(**{**plan.to_dict(), "planning_s": round(time.perf_counter() - start, 2),
-                       "source": "config" if decided else "measured"})
+    seconds = time.perf_counter() - start
+    plan = StepPlan(**{**plan.to_dict(), "planning_s": round(seconds, 2),
+                       "source": "config" if decided else "measured",
+                       "others": round(others_share(before, cpu_times(), seconds), 3)})
     if use_cache:
         _write_cache(digest, plan.to_dict())
     return plan
+
+
+def cpu_times() -> tuple[float, float] | None:
+    """(CPU-seconds all CPUs were busy since boot, CPU-seconds this process has used), or None where
+    /proc/stat is missing (not Linux)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle, iowait; the others: user nice system irq softirq steal
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4])
+
+
+def others_share(before: tuple[float, float] | None, after: tuple[float, float] | None,
+                 seconds: float) -> float:
+    """The share of the machine's CPUs (0 to 1) that other processes (and the hypervisor's steal) used
+    between two `cpu_times` samples `seconds` apart; -1 if unknown. Other jobs change which formulation
+    wins (under contention, passes small enough to stay in cache do), so a plan timed on a busy machine
+    (above BUSY) is timed again when a later run finds the machine quiet (below QUIET)."""
+    if before is None or after is None or seconds <= 0:
+        return -1.0
+    busy = (after[0] - before[0]) - (after[1] - before[1])
+    return min(1.0, max(0.0, busy / ((os.cpu_count() or 1) * seconds)))
+
+
+def _others_now() -> float:
+    before, start = cpu_times(), time.perf_counter()
+    time.sleep(QUIET_SAMPLE_S)
+    return others_share(before, cpu_times(), time.perf_counter() - start)
 
 
 def _read_cache() -> dict[str, Any]:
