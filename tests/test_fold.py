@@ -69,7 +69,7 @@ def test_a_run_with_folding_trains_the_weights_of_a_run_without(data_dir, tmp_pa
     from dpsgd_cli.runs.run_dir import RunDir
 
     monkeypatch.setenv("DPSGD_CACHE_DIR", str(tmp_path / "cache"))
-    weights = {}
+    weights, records = {}, {}
     for name, split in (("folded", fold.split), ("whole", lambda model: ([], model))):
         monkeypatch.setattr(fold, "split", split)
         cfg = load_config(None, [f"data.data_dir={data_dir}", "data.train_size=512", "data.test_size=100",
@@ -81,8 +81,13 @@ def test_a_run_with_folding_trains_the_weights_of_a_run_without(data_dir, tmp_pa
         plan = RunDir(result.run_dir).document()["resolved"]["plan"]
         assert plan.get("applied_once") == (["group_norm"] if name == "folded" else None)
         weights[name] = [w.copy() for w in _final_weights(result.run_dir, cfg)]
+        records[name] = result.records
     for a, b in zip(weights["folded"], weights["whole"]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    for a, b in zip(records["folded"], records["whole"]):  # the test split evaluated through the fold too
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-3)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
 def _final_weights(run_dir, cfg):

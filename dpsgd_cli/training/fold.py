@@ -5,8 +5,9 @@ example's output depends on that example alone. It is then a fixed transform of 
 scattering features before it, so the trainer can apply it to the training set once (`apply`) and train
 the rest of the model (`split`) on the result: the same variables, the same per-example gradients, the
 same clipping and noise; one example still moves one row of the training set. On 2 CPU cores that layer
-was about 60 % of the ScatterNet step at batch 8192 (forward 185 ms of 305 ms). Evaluation and every
-saved or exported model use the whole model on the unnormalized features, so nothing published changes.
+was about 60 % of the ScatterNet step at batch 8192 (forward 185 ms of 305 ms). The test split is folded
+once too, for the per-epoch evaluation; every saved or exported model is the whole model (its variables
+are the same), so nothing published changes.
 
 Only layers that are per-example in training and in inference, and weightless, are folded:
 GroupNormalization and LayerNormalization without centre and scale. BatchNormalization (batch

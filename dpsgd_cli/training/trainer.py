@@ -138,7 +138,9 @@ class Trainer:
                 tf.TensorSpec([capacity], tf.int64), tf.TensorSpec([capacity], tf.float32),
                 [tf.TensorSpec(v.shape, v.dtype) for v in self.model.trainable_variables],
                 tf.TensorSpec([2], tf.int64))
-        self.predict = tf.function(lambda x: self.model(x, training=False),
+        # the test split through the same folded layers, once (the rest of the model evaluates it)
+        self.x_eval = fold.apply(self.folded, dataset.x_test)
+        self.predict = tf.function(lambda x: step_model(x, training=False),
                                    jit_compile=self.jit_compile and not self.distribution)
         self.zeros = [tf.zeros_like(v) for v in self.model.trainable_variables]
         # the ledger composes the event the engine states for the step it runs
@@ -225,7 +227,7 @@ class Trainer:
     def _evaluate(self) -> dict[str, Any]:
         from dpsgd_cli.training.engine import per_example_loss
 
-        x, y = self.data.x_test, self.data.y_test
+        x, y = self.x_eval, self.data.y_test
         logits = []
         for start in range(0, len(y), EVAL_BATCH):
             chunk = x[start:start + EVAL_BATCH]
