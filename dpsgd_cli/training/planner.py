@@ -43,9 +43,8 @@ The plan is cached as JSON under `$DPSGD_PLAN_CACHE`, else `$XDG_CACHE_HOME/dpsg
 keyed by (device, oneDNN switch and thread pools, TensorFlow version, model signature, capacity, private,
 microbatch size, XLA setting, gradient path, pass sizes), so later runs reuse it — unless other processes
 used more than `BUSY` of the CPUs while it was timed and a later run finds them idle (`others_share`):
-then it is timed again. `training.plan` in the
-config fixes formulations by hand, `training.chunk_size` the pass size and `training.jit_compile:
-true/false` XLA; what is left is measured.
+then it is timed again. `training.plan` in the config fixes formulations by hand, `training.chunk_size`
+the pass size and `training.jit_compile: true/false` XLA; what is left is measured.
 """
 
 from __future__ import annotations
