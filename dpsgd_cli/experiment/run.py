@@ -43,6 +43,7 @@ from dpsgd_cli.runs.run_dir import (
 )
 from dpsgd_cli.training import augmentation, distribute, feature_norm, features
 from dpsgd_cli.training.data import Dataset, data_fingerprint, load_config_data
+from dpsgd_cli.training.graph_registry import released_custom_gradients
 from dpsgd_cli.training.trainer import StepCallback, Trainer, library_versions
 
 EpochCallback = Callable[[EpochRecord], None]
@@ -151,8 +152,9 @@ def run(cfg: ExperimentConfig, *, on_step: StepCallback | None = None,
     result = RunResult(run_dir=run_dir, noise_multiplier=plan.noise_multiplier, data=data_facts,
                        tracking=dict(tracked.ids))
     try:
-        _run_stages(cfg, plan, key, ckpt, dataset, real_examples, canary_set, fingerprint, model, resume,
-                    overwrite, result, tracked, on_step, on_epoch)
+        with released_custom_gradients():  # else each run in one process keeps its training set alive
+            _run_stages(cfg, plan, key, ckpt, dataset, real_examples, canary_set, fingerprint, model,
+                        resume, overwrite, result, tracked, on_step, on_epoch)
     except RunInterrupted:
         tracked.close("interrupted")
         raise
