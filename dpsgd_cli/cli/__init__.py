@@ -9,6 +9,8 @@ from dpsgd_cli.cli import privacy as _privacy  # noqa: F401  (dpsgd epsilon, dps
 from dpsgd_cli.cli import sweep as _sweep  # noqa: F401  (dpsgd sweep, plot, report)
 from dpsgd_cli.cli import train as _train  # noqa: F401  (dpsgd train)
 from dpsgd_cli.cli import tune as _tune  # noqa: F401  (dpsgd tune)
-from dpsgd_cli.cli.app import app, run
+from dpsgd_cli.cli.app import app, reflow_help, run
+
+reflow_help(app)
 
 __all__ = ["app", "run"]

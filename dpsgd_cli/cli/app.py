@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -23,6 +24,29 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def reflow_help(typer_app: typer.Typer) -> None:
+    """Give every command of `typer_app` (and of its sub-apps) its docstring with each paragraph on one line.
+
+    Typer's help keeps a docstring's single line breaks, which leaves ragged lines at any terminal width
+    but the source's; the terminal then wraps the paragraphs itself. Paragraphs whose lines are indented or
+    bulleted keep their breaks."""
+    for info in typer_app.registered_commands:
+        text = info.help or (inspect.getdoc(info.callback) if info.callback else None)
+        if text:
+            paragraphs = inspect.cleandoc(text).split("\n\n")
+            info.help = "\n\n".join(_one_line(paragraph) for paragraph in paragraphs)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            reflow_help(group.typer_instance)
+
+
+def _one_line(paragraph: str) -> str:
+    lines = paragraph.splitlines()
+    if any(line.startswith((" ", "-", "*", "\b")) for line in lines[1:]):
+        return paragraph
+    return " ".join(line.strip() for line in lines)
 
 
 def fail(message: str, code: int = 2) -> None:
