@@ -9,8 +9,10 @@ points) kept its whole training set alive — about 0.9 GB per ScatterNet trial 
 
 `released_custom_gradients()` removes the entries added while its block ran. Safe once the block's graphs
 are traced: a registered gradient is only looked up while a graph that uses it is being differentiated
-(at trace time), never when a traced function runs. If a TensorFlow release stores the registry
-differently, the block does nothing (the memory is then kept, as before).
+(at trace time), never when a traced function runs. It assumes one block at a time per process (runs,
+sweep points and search trials run one after another): a block ending while another thread traces would
+remove that thread's new entries too. If a TensorFlow release stores the registry differently, the block
+does nothing (the memory is then kept, as before).
 """
 
 from __future__ import annotations
