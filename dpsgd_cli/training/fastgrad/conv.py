@@ -80,9 +80,26 @@ def _out_and_pad(n: int, k: int, s: int, padding: str) -> tuple[int, int]:
 
 
 def _patches_by_phase(a: tf.Tensor, layer) -> tf.Tensor:
-    """Patches [B, kh·kw·cin, T] from plain slices of a stride-phase view (fast for few input channels)."""
-    (kh, kw), (sh, sw), (b, h, w, cin) = layer.kernel_size, layer.strides, a.shape
-    (oh, top), (ow, left) = _out_and_pad(h, kh, sh, layer.padding), _out_and_pad(w, kw, sw, layer.padding)
+    """Patches [B, kh·kw·cin, T] from plain slices of a stride-phase view (fast for few input channels).
+    kh·kw slices are slow to trace (tens of ms), and the planner traces the same geometry in many
+    candidates: the slicing is one traced function per geometry, called from each (an ordinary function
+    call in the graph, inlined when it runs)."""
+    if not tf.executing_eagerly():
+        geometry = (tuple(layer.kernel_size), tuple(layer.strides), layer.padding, tuple(a.shape), a.dtype)
+        if None not in geometry[3]:
+            return _phase_function(*geometry)(a)
+    return _phase_slices(a, tuple(layer.kernel_size), tuple(layer.strides), layer.padding)
+
+
+@functools.lru_cache(maxsize=64)
+def _phase_function(kernel_size, strides, padding, shape, dtype):
+    return tf.function(lambda a: _phase_slices(a, kernel_size, strides, padding), autograph=False,
+                       input_signature=[tf.TensorSpec(shape, dtype)])
+
+
+def _phase_slices(a: tf.Tensor, kernel_size, strides, padding: str) -> tf.Tensor:
+    (kh, kw), (sh, sw), (b, h, w, cin) = kernel_size, strides, a.shape
+    (oh, top), (ow, left) = _out_and_pad(h, kh, sh, padding), _out_and_pad(w, kw, sw, padding)
     hs, ws = (kh - 1) // sh + oh, (kw - 1) // sw + ow  # phase-view rows / columns that patches touch
     at = tf.transpose(a, [0, 3, 1, 2]) if cin > 1 else tf.reshape(a, [b, 1, h, w])
     at = tf.pad(at, [[0, 0], [0, 0], [top, max(hs * sh - h - top, 0)], [left, max(ws * sw - w - left, 0)]])
