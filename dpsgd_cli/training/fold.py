@@ -66,6 +66,8 @@ def apply(layers: list[Any], x: np.ndarray) -> np.ndarray:
     input_rank = len(layers[0].input.shape) - 1
     lead = x.shape[: x.ndim - input_rank]
     flat = x.reshape(-1, *x.shape[x.ndim - input_rank:])
-    out = [forward(tf.constant(flat[i:i + FOLD_BATCH])).numpy() for i in range(0, len(flat), FOLD_BATCH)]
-    result = np.concatenate(out) if out else np.zeros((0, *layers[-1].output.shape[1:]), np.float32)
-    return result.astype(np.float32, copy=False).reshape(*lead, *result.shape[1:])
+    # written chunk by chunk into one array: no list of chunks and no concatenated copy of them
+    result = np.empty((len(flat), *layers[-1].output.shape[1:]), np.float32)
+    for i in range(0, len(flat), FOLD_BATCH):
+        result[i:i + FOLD_BATCH] = forward(tf.constant(flat[i:i + FOLD_BATCH])).numpy()
+    return result.reshape(*lead, *result.shape[1:])
