@@ -57,6 +57,7 @@ from dpsgd_cli.privacy.run_key import RunKey, new_run_key
 from dpsgd_cli.privacy.sampling import SAMPLINGS, Sampler, steps_in_epoch
 from dpsgd_cli.privacy.statement import PrivacyFacts, privacy_statement
 from dpsgd_cli.training import engine, fastgrad, planner
+from dpsgd_cli.training.graph_registry import released_custom_gradients
 from dpsgd_cli.training.model import check_dp_model, check_embedding_ids
 from dpsgd_cli.training.trainer import take_step
 
@@ -207,22 +208,24 @@ class DPModel(keras.Model):
         self.stop_training = False
         self.stopped_reason = None
         cbs.on_train_begin()
-        logs: dict[str, float] = {}
-        for epoch in range(epochs):
-            steps = steps_in_epoch(self.epochs_done + 1, b, n, self.sampling)
-            if self._would_exceed_target(steps):
-                break
-            cbs.on_epoch_begin(epoch)
-            train_logs = self._train_epoch(x, y, cbs)
-            logs = dict(train_logs) if self.log_train_metrics else {}
-            logs.update({f"epsilon_{a}": self.epsilon(a) for a in accounting.ACCOUNTANTS})
-            if validation_data is not None and (epoch + 1) % validation_freq == 0:
-                logs.update({f"val_{k}": float(v) for k, v in self._validate(
-                    validation_data, validation_batch_size).items()})
-            cbs.on_epoch_end(epoch, logs)
-            if self.stop_training:
-                break
-        cbs.on_train_end(logs)
+        # else TensorFlow's gradient registry keeps this fit's traced step alive after the model is gone
+        with released_custom_gradients():
+            logs: dict[str, float] = {}
+            for epoch in range(epochs):
+                steps = steps_in_epoch(self.epochs_done + 1, b, n, self.sampling)
+                if self._would_exceed_target(steps):
+                    break
+                cbs.on_epoch_begin(epoch)
+                train_logs = self._train_epoch(x, y, cbs)
+                logs = dict(train_logs) if self.log_train_metrics else {}
+                logs.update({f"epsilon_{a}": self.epsilon(a) for a in accounting.ACCOUNTANTS})
+                if validation_data is not None and (epoch + 1) % validation_freq == 0:
+                    logs.update({f"val_{k}": float(v) for k, v in self._validate(
+                        validation_data, validation_batch_size).items()})
+                cbs.on_epoch_end(epoch, logs)
+                if self.stop_training:
+                    break
+            cbs.on_train_end(logs)
         return self.history
 
     def _train_epoch(self, x: np.ndarray, y: np.ndarray, cbs) -> dict[str, float]:

@@ -80,3 +80,26 @@ def test_runs_in_one_process_release_their_graphs(data_dir, tmp_path):
         assert graph_registry.custom_gradient_count() == registered
         counts.append(_live_graphs())
     assert counts[1] == counts[0], f"traced graphs alive after each run: {counts}"
+
+
+@pytest.mark.slow
+def test_dpmodel_fits_release_their_graphs():
+    """Keras API: a finished `fit` leaves no registry entry, and a second model's fit no more traced
+    graphs than the first left."""
+    from dpsgd_cli.keras_api import DPModel
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 6), dtype=np.float32), rng.integers(0, 3, 64)
+    counts = []
+    for _ in range(2):
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(3)])
+        dp_model = DPModel(model, l2_norm_clip=1.0, noise_multiplier=1.0)
+        dp_model.compile(optimizer=keras.optimizers.SGD(0.1),
+                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        registered = graph_registry.custom_gradient_count()
+        dp_model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        assert graph_registry.custom_gradient_count() == registered
+        del dp_model, model
+        counts.append(_live_graphs())
+    assert counts[1] == counts[0], f"traced graphs alive after each fit: {counts}"

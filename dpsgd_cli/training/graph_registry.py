@@ -5,7 +5,8 @@ context's `all_reduce` in `apply`; so does the fast path's max pooling — regis
 under a fresh name ("CustomGradient-N") in a process-wide registry and never removes it. The function's
 closure holds tensors of the traced graph, the graph holds what it captured, and a training step captures
 the training set on the device: without this, every run in one process (a search's trials, a sweep's
-points) kept its whole training set alive — about 0.9 GB per ScatterNet trial on Fashion-MNIST.
+points) kept its whole training set alive — about 0.9 GB per ScatterNet trial on Fashion-MNIST — and
+every `DPModel.fit` its traced step. Both run inside `released_custom_gradients()`.
 
 `released_custom_gradients()` removes the entries added while its block ran. Safe once the block's graphs
 are traced: a registered gradient is only looked up while a graph that uses it is being differentiated
